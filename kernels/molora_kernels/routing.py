@@ -1,0 +1,160 @@
+"""Routing of tokens to LoRA experts: the MoLA gate and the statistics of the auxiliary loss.
+
+Shapes: T tokens (any leading dims flattened), E experts of one layer, k = top-k.
+
+MoLA router ("topk", the default)::
+
+    p      = softmax(float32(logits))          # [T, E]
+    v, idx = topk(p, k)                         # [T, k]
+    g      = v / v.sum(-1, keepdim=True)        # renormalised weights of the chosen experts
+    gates  = scatter(zeros[T, E], idx, g)       # dense gate matrix, zero outside the top-k
+
+Soft router ("soft", LoRAMoE style): ``gates = p`` (every expert, softmax weights).
+
+Everything here is float32 regardless of the input dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+ROUTERS = ("topk", "soft")
+
+
+@dataclass
+class Routing:
+    """Result of routing T tokens over E experts.
+
+    gates:    [T, E] float32, the weight of each expert for each token (zero outside the top-k).
+    probs:    [T, E] float32, the full softmax (the aux loss needs it, with gradient).
+    topk_idx: [T, k] int64 chosen experts (for "soft", all E experts in order).
+    """
+
+    gates: torch.Tensor
+    probs: torch.Tensor
+    topk_idx: torch.Tensor
+
+
+@dataclass
+class RouterStats:
+    """Per-expert routing statistics of one MoLoRA module for one forward pass.
+
+    All sums run over the real (unmasked) tokens only.
+    prob_sum:    [E] float32, sum_t P[t, e] — keeps the gradient (the aux loss differentiates it).
+    counts:      [E] float32, number of top-k selections of each expert (no gradient).
+    gate_sum:    [E] float32, sum_t gates[t, e] (no gradient): the "load" of a soft router.
+    entropy_sum: []  float32, sum_t H(P[t]) in nats (no gradient).
+    n_tokens:    []  float32, number of real tokens.
+    """
+
+    prob_sum: torch.Tensor
+    counts: torch.Tensor
+    gate_sum: torch.Tensor
+    entropy_sum: torch.Tensor
+    n_tokens: torch.Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return self.prob_sum.shape[-1]
+
+
+def route(logits: torch.Tensor, top_k: int, router: str = "topk") -> Routing:
+    """Route tokens given router logits.
+
+    Args:
+        logits: [T, E] router logits, any float dtype (cast to float32 here).
+        top_k: experts per token for the "topk" router, 1 <= top_k <= E.
+        router: "topk" (MoLA: softmax, top-k, renormalise) or "soft" (all experts, softmax weights).
+    Returns:
+        Routing with float32 ``gates`` and ``probs`` [T, E] and ``topk_idx`` [T, k].
+    """
+    if router not in ROUTERS:
+        raise ValueError(f"router={router!r} is not a known router; allowed: {', '.join(ROUTERS)}")
+    num_experts = logits.shape[-1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
+    probs = torch.softmax(logits.float(), dim=-1)
+    if router == "soft":
+        idx = torch.arange(num_experts, device=logits.device).expand(logits.shape[0], num_experts)
+        return Routing(gates=probs, probs=probs, topk_idx=idx)
+    if top_k == num_experts:
+        # Renormalising all E weights gives back the softmax; skip the top-k and the scatter.
+        idx = torch.arange(num_experts, device=logits.device).expand(logits.shape[0], num_experts)
+        return Routing(gates=probs, probs=probs, topk_idx=idx)
+    vals, idx = torch.topk(probs, top_k, dim=-1)
+    weights = vals / vals.sum(dim=-1, keepdim=True)
+    gates = torch.zeros_like(probs).scatter(1, idx, weights)
+    return Routing(gates=gates, probs=probs, topk_idx=idx)
+
+
+def routing_stats(routing: Routing, token_mask: Optional[torch.Tensor] = None) -> RouterStats:
+    """Statistics of one module's routing, over the tokens where ``token_mask`` is true.
+
+    Args:
+        routing: the result of :func:`route` for T tokens.
+        token_mask: [T] bool/int (True/1 = real token) or None (all tokens count).
+    """
+    probs, gates, idx = routing.probs, routing.gates, routing.topk_idx
+    num_experts = probs.shape[-1]
+    if token_mask is None:
+        w = None
+        n_tokens = torch.tensor(float(probs.shape[0]), device=probs.device)
+    else:
+        w = token_mask.reshape(-1).to(probs.dtype)
+        n_tokens = w.sum()
+    prob_sum = (probs if w is None else probs * w[:, None]).sum(0)
+    with torch.no_grad():
+        one_hot = torch.zeros_like(probs).scatter(1, idx, 1.0)
+        ent = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+        if w is not None:
+            one_hot = one_hot * w[:, None]
+            ent = ent * w
+            g = gates.detach() * w[:, None]
+        else:
+            g = gates.detach()
+        counts = one_hot.sum(0)
+        gate_sum = g.sum(0)
+        entropy_sum = ent.sum()
+    assert counts.shape[-1] == num_experts
+    return RouterStats(prob_sum=prob_sum, counts=counts, gate_sum=gate_sum, entropy_sum=entropy_sum, n_tokens=n_tokens)
+
+
+def merge_stats(stats: Sequence[RouterStats]) -> RouterStats:
+    """Sum the statistics of several modules (or micro-batches) that share E experts.
+
+    Equal to the statistics of their token-concatenated routing, as the MoLA aux loss takes it.
+    """
+    if not stats:
+        raise ValueError("merge_stats needs at least one RouterStats")
+    sizes = {s.num_experts for s in stats}
+    if len(sizes) != 1:
+        raise ValueError(f"cannot merge router statistics of different expert counts: {sorted(sizes)}")
+    return RouterStats(
+        prob_sum=torch.stack([s.prob_sum for s in stats]).sum(0),
+        counts=torch.stack([s.counts for s in stats]).sum(0),
+        gate_sum=torch.stack([s.gate_sum for s in stats]).sum(0),
+        entropy_sum=torch.stack([s.entropy_sum for s in stats]).sum(),
+        n_tokens=torch.stack([s.n_tokens for s in stats]).sum(),
+    )
+
+
+def load_balancing_loss(stats: Sequence[RouterStats], top_k: int) -> torch.Tensor:
+    """MoLA auxiliary load-balancing loss of one decoder layer.
+
+    The routers of all MoLoRA modules of the layer are taken together (their tokens concatenated):
+    ``f_e`` = fraction of the top-k selections that went to expert e (no gradient), ``P̄_e`` = mean
+    softmax probability of e, and ``aux = E * sum_e f_e * P̄_e``. Uniform routing gives 1.0.
+
+    Args:
+        stats: the RouterStats of the modules of one layer (same E).
+        top_k: the layer's top-k.
+    Returns:
+        A float32 scalar with gradient through ``prob_sum``.
+    """
+    merged = merge_stats(stats)
+    n = merged.n_tokens.clamp_min(1.0)
+    f = merged.counts / (n * top_k)
+    p_mean = merged.prob_sum / n
+    return merged.num_experts * (f * p_mean).sum()

@@ -1,0 +1,51 @@
+"""The dense-gated MoE-LoRA formula in plain PyTorch: the reference and the CPU path.
+
+A mixture of E rank-r experts is one rank-(E·r) LoRA with a token-dependent diagonal gate::
+
+    h     = dropout(x) @ A_all.T                  # [T, E·r]   (shrink, all experts at once)
+    delta = s * (h * expand(gates)) @ B_all.T     # [T, d_out] (gate, expand)
+
+with A_all [E·r, d_in] (expert e owns rows e·r:(e+1)·r), B_all [d_out, E·r] (columns likewise),
+gates [T, E] float32 and expand(gates) = gates.repeat_interleave(r, dim=1). When the shrink input is
+x itself (no dropout, or eval) the router projection rides along in the same GEMM:
+``x @ [A_all; W_router].T``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def shrink_and_logits(x: torch.Tensor, a_all: torch.Tensor, router_weight: torch.Tensor,
+                      dropout: float, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink projection and router logits.
+
+    Args:
+        x: [T, d_in]; a_all: [E·r, d_in]; router_weight: [E, d_in] (all cast to x.dtype).
+        dropout: LoRA dropout probability applied to the shrink input only (the router sees x).
+    Returns:
+        h [T, E·r] and logits [T, E], both in x.dtype.
+    """
+    a = a_all.to(x.dtype)
+    w = router_weight.to(x.dtype)
+    if dropout > 0.0 and training:
+        h = F.dropout(x, p=dropout, training=True) @ a.t()
+        logits = x @ w.t()
+        return h, logits
+    hl = x @ torch.cat([a, w], dim=0).t()
+    return hl[:, : a.shape[0]], hl[:, a.shape[0]:]
+
+
+def gate_expand(h: torch.Tensor, gates: torch.Tensor, b_all: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Gate the stacked expert activations and expand.
+
+    Args:
+        h: [T, E·r] shrink output; gates: [T, E] float32; b_all: [d_out, E·r]; scaling: alpha / r.
+    Returns:
+        delta [T, d_out] in h.dtype.
+    """
+    rank = h.shape[1] // gates.shape[1]
+    g = gates.to(h.dtype)
+    if rank > 1:
+        g = g.repeat_interleave(rank, dim=1)
+    return ((h * g) @ b_all.to(h.dtype).t()) * scaling

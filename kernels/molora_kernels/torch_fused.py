@@ -1,0 +1,159 @@
+"""The dense-gated MoE-LoRA op as one autograd Function: the fast CPU path (backend ``"torch"``).
+
+Same math as :mod:`torch_dense` (the reference), computed in as few passes and GEMMs as the formula
+allows. With ``E`` experts of rank ``r`` (``R = E·r``), ``s = alpha / r``::
+
+    forward   [h | logits] = x @ [A_all; W_g].T          one GEMM, N = R + E      (no dropout)
+              probs, gates = route(logits)               fp32, [T, E]
+              hgs          = h ⊙ (s · gates)[:, :, None] viewed [T, E, r]  (no repeat_interleave)
+              out          = hgs @ B_all.T  (or base + hgs @ B_all.T in one addmm)
+
+    backward  dB_all   = dy.T @ hgs                                       GEMM
+              dhgs     = dy @ B_all                                       GEMM [T, R]
+              dgates   = s · sum_r dhgs ⊙ h                               [T, E]   (r-wide reduction)
+              dlogits  = softmax/top-k/renorm backward of (dgates, dprobs) [T, E]   fp32
+              dcat     = [dhgs ⊙ (s · gates) | dlogits]                   [T, R + E]
+              [dA_all; dW_g] = dcat.T @ x                                 one GEMM
+              dx       = dcat @ [A_all; W_g]                              one GEMM
+
+With dropout in training the expert input is ``xd = dropout(x)`` (computed outside by
+``F.dropout`` so the RNG stream and mask are exactly those of the reference) and the router keeps
+``x``: the shrink and the router then take separate GEMMs, and so do their gradients.
+
+The scaling is folded into the [T, E] gate (never a pass over [T, d_out]); the output can be
+accumulated into the frozen layer's output by ``addmm`` (``base=``), which saves the add pass.
+Saved for backward: x (and xd), the [T, R + E] shrink/logit activations, hgs, probs, top-k indices.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .routing import Routing, route
+
+
+def _route_backward(dgates: Optional[torch.Tensor], dprobs: Optional[torch.Tensor], probs: torch.Tensor,
+                    idx: torch.Tensor, gates_are_probs: bool) -> torch.Tensor:
+    """d loss / d logits (fp32) from the gradients of the gates and of the full softmax."""
+    if gates_are_probs:
+        if dgates is None:
+            dp = dprobs
+        elif dprobs is None:
+            dp = dgates
+        else:
+            dp = dgates + dprobs
+    else:
+        dp = torch.zeros_like(probs) if dprobs is None else dprobs.clone()
+        if dgates is not None:
+            dw = dgates.gather(1, idx)
+            vals = probs.gather(1, idx)
+            ssum = vals.sum(-1, keepdim=True)
+            w = vals / ssum
+            dvals = (dw - (dw * w).sum(-1, keepdim=True)) / ssum
+            dp.scatter_add_(1, idx, dvals)
+    if dp is None:
+        return torch.zeros_like(probs)
+    return probs * (dp - (dp * probs).sum(-1, keepdim=True))
+
+
+class DenseGatedMoLoRA(torch.autograd.Function):
+    """out, probs, gates, topk_idx = f(x, xd, a_all, b_all, router_weight, base, ...).
+
+    x: [T, d_in]; xd: dropout(x) or None (then the shrink reads x); a_all: [R, d_in];
+    b_all: [d_out, R]; router_weight: [E, d_in] (all in x.dtype); base: [T, d_out] or None.
+    Returns out = (base +) delta [T, d_out], probs [T, E] fp32 (differentiable), gates [T, E] fp32
+    and topk_idx [T, k] (not differentiable: the gates' gradient reaches the router internally).
+    """
+
+    @staticmethod
+    def forward(ctx, x, xd, a_all, b_all, router_weight, base, top_k: int, scaling: float, router: str):
+        num_experts = router_weight.shape[0]
+        rank_all = a_all.shape[0]
+        rank = rank_all // num_experts
+        tokens = x.shape[0]
+        if xd is None:
+            wcat = torch.cat([a_all, router_weight], dim=0)
+            hl = torch.mm(x, wcat.t())                      # [T, R + E]
+            h, logits = hl[:, :rank_all], hl[:, rank_all:]
+        else:
+            wcat = None
+            h = torch.mm(xd, a_all.t())
+            logits = torch.mm(x, router_weight.t())
+            hl = h
+        routing = route(logits, top_k, router)
+        probs, gates, idx = routing.probs, routing.gates, routing.topk_idx
+        gs = (gates * scaling).to(x.dtype)                  # scaling folded into the [T, E] gate
+        hgs = (h.view(tokens, num_experts, rank) * gs[:, :, None]).view(tokens, rank_all)
+        if base is None:
+            out = torch.mm(hgs, b_all.t())
+        else:
+            out = torch.addmm(base, hgs, b_all.t())
+        ctx.save_for_backward(x, xd, a_all, b_all, router_weight, wcat, hl, hgs, gs, probs, idx)
+        ctx.meta = (num_experts, rank, base is not None, router == "soft" or top_k == num_experts, scaling)
+        ctx.mark_non_differentiable(gates, idx)
+        return out, probs, gates, idx
+
+    @staticmethod
+    def backward(ctx, dout, dprobs, _dgates, _didx):
+        x, xd, a_all, b_all, router_weight, wcat, hl, hgs, gs, probs, idx = ctx.saved_tensors
+        num_experts, rank, has_base, gates_are_probs, scaling = ctx.meta
+        need_x, need_xd, need_a, need_b, need_w, need_base = ctx.needs_input_grad[:6]
+        tokens = x.shape[0]
+        rank_all = num_experts * rank
+        dx = dxd = da = db = dw = None
+        dbase = dout if (has_base and need_base) else None
+        if dout is None:
+            dout = torch.zeros(tokens, b_all.shape[0], dtype=x.dtype, device=x.device)
+        if dout.dtype != x.dtype:
+            dout = dout.to(x.dtype)
+        if need_b:
+            db = torch.mm(dout.t(), hgs)                                    # [d_out, R]
+        need_in = need_x or need_xd or need_a or need_w
+        if not need_in:
+            return dx, dxd, da, db, dw, dbase, None, None, None
+        dhgs = torch.mm(dout, b_all).view(tokens, num_experts, rank)       # d loss / d hgs
+        h = hl[:, :rank_all].view(tokens, num_experts, rank)
+        dgates = torch.linalg.vecdot(dhgs, h).float().mul_(scaling)      # [T, E] (real dtypes: no conj)
+        dlogits = _route_backward(dgates, dprobs, probs, idx, gates_are_probs).to(x.dtype)
+        if xd is None:
+            # Shrink and router share one GEMM forward and one per gradient.
+            dcat = torch.empty(tokens, rank_all + num_experts, dtype=x.dtype, device=x.device)
+            torch.mul(dhgs, gs[:, :, None], out=dcat[:, :rank_all].view(tokens, num_experts, rank))
+            dcat[:, rank_all:].copy_(dlogits)
+            if need_a or need_w:
+                dwcat = torch.mm(dcat.t(), x)
+                da = dwcat[:rank_all] if need_a else None
+                dw = dwcat[rank_all:] if need_w else None
+            if need_x:
+                dx = torch.mm(dcat, wcat)
+        else:
+            dh = (dhgs * gs[:, :, None]).view(tokens, rank_all)
+            if need_a:
+                da = torch.mm(dh.t(), xd)
+            if need_w:
+                dw = torch.mm(dlogits.t(), x)
+            if need_xd:
+                dxd = torch.mm(dh, a_all)
+            if need_x:
+                dx = torch.mm(dlogits, router_weight)
+        return dx, dxd, da, db, dw, dbase, None, None, None
+
+
+def moe_lora_fused(x2: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, router_weight: torch.Tensor, *,
+                   top_k: int, scaling: float, dropout: float = 0.0, training: bool = False,
+                   router: str = "topk", base: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
+    """Dense-gated MoE-LoRA on flat tokens ``x2`` [T, d_in].
+
+    Returns (out [T, d_out] in x2.dtype, Routing). ``out`` is the delta, or ``base + delta`` when
+    ``base`` [T, d_out] is given (one addmm instead of a GEMM and an add).
+    """
+    dt = x2.dtype
+    a = a_all.to(dt)
+    b = b_all.to(dt)
+    w = router_weight.to(dt)
+    xd = torch.nn.functional.dropout(x2, p=dropout, training=True) if (dropout > 0.0 and training) else None
+    if base is not None and base.dtype != dt:
+        base = base.to(dt)
+    out, probs, gates, idx = DenseGatedMoLoRA.apply(x2, xd, a, b, w, base, top_k, float(scaling), router)
+    return out, Routing(gates=gates, probs=probs, topk_idx=idx)

@@ -1,0 +1,102 @@
+"""MoLoRAConfig: the PEFT config of a mixture of LoRA experts with a layer-wise allocation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from peft.config import PeftConfig
+
+from molora_kernels import BACKENDS, ROUTERS
+
+from .allocation import AllocationError, AllocationSpec, validate_spec
+from .registry import PEFT_TYPE
+
+AUX_LOSS_MODES = ("masked", "original")
+
+
+@dataclass
+class MoLoRAConfig(PeftConfig):
+    """Configuration of a MoLoRA adapter (PEFT method ``molora``).
+
+    Every targeted linear layer gets E_l LoRA experts of rank r_l and a router picking top-k_l of them per
+    token. ``num_experts``, ``top_k`` and ``r`` each take an int, a per-layer list, MoLA block notation
+    (``"2,4,6,8"`` / ``"2468"``) or, for ``num_experts``, a preset shape (``"inverted_triangle"`` / ``"▽"``,
+    ``"triangle"``, ``"uniform"``, ``"hourglass"``, ``"diamond"``); see :mod:`molora.allocation`.
+
+    Args:
+        num_experts: experts per layer.
+        top_k: experts each token is routed to (MoLA router). Must be <= the experts of its layer.
+        r: rank of every expert of a layer.
+        expert_budget: total experts over all layers; scales ``num_experts``' shape to that sum.
+        lora_alpha: LoRA alpha; the scaling of a layer is ``lora_alpha / r_l``.
+        lora_dropout: dropout on the experts' input (the router sees the input without dropout).
+        target_modules: module names (suffix match) or a regex (full match). None: every linear projection of
+            attention and MLP inside the model's numbered blocks.
+        exclude_modules: names/regex never to adapt.
+        router: ``"topk"`` (MoLA: softmax, top-k, renormalise; default) or ``"soft"`` (LoRAMoE-style dense
+            softmax over all experts).
+        aux_loss_coef: weight of the MoLA load-balancing loss added to the task loss (0.001 in the paper;
+            0 disables it).
+        aux_loss_mode: ``"masked"`` (padding tokens excluded, using the attention mask; default) or
+            ``"original"`` (exactly the original MoLA code: every position counts, padding included).
+        backend: MoE-LoRA op implementation (``"auto"``, ``"torch"``, ...; see ``molora_kernels``).
+        init_weights: MoLA init (router and A kaiming-uniform(a=sqrt(5)), B = 0); False: random B (tests).
+        modules_to_save: extra modules trained and saved in full (e.g. a classification head).
+        allocation: filled in when the adapter is injected: the resolved per-layer table
+            (``[{"layer", "num_experts", "top_k", "r"}, ...]``); saved in adapter_config.json and checked
+            when the adapter is loaded.
+        num_layers: the layer count the allocation was resolved for (None: a model without numbered layers).
+    """
+
+    num_experts: AllocationSpec = field(default=4, metadata={"help": "experts per layer"})
+    top_k: AllocationSpec = field(default=2, metadata={"help": "experts per token"})
+    r: AllocationSpec = field(default=8, metadata={"help": "rank of each expert"})
+    expert_budget: Optional[int] = field(default=None, metadata={"help": "total experts over all layers"})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the experts' input"})
+    target_modules: Optional[Union[list[str], str]] = field(default=None)
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
+    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "unused; PEFT reads it"})
+    router: str = field(default="topk", metadata={"help": "topk (MoLA) or soft"})
+    aux_loss_coef: float = field(default=0.001, metadata={"help": "load-balancing loss weight"})
+    aux_loss_mode: str = field(default="masked", metadata={"help": "masked or original"})
+    backend: str = field(default="auto", metadata={"help": "MoE-LoRA op backend"})
+    init_weights: bool = field(default=True)
+    modules_to_save: Optional[list[str]] = field(default=None)
+    allocation: Optional[list[dict[str, Any]]] = field(default=None)
+    num_layers: Optional[int] = field(default=None)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+            if not self.target_modules:
+                raise AllocationError("target_modules=[] matches nothing; give module names like ['q_proj', 'v_proj'], "
+                                      "a regex, or None for every attention and MLP projection")
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.num_experts, tuple):
+            self.num_experts = list(self.num_experts)
+        validate_spec(self.num_experts, "num_experts", allow_preset=True)
+        validate_spec(self.top_k, "top_k", allow_preset=False)
+        validate_spec(self.r, "r", allow_preset=False)
+        if self.expert_budget is not None and (isinstance(self.expert_budget, bool)
+                                               or not isinstance(self.expert_budget, int) or self.expert_budget < 1):
+            raise AllocationError(f"expert_budget={self.expert_budget!r} must be a positive int (total experts)")
+        if self.router not in ROUTERS:
+            raise AllocationError(f"router={self.router!r} is not a known router; allowed: {', '.join(ROUTERS)}")
+        if self.aux_loss_mode not in AUX_LOSS_MODES:
+            raise AllocationError(f"aux_loss_mode={self.aux_loss_mode!r}; allowed: {', '.join(AUX_LOSS_MODES)}")
+        if not (isinstance(self.aux_loss_coef, (int, float)) and self.aux_loss_coef >= 0):
+            raise AllocationError(f"aux_loss_coef={self.aux_loss_coef!r} must be a number >= 0")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
+            raise AllocationError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
+            raise AllocationError(f"lora_alpha={self.lora_alpha!r} must be a number > 0")
+        if self.backend not in BACKENDS:
+            raise AllocationError(f"backend={self.backend!r}; allowed: {', '.join(BACKENDS)}")
+        if (self.router == "topk" and isinstance(self.num_experts, int) and isinstance(self.top_k, int)
+                and self.top_k > self.num_experts and self.expert_budget is None):
+            raise AllocationError(f"top_k={self.top_k} is larger than num_experts={self.num_experts}; top_k must be "
+                                  f"between 1 and the number of experts")

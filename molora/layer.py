@@ -1,0 +1,203 @@
+"""The MoLoRA layer: a frozen linear layer plus E routed LoRA experts (PEFT tuner layer).
+
+Parameters of one adapter (experts stacked so the op sees one tensor each):
+    molora_A[name]:      [E·r, d_in]   expert e = rows e·r:(e+1)·r
+    molora_B[name]:      [d_out, E·r]  expert e = columns e·r:(e+1)·r
+    molora_router[name]: [E, d_in]     router projection (no bias)
+The math is in ``molora_kernels`` (``moe_lora``); this module only holds the parameters and plumbing.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from transformers.pytorch_utils import Conv1D
+
+from molora_kernels import moe_lora
+
+from .router_state import AuxLossGrad, RouterCollector, in_backward
+
+
+class RoutedMergeError(RuntimeError):
+    """Routed experts cannot be folded into a static weight."""
+
+
+class MoLoRALayer(BaseTunerLayer):
+    adapter_layer_names = ("molora_A", "molora_B", "molora_router")
+    other_param_names = ("num_experts", "top_k", "r", "scaling", "lora_dropout", "router_type", "aux_loss_coef",
+                         "aux_loss_mode", "backend")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.molora_A = nn.ParameterDict({})
+        self.molora_B = nn.ParameterDict({})
+        self.molora_router = nn.ParameterDict({})
+        self.num_experts: dict[str, int] = {}
+        self.top_k: dict[str, int] = {}
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.router_type: dict[str, str] = {}
+        self.aux_loss_coef: dict[str, float] = {}
+        self.aux_loss_mode: dict[str, str] = {}
+        self.backend: dict[str, str] = {}
+        self.layer_index: Optional[int] = None
+        self.module_name: str = ""
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.collector: Optional[RouterCollector] = None
+
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            self.in_features, self.out_features = base.in_features, base.out_features
+            self.fan_in_fan_out = False
+        elif isinstance(base, Conv1D):
+            w = base.weight
+            self.in_features, self.out_features = w.ds_shape if hasattr(w, "ds_shape") else w.shape
+            self.fan_in_fan_out = True
+        else:
+            raise TypeError(f"MoLoRA supports nn.Linear and transformers' Conv1D, not {type(base).__name__}")
+
+    def update_layer(self, adapter_name: str, num_experts: int, top_k: int, r: int, lora_alpha: float,
+                     lora_dropout: float, router: str, aux_loss_coef: float, aux_loss_mode: str, backend: str,
+                     init_weights: bool = True, inference_mode: bool = False) -> None:
+        """Create (or re-create) the experts and router of ``adapter_name`` for this layer."""
+        if num_experts < 1 or r < 1 or not 1 <= top_k <= num_experts:
+            raise ValueError(f"invalid allocation for {self.module_name}: num_experts={num_experts}, "
+                             f"top_k={top_k}, r={r}")
+        self.num_experts[adapter_name] = num_experts
+        self.top_k[adapter_name] = top_k
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = lora_alpha / r
+        self.lora_dropout[adapter_name] = float(lora_dropout)
+        self.router_type[adapter_name] = router
+        self.aux_loss_coef[adapter_name] = float(aux_loss_coef)
+        self.aux_loss_mode[adapter_name] = aux_loss_mode
+        self.backend[adapter_name] = backend
+        er = num_experts * r
+        self.molora_A[adapter_name] = nn.Parameter(torch.empty(er, self.in_features))
+        self.molora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, er))
+        self.molora_router[adapter_name] = nn.Parameter(torch.empty(num_experts, self.in_features))
+        self.reset_parameters(adapter_name, init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        """MoLA init: router and every expert's A ~ kaiming_uniform(a=sqrt(5)) (fan_in = d_in), B = 0.
+
+        ``init_weights=False`` draws B like A as well (non-zero experts, for tests).
+        """
+        nn.init.kaiming_uniform_(self.molora_A[adapter_name], a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.molora_router[adapter_name], a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(self.molora_B[adapter_name])
+        else:
+            nn.init.kaiming_uniform_(self.molora_B[adapter_name], a=math.sqrt(5))
+
+    # ------------------------------------------------------------------ merging
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Static weight delta [d_out, d_in] of a single-expert adapter (E = 1: exactly a LoRA)."""
+        if self.num_experts[adapter_name] != 1:
+            raise RoutedMergeError(
+                f"{self.module_name} has {self.num_experts[adapter_name]} routed experts: their mixture depends on "
+                f"each token, so it cannot be folded into a static weight. Only layers with num_experts=1 merge; "
+                f"use model.merge_static_experts() to merge those and keep the routed ones."
+            )
+        a = self.molora_A[adapter_name].float()
+        b = self.molora_B[adapter_name].float()
+        return (b @ a) * self.scaling[adapter_name]
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.molora_A:
+                continue
+            delta = self.delta_weight(name)
+            if self.fan_in_fan_out:
+                delta = delta.t()
+            new_w = base.weight.data.float() + delta.to(base.weight.device)
+            if safe_merge and not torch.isfinite(new_w).all():
+                raise ValueError(f"NaNs or infs after merging adapter {name!r} into {self.module_name}")
+            base.weight.data = new_w.to(base.weight.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            delta = self.delta_weight(name)
+            if self.fan_in_fan_out:
+                delta = delta.t()
+            base.weight.data = (base.weight.data.float() - delta.to(base.weight.device)).to(base.weight.dtype)
+
+
+class Linear(nn.Module, MoLoRALayer):
+    """MoLoRA around ``nn.Linear`` or GPT-2's ``Conv1D``. Input [..., d_in] -> output [..., d_out]."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, layer_index: Optional[int], module_name: str,
+                 **kwargs: Any) -> None:
+        super().__init__()
+        MoLoRALayer.__init__(self, base_layer)
+        self.layer_index = layer_index
+        self.module_name = module_name
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        collector = self.collector
+        for name in self.active_adapters:
+            if name not in self.molora_A:
+                continue
+            mask = None
+            if collector is not None and self.aux_loss_mode[name] == "masked":
+                mask = collector.mask_for(x)
+            want_stats = collector is not None and collector.enabled
+            out = moe_lora(
+                x,
+                self.molora_A[name],
+                self.molora_B[name],
+                self.molora_router[name],
+                top_k=self.top_k[name],
+                scaling=self.scaling[name],
+                dropout=self.lora_dropout[name],
+                training=self.training,
+                router=self.router_type[name],
+                token_mask=mask,
+                compute_stats=want_stats,
+                backend=self.backend[name],
+            )
+            delta = out.delta
+            if want_stats:
+                record = collector.current
+                if not in_backward():
+                    record.record(self.layer_index, self.module_name, out.stats, self.num_experts[name],
+                                  self.top_k[name])
+                coef = self.aux_loss_coef[name]
+                if (coef > 0 and self.router_type[name] == "topk" and self.num_experts[name] > 1
+                        and torch.is_grad_enabled() and out.stats.prob_sum.requires_grad):
+                    delta = AuxLossGrad.apply(delta, out.stats.prob_sum, record, self.layer_index, coef)
+            result = result + delta.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        name = self.active_adapters[0] if self.active_adapters else None
+        if name in self.num_experts:
+            return (f"molora.Linear(layer={self.layer_index}, experts={self.num_experts[name]}, "
+                    f"top_k={self.top_k[name]}, r={self.r[name]}, {self.base_layer!r})")
+        return f"molora.Linear({self.base_layer!r})"

@@ -1,0 +1,164 @@
+"""MoLoRAModel: the PEFT tuner that injects MoLoRA layers and adds the aux loss to the model's loss."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+
+from .allocation import AllocationError, LayerAllocation, resolve_allocation
+from .config import MoLoRAConfig
+from .injection import block_containers, block_position, default_target_regex, linear_module_names
+from .layer import Linear, MoLoRALayer
+from .router_state import RouterCollector, summarize
+
+
+class MoLoRAModel(BaseTuner):
+    """Injects a MoLoRA layer in every targeted linear layer of ``model`` (see :class:`MoLoRAConfig`).
+
+    After a forward pass, ``self.last_aux_loss`` holds the (unweighted) MoLA aux loss and
+    ``self.router_summary()`` the per-layer routing telemetry of that pass. When the wrapped model returns a
+    ``loss``, ``aux_loss_coef * aux`` is added to it (its gradient reaches the routers either way; see
+    :mod:`molora.router_state`).
+    """
+
+    prefix: str = "molora_"
+    tuner_layer_cls = MoLoRALayer
+    target_module_mapping: dict = {}
+
+    # ------------------------------------------------------------------ injection
+    def _layer_layout(self, model: nn.Module) -> tuple[dict[str, int], Optional[int]]:
+        containers = block_containers(model)
+        offsets, total = {}, 0
+        for name, length in containers.items():
+            offsets[name] = total
+            total += length
+        return offsets, (total if containers else None)
+
+    def _layer_index(self, model: nn.Module, key: str) -> Optional[int]:
+        pos = block_position(model, key)
+        if pos is None:
+            return None
+        return self._layer_offsets[pos.container] + pos.index
+
+    def _pre_injection_hook(self, model: nn.Module, config: MoLoRAConfig, adapter_name: str) -> None:
+        self._layer_offsets, num_layers = self._layer_layout(model)
+        if config.target_modules is None:
+            regex = default_target_regex(model)
+            if regex is None:
+                raise AllocationError(
+                    "target_modules=None means every linear layer inside the model's numbered blocks, but this model "
+                    f"has no such blocks; name the modules to adapt (linear layers here: "
+                    f"{', '.join(linear_module_names(model)) or 'none'})"
+                )
+            config.target_modules = regex
+        matched = [n for n, _ in model.named_modules() if n and check_target_module_exists(config, n)]
+        if not matched:
+            raise AllocationError(
+                f"target_modules={sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules!r} "
+                f"matches no module of {type(model).__name__}; linear layers here are named: "
+                f"{', '.join(linear_module_names(model)) or 'none'}"
+            )
+        indices = {n: self._layer_index(model, n) for n in matched}
+        outside = [n for n, i in indices.items() if i is None]
+        if num_layers is not None and outside and not isinstance(config.num_experts, int):
+            raise AllocationError(
+                f"num_experts={config.num_experts!r} is per layer, but target modules {outside[:3]} lie outside the "
+                f"numbered blocks; exclude them or give num_experts as an int"
+            )
+        alloc = resolve_allocation(config.num_experts, config.top_k, config.r, num_layers,
+                                   expert_budget=config.expert_budget, router=config.router)
+        table = [{"layer": a.layer, "num_experts": a.num_experts, "top_k": a.top_k, "r": a.r} for a in alloc]
+        if config.allocation is not None and (config.allocation != table or config.num_layers != num_layers):
+            raise AllocationError(_allocation_mismatch(config.allocation, table, config.num_layers, num_layers))
+        config.allocation = table
+        config.num_layers = num_layers
+        self._allocations = getattr(self, "_allocations", {})
+        self._allocations[adapter_name] = alloc
+
+    def _prepare_adapter_config(self, peft_config: MoLoRAConfig, model_config: dict) -> MoLoRAConfig:
+        return peft_config  # target modules are resolved from the model itself in _pre_injection_hook
+
+    def _create_and_replace(self, config: MoLoRAConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, parameter_name: Optional[str] = None) -> None:
+        layer = self._layer_index(self.model, current_key)
+        alloc: list[LayerAllocation] = self._allocations[adapter_name]
+        a = alloc[layer] if (layer is not None and len(alloc) > 1) else alloc[0]
+        kwargs = dict(num_experts=a.num_experts, top_k=a.top_k, r=a.r, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout, router=config.router, aux_loss_coef=config.aux_loss_coef,
+                      aux_loss_mode=config.aux_loss_mode, backend=config.backend, init_weights=config.init_weights,
+                      inference_mode=config.inference_mode)
+        if isinstance(target, MoLoRALayer):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+        if not isinstance(base, (nn.Linear,)) and type(base).__name__ != "Conv1D":
+            raise AllocationError(f"target module {current_key!r} is a {type(base).__name__}; MoLoRA adapts "
+                                  f"linear layers (nn.Linear, Conv1D) only")
+        new_module = Linear(target, adapter_name, layer_index=layer, module_name=current_key, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: MoLoRAConfig, adapter_name: str) -> None:
+        if not hasattr(self, "collector"):
+            self.collector = RouterCollector()
+            sig = inspect.signature(model.forward).parameters
+            names = list(sig)
+            self._mask_pos = names.index("attention_mask") if "attention_mask" in names else None
+            model.register_forward_pre_hook(self._start_forward, with_kwargs=True)
+        for m in model.modules():
+            if isinstance(m, MoLoRALayer):
+                m.collector = self.collector
+        self.last_aux_loss: Optional[torch.Tensor] = None
+
+    def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and self._mask_pos is not None and len(args) > self._mask_pos:
+            mask = args[self._mask_pos]
+        self.collector.start_forward(mask if isinstance(mask, torch.Tensor) else None)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args: Any, **kwargs: Any):
+        out = self.model(*args, **kwargs)
+        aux = self.collector.current.aux_loss()
+        self.last_aux_loss = aux
+        cfg = self.peft_config[self.active_adapters[0]]
+        if aux is not None and isinstance(out, dict):
+            out["aux_loss"] = aux
+            if cfg.aux_loss_coef > 0 and cfg.router == "topk" and out.get("loss") is not None:
+                out["loss"] = out["loss"] + cfg.aux_loss_coef * aux.to(out["loss"].dtype)
+        return out
+
+    def router_summary(self) -> dict:
+        """Per-layer routing telemetry of the last forward pass (see :func:`molora.router_state.summarize`)."""
+        return summarize(self.collector.current)
+
+    # ------------------------------------------------------------------ merging
+    def merge_static_experts(self, adapter_names: Optional[list[str]] = None) -> int:
+        """Merge every layer that has a single expert (E = 1, exactly a LoRA) into its base weight.
+
+        Routed layers (E > 1) are left as they are: their mixture depends on each token. Returns the number of
+        layers merged.
+        """
+        n = 0
+        for m in self.model.modules():
+            if isinstance(m, MoLoRALayer):
+                names = adapter_names or m.active_adapters
+                static = [a for a in names if m.num_experts.get(a) == 1]
+                if static:
+                    m.merge(adapter_names=static)
+                    n += 1
+        return n
+
+
+def _allocation_mismatch(saved: list[dict], now: list[dict], saved_layers, now_layers) -> str:
+    if saved_layers != now_layers:
+        return (f"this checkpoint's allocation was made for a model with {saved_layers} layers, but this model has "
+                f"{now_layers}; load it into the same architecture")
+    diffs = [f"layer {s.get('layer')}: checkpoint {s['num_experts']} experts/top-{s['top_k']}/r{s['r']} vs "
+             f"config {n['num_experts']}/top-{n['top_k']}/r{n['r']}" for s, n in zip(saved, now) if s != n]
+    return ("the checkpoint's allocation differs from the config's: " + "; ".join(diffs[:5])
+            + (f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""))

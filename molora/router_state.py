@@ -1,0 +1,155 @@
+"""Router statistics of a forward pass, the MoLA auxiliary loss and how its gradient reaches the routers.
+
+Each MoLoRA module records the :class:`molora_kernels.RouterStats` of its call in the :class:`ForwardRecord` of
+the current forward pass (a new record starts at every top-level model forward). The aux loss of a decoder
+layer takes all MoLoRA modules of that layer together (their tokens concatenated), as the original MoLA code:
+
+    aux = sum over layers l of  E_l * sum_e f_e * P̄_e
+    f_e = (top-k selections of e) / (k_l * tokens)      (no gradient)
+    P̄_e = (sum of softmax probabilities of e) / tokens
+
+Its gradient reaches the routers through :class:`AuxLossGrad`, an identity on each module's output delta
+whose backward adds ``coef * dAux/dprob_sum`` to the module's ``prob_sum``. The layer's ``f_e`` is only known
+after every module of the layer has run, which is the case by the time backward runs. Injecting the gradient
+this way (instead of adding a differentiable term to the loss) keeps it correct under reentrant gradient
+checkpointing, where the first forward runs without autograd and the recomputation happens inside backward.
+The loss a model returns includes ``coef * aux`` as a value (for logging and for the total the optimiser sees).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from molora_kernels import RouterStats
+from molora_kernels.routing import merge_stats
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. a checkpointed layer being recomputed)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class LayerEntry:
+    num_experts: int
+    top_k: int
+    stats: list[RouterStats] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
+
+
+class ForwardRecord:
+    """Router statistics of one forward pass, grouped by layer index (None: a model without numbered layers)."""
+
+    def __init__(self) -> None:
+        self.layers: dict[Optional[int], LayerEntry] = {}
+
+    def record(self, layer: Optional[int], module: str, stats: RouterStats, num_experts: int, top_k: int) -> None:
+        entry = self.layers.get(layer)
+        if entry is None:
+            entry = self.layers[layer] = LayerEntry(num_experts=num_experts, top_k=top_k)
+        entry.stats.append(stats)
+        entry.modules.append(module)
+
+    def merged(self, layer: Optional[int]) -> RouterStats:
+        return merge_stats(self.layers[layer].stats)
+
+    def aux_loss(self, differentiable: bool = False) -> Optional[torch.Tensor]:
+        """Sum over layers of the MoLA aux loss (float32 scalar) or None when nothing was recorded.
+
+        ``differentiable=True`` keeps the graph through ``prob_sum`` (for direct use as a loss term when no
+        gradient checkpointing is involved); the default returns a detached value.
+        """
+        if not self.layers:
+            return None
+        total = None
+        for entry in self.layers.values():
+            m = merge_stats(entry.stats)
+            n = m.n_tokens.clamp_min(1.0)
+            f = m.counts / (n * entry.top_k)
+            p = m.prob_sum if differentiable else m.prob_sum.detach()
+            term = entry.num_experts * (f * (p / n)).sum()
+            total = term if total is None else total + term
+        return total
+
+    def aux_grad(self, layer: Optional[int]) -> torch.Tensor:
+        """d aux / d prob_sum of any module of ``layer``: ``E * f_e / n`` ([E] float32)."""
+        entry = self.layers[layer]
+        m = merge_stats(entry.stats)
+        n = m.n_tokens.clamp_min(1.0)
+        f = m.counts / (n * entry.top_k)
+        return entry.num_experts * f / n
+
+
+class RouterCollector:
+    """Owned by a MoLoRA model; its modules record into :attr:`current` during a forward pass.
+
+    ``token_mask`` ([batch, seq] bool, True = real token) is set from the model's ``attention_mask`` at the start
+    of each forward so that padding is excluded from the statistics (``aux_loss_mode="masked"``).
+    """
+
+    def __init__(self) -> None:
+        self.current = ForwardRecord()
+        self.token_mask: Optional[torch.Tensor] = None
+        self.enabled = True
+
+    def start_forward(self, attention_mask: Optional[torch.Tensor]) -> None:
+        if in_backward():  # a checkpointed recomputation, not a new forward
+            return
+        self.current = ForwardRecord()
+        self.token_mask = None if attention_mask is None or attention_mask.dim() != 2 else attention_mask.bool()
+
+    def mask_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The token mask matching x's leading dims [batch, seq], or None when it cannot be matched."""
+        m = self.token_mask
+        if m is None or x.dim() != 3 or m.shape[0] != x.shape[0] or m.device != x.device:
+            return None
+        if m.shape[1] == x.shape[1]:
+            return m
+        if m.shape[1] > x.shape[1]:  # generation with a KV cache: the mask covers past + new positions
+            return m[:, -x.shape[1]:]
+        return None
+
+
+class AuxLossGrad(torch.autograd.Function):
+    """Identity on ``delta``; in backward adds ``coef * d aux / d prob_sum`` to the router's ``prob_sum``."""
+
+    @staticmethod
+    def forward(ctx, delta, prob_sum, record: ForwardRecord, layer: Optional[int], coef: float):
+        ctx.record, ctx.layer, ctx.coef = record, layer, coef
+        return delta.view_as(delta)
+
+    @staticmethod
+    def backward(ctx, grad_delta):
+        g = ctx.record.aux_grad(ctx.layer) * ctx.coef
+        return grad_delta, g, None, None, None
+
+
+def summarize(record: ForwardRecord) -> dict[Optional[int], dict[str, object]]:
+    """Per-layer telemetry of one forward: load (fraction of routed weight per expert), entropy, imbalance.
+
+    load: [E] list, fraction of the top-k selections (topk router) per expert, sums to 1.
+    entropy: mean router entropy per token in nats; entropy_norm: divided by log(E) (1 = uniform router).
+    imbalance: max load / mean load (1 = perfectly balanced).
+    """
+    out = {}
+    for layer, entry in record.layers.items():
+        m = merge_stats(entry.stats)
+        n = float(m.n_tokens.clamp_min(1.0))
+        total = float(m.counts.sum()) or 1.0
+        load = (m.counts / total).tolist()
+        e = entry.num_experts
+        ent = float(m.entropy_sum) / n
+        out[layer] = {
+            "num_experts": e,
+            "top_k": entry.top_k,
+            "tokens": n,
+            "load": load,
+            "gate_load": (m.gate_sum / max(float(m.gate_sum.sum()), 1e-12)).tolist(),
+            "entropy": ent,
+            "entropy_norm": ent / float(torch.log(torch.tensor(float(e)))) if e > 1 else 1.0,
+            "imbalance": max(load) * e if e > 0 else 1.0,
+        }
+    return out

@@ -1,0 +1,81 @@
+"""Human-readable views of a MoLoRA model: the allocation table and the routers' last decisions."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.nn as nn
+
+from .layer import MoLoRALayer
+
+
+@dataclass
+class AllocationRow:
+    layer: Optional[int]
+    num_experts: int
+    top_k: int
+    r: int
+    modules: int
+    params: int
+
+
+class AllocationTable(list):
+    """A list of :class:`AllocationRow` (one per layer) that prints as a table."""
+
+    @property
+    def total_params(self) -> int:
+        return sum(r.params for r in self)
+
+    @property
+    def total_experts(self) -> int:
+        return sum(r.num_experts for r in self)
+
+    def __str__(self) -> str:
+        head = f"{'layer':>5}  {'experts':>7}  {'top_k':>5}  {'rank':>4}  {'modules':>7}  {'trainable params':>16}"
+        lines = [head, "-" * len(head)]
+        for r in self:
+            layer = "-" if r.layer is None else str(r.layer)
+            lines.append(f"{layer:>5}  {r.num_experts:>7}  {r.top_k:>5}  {r.r:>4}  {r.modules:>7}  {r.params:>16,}")
+        lines.append("-" * len(head))
+        lines.append(f"{'total':>5}  {self.total_experts:>7}  {'':>5}  {'':>4}  "
+                     f"{sum(r.modules for r in self):>7}  {self.total_params:>16,}")
+        return "\n".join(lines)
+
+
+def _layers(model: nn.Module) -> list[MoLoRALayer]:
+    return [m for m in model.modules() if isinstance(m, MoLoRALayer)]
+
+
+def allocation_table(model: nn.Module, adapter_name: Optional[str] = None) -> AllocationTable:
+    """Per-layer table (layer, experts, top-k, rank, MoLoRA modules, trainable adapter parameters)."""
+    rows: dict[Optional[int], AllocationRow] = {}
+    layers = _layers(model)
+    if not layers:
+        raise ValueError("this model has no MoLoRA layers; wrap it with peft.get_peft_model(model, MoLoRAConfig(...))")
+    for m in layers:
+        name = adapter_name or m.active_adapters[0]
+        if name not in m.molora_A:
+            continue
+        n = sum(p.numel() for p in (m.molora_A[name], m.molora_B[name], m.molora_router[name]))
+        row = rows.get(m.layer_index)
+        if row is None:
+            row = rows[m.layer_index] = AllocationRow(m.layer_index, m.num_experts[name], m.top_k[name], m.r[name], 0, 0)
+        row.modules += 1
+        row.params += n
+    return AllocationTable(sorted(rows.values(), key=lambda r: -1 if r.layer is None else r.layer))
+
+
+def _tuner(model: nn.Module):
+    from .model import MoLoRAModel
+
+    if isinstance(model, MoLoRAModel):
+        return model
+    base = getattr(model, "base_model", None)
+    if isinstance(base, MoLoRAModel):
+        return base
+    raise ValueError("expected a PeftModel or MoLoRAModel holding a MoLoRA adapter")
+
+
+def router_summary(model: nn.Module) -> dict:
+    """Per-layer routing of the last forward pass: load per expert, entropy, imbalance (see router_state)."""
+    return _tuner(model).router_summary()
