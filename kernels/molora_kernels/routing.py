@@ -77,15 +77,15 @@ def route(logits: torch.Tensor, top_k: int, router: str = "topk") -> Routing:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
     probs = torch.softmax(logits.float(), dim=-1)
     if router == "soft":
-        idx = torch.arange(num_experts, device=logits.device).expand(logits.shape[0], num_experts)
+        idx = torch.arange(num_experts, device=logits.device).expand(*logits.shape[:-1], num_experts)
         return Routing(gates=probs, probs=probs, topk_idx=idx)
     if top_k == num_experts:
         # Renormalising all E weights gives back the softmax; skip the top-k and the scatter.
-        idx = torch.arange(num_experts, device=logits.device).expand(logits.shape[0], num_experts)
+        idx = torch.arange(num_experts, device=logits.device).expand(*logits.shape[:-1], num_experts)
         return Routing(gates=probs, probs=probs, topk_idx=idx)
     vals, idx = torch.topk(probs, top_k, dim=-1)
     weights = vals / vals.sum(dim=-1, keepdim=True)
-    gates = torch.zeros_like(probs).scatter(1, idx, weights)
+    gates = torch.zeros_like(probs).scatter(-1, idx, weights)
     return Routing(gates=gates, probs=probs, topk_idx=idx)
 
 
