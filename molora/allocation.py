@@ -65,7 +65,8 @@ def parse_blocks(spec: str, field: str = "value") -> list[int]:
     if re.fullmatch(r"\d+(\s*,\s*\d+)+|\d+\s*,?", s):
         values = [int(v) for v in s.replace(" ", "").strip(",").split(",")] if "," in s else None
         if values is None:
-            # run-together digits: "2468" is four groups; a single number "12" is one group of 12
+            # run-together digits: "2468" is four groups and "12" two (1, 2); a lone digit "8" is one group;
+            # values above 9 need commas ("12," or "10,12")
             values = [int(c) for c in s] if len(s) > 1 else [int(s)]
         return values
     names = ", ".join(sorted(PRESETS)) + ", " + ", ".join(k for k in PRESET_ALIASES if not k.isascii())
@@ -172,8 +173,8 @@ def resolve(spec: AllocationSpec, num_layers: Optional[int], field: str,
         shape = [spec]
     else:
         if len(spec) != num_layers:
-            raise AllocationError(f"{field} has {len(spec)} entries but the model has {num_layers} layers; "
-                                  f"give one entry per layer, a block string like '2,4,6,8' or an int")
+            raise AllocationError(f"{field}={list(spec)!r} has {len(spec)} entries but the model has {num_layers} "
+                                  f"layers; give one entry per layer, a block string like '2,4,6,8' or an int")
         shape = None
         if budget is None:
             return list(spec)

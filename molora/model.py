@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from .allocation import AllocationError, LayerAllocation, resolve_allocation
 from .config import MoLoRAConfig
 from .injection import block_containers, block_position, default_target_regex, linear_module_names
-from .layer import Linear, MoLoRALayer
+from .layer import Linear, MoLoRALayer, RoutedMergeError
 from .router_state import RouterCollector, summarize
 
 
@@ -63,10 +63,14 @@ class MoLoRAModel(BaseTuner):
             )
         indices = {n: self._layer_index(model, n) for n in matched}
         outside = [n for n, i in indices.items() if i is None]
-        if num_layers is not None and outside and not isinstance(config.num_experts, int):
+        per_layer = [f"{f}={getattr(config, f)!r}" for f in ("num_experts", "top_k", "r")
+                     if not isinstance(getattr(config, f), int)]
+        if config.expert_budget is not None:
+            per_layer.append(f"expert_budget={config.expert_budget!r}")
+        if num_layers is not None and outside and per_layer:
             raise AllocationError(
-                f"num_experts={config.num_experts!r} is per layer, but target modules {outside[:3]} lie outside the "
-                f"numbered blocks; exclude them or give num_experts as an int"
+                f"{', '.join(per_layer)} is per layer, but target modules {outside[:3]} lie outside the "
+                f"numbered blocks; exclude them or give num_experts, top_k and r as ints (and no expert_budget)"
             )
         alloc = resolve_allocation(config.num_experts, config.top_k, config.r, num_layers,
                                    expert_budget=config.expert_budget, router=config.router)
@@ -108,7 +112,10 @@ class MoLoRAModel(BaseTuner):
             sig = inspect.signature(model.forward).parameters
             names = list(sig)
             self._mask_pos = names.index("attention_mask") if "attention_mask" in names else None
-            model.register_forward_pre_hook(self._start_forward, with_kwargs=True)
+            # Hooks on the wrapped model itself, not MoLoRAModel.forward: a plain PeftModel (no task_type) calls
+            # the wrapped model directly and never runs the tuner's forward.
+            self._hooks = [model.register_forward_pre_hook(self._start_forward, with_kwargs=True),
+                           model.register_forward_hook(self._end_forward)]
         for m in model.modules():
             if isinstance(m, MoLoRALayer):
                 m.collector = self.collector
@@ -120,9 +127,8 @@ class MoLoRAModel(BaseTuner):
             mask = args[self._mask_pos]
         self.collector.start_forward(mask if isinstance(mask, torch.Tensor) else None)
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, *args: Any, **kwargs: Any):
-        out = self.model(*args, **kwargs)
+    def _end_forward(self, module: nn.Module, args: tuple, out: Any) -> Any:
+        """After the wrapped model's forward: store the aux loss and add ``coef * aux`` to the returned loss."""
         aux = self.collector.current.aux_loss()
         self.last_aux_loss = aux
         cfg = self.peft_config[self.active_adapters[0]]
@@ -137,6 +143,32 @@ class MoLoRAModel(BaseTuner):
         return summarize(self.collector.current)
 
     # ------------------------------------------------------------------ merging
+    def _check_routed(self, adapter_names: Optional[list[str]] = None) -> None:
+        """Raise :class:`RoutedMergeError` before anything is merged if a layer to merge has routed experts.
+
+        (Checking layer by layer while merging would leave the model half merged and half unloaded.)
+        """
+        routed = [f"{m.module_name} ({m.num_experts[a]} experts)" for m in self.model.modules()
+                  if isinstance(m, MoLoRALayer) for a in (adapter_names or m.active_adapters)
+                  if m.num_experts.get(a, 1) > 1]
+        if routed:
+            raise RoutedMergeError(
+                f"cannot merge: {len(routed)} MoLoRA layers have routed experts, e.g. {', '.join(routed[:3])}. Their "
+                f"mixture depends on each token, so it cannot be folded into a static weight; only layers with "
+                f"num_experts=1 merge. Use model.merge_static_experts() to merge those and keep the routed ones."
+            )
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_routed(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None):
+        if merge:
+            self._check_routed(adapter_names)
+        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                    adapter_names=adapter_names)
+
     def merge_static_experts(self, adapter_names: Optional[list[str]] = None) -> int:
         """Merge every layer that has a single expert (E = 1, exactly a LoRA) into its base weight.
 

@@ -1,0 +1,97 @@
+"""Shared pytest setup: import paths and tiny random HF models built from configs (no downloads)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run without an install: `molora` from the checkout, `molora_kernels` from kernels/ (never as `kernels`).
+if importlib.util.find_spec("molora_kernels") is None:
+    sys.path.insert(0, str(ROOT / "kernels"))
+if importlib.util.find_spec("molora") is None:
+    sys.path.append(str(ROOT))
+
+# Tests use tiny tensors: one intra-op thread is several times faster than two on a shared 2-core machine
+# (thread oversubscription); MOLORA_TEST_THREADS overrides.
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("MOLORA_TEST_THREADS", "1")))
+
+TINY_VOCAB = 64
+
+
+def build_tiny_model(arch: str, num_layers: int = 4, seed: int = 0):
+    """A tiny randomly initialised model of ``arch`` (llama, qwen2, mistral, bert, gpt2), in eval mode, fp32."""
+    import torch
+    from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                              MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                  num_attention_heads=4, max_position_embeddings=64)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None,
+                                                 **common))
+    elif arch == "bert":
+        model = BertModel(BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common))
+    elif arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=TINY_VOCAB, n_embd=32, n_layer=num_layers, n_head=4,
+                                           n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                           bos_token_id=0, eos_token_id=0))
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory fixture: ``tiny_model("llama", num_layers=4, seed=0)``."""
+    return build_tiny_model
+
+
+# --- tiny tokenizer and the `slow` marker (added for tests/test_data_eval.py) ---------------------
+
+TINY_TOKENIZER_CORPUS = [
+    "the cat sat on the mat", "a dog and a bird", "Answer: cat dog bird fish",
+    "Question: which animal barks? the dog barks", "entailment not_entailment business sports tech",
+    "Below is an instruction that describes a task. Write a response.", "### Instruction: ### Input: ### Response:",
+]
+
+
+def build_tiny_tokenizer(corpus=None, vocab_size: int = 320, add_bos: bool = True):
+    """A byte-level BPE tokenizer trained in memory, wrapped in ``PreTrainedTokenizerFast``.
+
+    Special tokens: ``<pad>`` (0), ``<s>`` (1, bos; prepended when ``add_bos``), ``</s>`` (2, eos).
+    Any text encodes (byte-level alphabet); builds in milliseconds.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(corpus or TINY_TOKENIZER_CORPUS) * 5, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    """A fresh tiny byte-level BPE tokenizer (bos prepended, eos and pad defined)."""
+    return build_tiny_tokenizer()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs the packaged SmolLM2 model or takes minutes (deselect with -m 'not slow')")
