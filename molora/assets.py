@@ -362,6 +362,7 @@ def packaged_dataset_rows(name: str) -> list[dict[str, Any]]:
     topics = sorted(p.name for p in data.iterdir() if p.is_dir())
     if not topics:
         raise AssetError(f"packaged data set {name!r}: no topic folders under {data}")
+    origin = f"{spec.distribution}=={_distribution_version(spec.distribution)}: {spec.package}/{spec.subdir}"
     rows: list[dict[str, Any]] = []
     for label, topic in enumerate(topics):
         for path in sorted((data / topic).glob("*.txt")):
@@ -380,8 +381,7 @@ def packaged_dataset_rows(name: str) -> list[dict[str, Any]]:
                     "label": label,
                     "title": title,
                     "meta": {
-                        "origin": f"{spec.distribution}=={_distribution_version(spec.distribution)}: "
-                        f"{spec.package}/{spec.subdir}/{topic}/{path.name}",
+                        "origin": f"{origin}/{topic}/{path.name}",
                         "topic": topic,
                     },
                 }

@@ -57,7 +57,7 @@ def tiny_model():
     return build_tiny_model
 
 
-# --- tiny tokenizer and the `slow` marker (added for tests/test_data_eval.py) ---------------------
+# --- tiny tokenizer (used by tests/test_data_eval.py) ---------------------------------------------
 
 TINY_TOKENIZER_CORPUS = [
     "the cat sat on the mat", "a dog and a bird", "Answer: cat dog bird fish",
@@ -91,7 +91,3 @@ def build_tiny_tokenizer(corpus=None, vocab_size: int = 320, add_bos: bool = Tru
 def tiny_tokenizer():
     """A fresh tiny byte-level BPE tokenizer (bos prepended, eos and pad defined)."""
     return build_tiny_tokenizer()
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: needs the packaged SmolLM2 model or takes minutes (deselect with -m 'not slow')")
