@@ -3,34 +3,118 @@
 ``moe_lora`` routes the tokens, computes the output delta of the mixture and returns the routing
 statistics the aux loss and telemetry need. ``backend`` selects the implementation:
 
-* ``"torch"``: the dense-gated formula in PyTorch (reference; the CPU path).
-* ``"auto"``: the best available for the device and the sizes.
+* ``"torch"``: the dense-gated formula as one autograd Function (``torch_fused``): one GEMM for
+  shrink + router, gates folded into a [T, E, r] view, hand-written backward with the A / router
+  gradients in one GEMM. The CPU path, and the default for small E·r on any device.
+* ``"reference"``: the same formula in plain PyTorch ops with autograd (``torch_dense``): the
+  readable reference the others are tested against.
+* ``"sparse"``: tokens sorted by expert (index-only argsort), grouped GEMMs (``sparse``): for many
+  experts / large ranks, where computing every expert on every token costs more than the gathers.
+* ``"triton"``: fused Triton kernels (``triton_moe_lora``, CUDA; optional: only when the module
+  and triton import and ``is_triton_available(device)`` says so).
+* ``"auto"``: the cheapest available for the device and the sizes (``cost_model.choose_backend``).
+
+All backends compute exactly DESIGN.md §2: fp32 softmax, top-k, renormalise; dropout only on the
+experts' input (the router sees x); gradients reach the router through the gates and, via
+``stats.prob_sum`` / ``Routing.probs``, through the full softmax for the aux loss.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .routing import ROUTERS, RouterStats, route, routing_stats
-from . import torch_dense
+from . import cost_model, torch_dense
+from .routing import ROUTERS, Routing, RouterStats, route, routing_stats
+from .sparse import moe_lora_sparse
+from .torch_fused import moe_lora_fused
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "reference", "sparse", "triton")
+_CONCRETE = ("torch", "reference", "sparse", "triton")
+
+_TRITON: dict[str, object] = {}   # lazily imported module (or the reason it is unavailable)
 
 
 @dataclass
 class MoLoRAOutput:
-    """delta: [..., d_out] in x.dtype, to be added to the frozen layer's output.
-    stats: RouterStats of this call (None when not requested)."""
+    """delta: [..., d_out] in x.dtype, to be added to the frozen layer's output — or, when
+    ``moe_lora(..., base=...)`` was given, the frozen output plus the delta (already added).
+    stats: RouterStats of this call (None when not requested).
+    routing: the Routing of this call (gates and top-k indices carry no gradient; ``probs`` does)."""
 
     delta: torch.Tensor
     stats: Optional[RouterStats]
+    routing: Optional[Routing] = None
+
+
+def _triton_module():
+    """The triton_moe_lora module, or None (reason kept in ``_TRITON['error']``). Imported on first use."""
+    if "module" not in _TRITON:
+        try:
+            from . import triton_moe_lora as mod  # noqa: WPS433 (optional, written separately)
+            _TRITON["module"] = mod
+        except Exception as exc:  # module missing, triton missing or broken
+            _TRITON["module"] = None
+            _TRITON["error"] = f"{type(exc).__name__}: {exc}"
+    return _TRITON["module"]
+
+
+def _interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_available(device: torch.device | str) -> bool:
+    if torch.device(device).type != "cuda" and not _interpreter_requested():
+        return False   # Triton runs on CPU tensors only under its interpreter: don't even import it
+    mod = _triton_module()
+    if mod is None:
+        return False
+    try:
+        return bool(mod.is_triton_available(device))
+    except Exception as exc:
+        _TRITON["error"] = f"is_triton_available failed: {type(exc).__name__}: {exc}"
+        return False
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on ``device``."""
-    return ["torch"]
+    """Concrete backends that can run on ``device`` (``"auto"`` picks among these)."""
+    names = ["torch", "reference", "sparse"]
+    if _triton_available(device):
+        names.append("triton")
+    return names
+
+
+def _unavailable(backend: str, device: torch.device) -> ValueError:
+    why = ""
+    if backend == "triton":
+        if device.type != "cuda" and not _interpreter_requested():
+            why = " (the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 for the CPU interpreter)"
+        elif _triton_module() is None:
+            why = f" ({_TRITON.get('error', 'triton_moe_lora could not be imported')})"
+        else:
+            why = f" (is_triton_available({str(device)!r}) is False)"
+    return ValueError(f"backend {backend!r} is not available on {device}{why}; "
+                      f"available: {', '.join(available_backends(device))} (or 'auto')")
+
+
+def resolve_backend(backend: str, x2: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
+                    router_weight: torch.Tensor, top_k: int, router: str, needs_backward: bool = True) -> str:
+    """The concrete backend ``moe_lora`` runs for these inputs (``"auto"`` asks the cost model)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
+    device = x2.device
+    if backend == "auto":
+        num_experts = router_weight.shape[0]
+        return cost_model.choose_backend(
+            tokens=x2.shape[0], d_in=x2.shape[1], d_out=b_all.shape[0], num_experts=num_experts,
+            top_k=num_experts if router == "soft" else top_k, rank=a_all.shape[0] // num_experts,
+            device=device, dtype=x2.dtype, backward=needs_backward,
+            triton=device.type == "cuda" and _triton_available(device))
+    if backend == "triton" and not _triton_available(device):
+        raise _unavailable(backend, device)
+    return backend
 
 
 def _check(x, a_all, b_all, router_weight, top_k, router, backend):
@@ -49,6 +133,13 @@ def _check(x, a_all, b_all, router_weight, top_k, router, backend):
         raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
 
 
+def _reference(x2, a_all, b_all, router_weight, *, top_k, scaling, dropout, training, router, base):
+    h, logits = torch_dense.shrink_and_logits(x2, a_all, router_weight, dropout, training)
+    routing = route(logits, top_k, router)
+    delta = torch_dense.gate_expand(h, routing.gates, b_all, scaling)
+    return (delta if base is None else base + delta), routing
+
+
 def moe_lora(
     x: torch.Tensor,
     a_all: torch.Tensor,
@@ -63,6 +154,7 @@ def moe_lora(
     token_mask: Optional[torch.Tensor] = None,
     compute_stats: bool = True,
     backend: str = "auto",
+    base: Optional[torch.Tensor] = None,
 ) -> MoLoRAOutput:
     """Mixture of E LoRA experts on x.
 
@@ -77,18 +169,43 @@ def moe_lora(
         router: "topk" (MoLA) or "soft".
         token_mask: [...] matching x's leading dims, True for real tokens; used only for the statistics.
         compute_stats: return RouterStats (needed for the aux loss and telemetry).
-        backend: see module docstring.
+        backend: "auto", "torch", "reference", "sparse" or "triton" (see module docstring). A backend
+            that cannot run here raises ValueError naming it and listing the available ones.
+        base: optional frozen-layer output [..., d_out]; when given the result is ``base + delta``
+            accumulated inside the last GEMM (saves a full pass over [T, d_out] on the torch paths).
     Returns:
-        MoLoRAOutput(delta [..., d_out] in x.dtype, stats).
+        MoLoRAOutput(delta [..., d_out] in x.dtype (plus ``base`` if given), stats).
     """
     _check(x, a_all, b_all, router_weight, top_k, router, backend)
     lead = x.shape[:-1]
+    d_out = b_all.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
-    h, logits = torch_dense.shrink_and_logits(x2, a_all, router_weight, dropout, training)
-    routing = route(logits, top_k, router)
-    delta = torch_dense.gate_expand(h, routing.gates, b_all, scaling)
+    base2 = None
+    if base is not None:
+        if base.shape[:-1] != lead or base.shape[-1] != d_out:
+            raise ValueError(f"base {tuple(base.shape)} must be [..., d_out] = {(*lead, d_out)}")
+        base2 = base.reshape(-1, d_out)
+    needs_backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, a_all, b_all, router_weight, base))
+    name = resolve_backend(backend, x2, a_all, b_all, router_weight, top_k, router, needs_backward)
+    kw = dict(top_k=top_k, scaling=scaling, dropout=dropout, training=training, router=router)
+    if name == "torch":
+        out, routing = moe_lora_fused(x2, a_all, b_all, router_weight, base=base2, **kw)
+    elif name == "sparse":
+        out, routing = moe_lora_sparse(x2, a_all, b_all, router_weight, base=base2, **kw)
+    elif name == "reference":
+        out, routing = _reference(x2, a_all, b_all, router_weight, base=base2, **kw)
+    elif name == "triton":
+        out, routing = _triton_module().moe_lora_triton(x2, a_all, b_all, router_weight, **kw)
+        if base2 is not None:
+            out = base2 + out
+    else:  # pragma: no cover - resolve_backend only returns the names above
+        raise AssertionError(name)
     stats = None
     if compute_stats:
         mask = None if token_mask is None else token_mask.reshape(-1)
         stats = routing_stats(routing, mask)
-    return MoLoRAOutput(delta=delta.reshape(*lead, b_all.shape[0]), stats=stats)
+    return MoLoRAOutput(delta=out.reshape(*lead, d_out), stats=stats, routing=routing)
+
+
+__all__ = ["BACKENDS", "MoLoRAOutput", "Routing", "available_backends", "moe_lora", "resolve_backend"]

@@ -83,6 +83,8 @@ class DenseGatedMoLoRA(torch.autograd.Function):
             hl = h
         routing = route(logits, top_k, router)
         probs, gates, idx = routing.probs, routing.gates, routing.topk_idx
+        if gates is probs:  # soft router / E == k: separate outputs (probs keeps its gradient)
+            gates = probs.clone()
         gs = (gates * scaling).to(x.dtype)                  # scaling folded into the [T, E] gate
         hgs = (h.view(tokens, num_experts, rank) * gs[:, :, None]).view(tokens, rank_all)
         if base is None:

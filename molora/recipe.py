@@ -1,0 +1,453 @@
+"""YAML recipes for ``molora train``: schema, validation and ``--key value`` overrides.
+
+A recipe has six sections (every key optional except where noted; unknown keys are errors)::
+
+    model:       name_or_path (packaged name like smollm2-135m, local HF checkpoint dir, or cached HF id), dtype
+    data:        packaged (bbc-news) | train_file [+ eval_file], format, prompt_template, cutoff_len,
+                 train_on_inputs, max_train_examples, max_eval_examples, validation_size
+    allocation:  everything MoLoRAConfig takes (num_experts "2,4,6,8", top_k, r, lora_alpha, lora_dropout, ...)
+    train:       Hugging Face TrainingArguments names (output_dir, max_steps, num_train_epochs,
+                 per_device_train_batch_size, gradient_accumulation_steps, learning_rate, lr_scheduler_type,
+                 warmup_steps/ratio, bf16/fp16, gradient_checkpointing, eval/save/logging steps, seed,
+                 deepspeed: path to a DeepSpeed JSON, ...); ``extra`` passes any other TrainingArguments field
+    eval:        accuracy before/after training: loglik (all options scored) and generation (fewer rows)
+    report:      wandb (offline unless WANDB_API_KEY is set), metrics.jsonl, PNG plots
+
+Validation happens before torch is imported (this module needs only pydantic and PyYAML) so a typo fails in
+well under a second, naming the key: ``train.lerning_rate: unknown key (did you mean 'learning_rate'?)``.
+
+Relative paths (data files, deepspeed config, output_dir) are resolved against the current directory first
+and, for files that must exist, against the recipe's own directory when not found there.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+__all__ = ["RecipeError", "Recipe", "load_recipe", "parse_overrides", "apply_overrides", "recipe_from_dict",
+           "PACKAGED_MODEL_NAMES", "PACKAGED_DATASET_NAMES"]
+
+#: Kept in sync with molora.assets (which imports torch, so it is not imported here).
+PACKAGED_MODEL_NAMES = ("smollm2-135m",)
+PACKAGED_DATASET_NAMES = ("bbc-news",)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
+
+
+class RecipeError(ValueError):
+    """An invalid recipe or override; the message names the key (``section.key``) and what is wrong."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Spec = Union[int, list[int], str]
+
+
+class ModelSection(_Section):
+    name_or_path: str = "smollm2-135m"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DataSection(_Section):
+    packaged: Optional[str] = None
+    train_file: Optional[str] = None
+    eval_file: Optional[str] = None
+    format: Literal["auto", "choices", "alpaca"] = "auto"
+    prompt_template: Optional[str] = None
+    cutoff_len: int = Field(256, ge=2)
+    train_on_inputs: bool = False
+    max_train_examples: Optional[int] = Field(None, ge=1)
+    max_eval_examples: Optional[int] = Field(None, ge=1)
+    validation_size: int = Field(200, ge=1)
+
+    @field_validator("packaged")
+    @classmethod
+    def _known_dataset(cls, v):
+        if v is not None and v not in PACKAGED_DATASET_NAMES:
+            raise ValueError(f"unknown packaged data set {v!r}; packaged: {', '.join(PACKAGED_DATASET_NAMES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.packaged is None and self.train_file is None:
+            raise ValueError("give either data.packaged (e.g. bbc-news) or data.train_file")
+        if self.packaged is not None and self.train_file is not None:
+            raise ValueError("data.packaged and data.train_file are exclusive; give one")
+        return self
+
+
+class AllocationSection(_Section):
+    num_experts: Spec = "2,4,6,8"
+    top_k: Spec = 2
+    r: Spec = 8
+    expert_budget: Optional[int] = Field(None, ge=1)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    router: Literal["topk", "soft"] = "topk"
+    aux_loss_coef: float = Field(0.001, ge=0)
+    aux_loss_mode: Literal["masked", "original"] = "masked"
+    backend: str = "auto"
+    init_weights: bool = True
+
+    @field_validator("num_experts", "top_k", "r")
+    @classmethod
+    def _spec(cls, v, info):
+        _validate_allocation_spec(v, info.field_name)
+        return v
+
+
+class TrainSection(_Section):
+    """Hugging Face ``TrainingArguments`` names (plus ``deepspeed``: a JSON path, and ``extra``)."""
+
+    output_dir: str = "runs/molora"
+    overwrite_output_dir: bool = False
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    per_device_train_batch_size: int = Field(8, ge=1)
+    per_device_eval_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    optim: str = "adamw_torch"
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    use_reentrant: bool = True
+    eval_strategy: Literal["no", "steps", "epoch"] = "no"
+    eval_steps: Optional[int] = Field(None, ge=1)
+    save_strategy: Literal["no", "steps", "epoch"] = "steps"
+    save_steps: int = Field(500, ge=1)
+    save_total_limit: Optional[int] = Field(None, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    logging_first_step: bool = True
+    seed: int = 42
+    data_seed: Optional[int] = None
+    train_sampling_strategy: Literal["random", "sequential", "group_by_length"] = "random"
+    dataloader_num_workers: int = Field(0, ge=0)
+    deepspeed: Optional[str] = None
+    run_name: Optional[str] = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("eval_strategy", "save_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        return "no" if v is False else v  # YAML 1.1 reads a bare `no` as false
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _scheduler(cls, v):
+        if v not in LR_SCHEDULERS:
+            raise ValueError(f"unknown scheduler {v!r}; allowed: {', '.join(LR_SCHEDULERS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.bf16 and self.fp16:
+            raise ValueError("train.bf16 and train.fp16 are exclusive")
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            raise ValueError("train.eval_strategy=steps needs train.eval_steps")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError("train.max_steps must be a positive number of steps, or -1 to use num_train_epochs")
+        own = set(type(self).model_fields)
+        clash = sorted(set(self.extra) & own)
+        if clash:
+            raise ValueError(f"train.extra repeats {clash}; set them directly under train:")
+        return self
+
+
+class EvalSection(_Section):
+    before: bool = True
+    after: bool = True
+    loglik: bool = True
+    loglik_max_examples: Optional[int] = Field(200, ge=1)
+    generation: bool = True
+    generation_max_examples: Optional[int] = Field(50, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class ReportSection(_Section):
+    wandb: bool = True
+    wandb_project: str = "molora"
+    wandb_mode: Literal["auto", "offline", "online", "disabled"] = "auto"
+    jsonl: bool = True
+    router_telemetry: bool = True
+    plots: bool = True
+
+
+class Recipe(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection
+    allocation: AllocationSection = Field(default_factory=AllocationSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    report: ReportSection = Field(default_factory=ReportSection)
+    #: where the recipe came from (set by load_recipe; not a recipe key)
+    _source: Optional[str] = PrivateAttr(None)
+
+    @property
+    def source(self) -> Optional[str]:
+        return self._source
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir)
+
+    def molora_config_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``molora.MoLoRAConfig`` (task_type CAUSAL_LM)."""
+        kw = self.allocation.model_dump()
+        kw["task_type"] = "CAUSAL_LM"
+        return kw
+
+
+# ----------------------------------------------------------------------------------------------------- allocation
+
+
+def _allocation_module():
+    """molora.allocation without importing the molora package (whose __init__ imports torch and peft)."""
+    if "molora.allocation" in sys.modules:
+        return sys.modules["molora.allocation"]
+    cached = sys.modules.get("_molora_recipe_allocation")
+    if cached is not None:
+        return cached
+    path = Path(__file__).with_name("allocation.py")
+    spec = importlib.util.spec_from_file_location("_molora_recipe_allocation", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["_molora_recipe_allocation"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _validate_allocation_spec(value: Any, field: str) -> None:
+    alloc = _allocation_module()
+    try:
+        alloc.validate_spec(value, field, allow_preset=(field == "num_experts"))
+    except ValueError as e:  # AllocationError
+        raise ValueError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------------------------------- overrides
+
+
+def _parse_value(text: str) -> Any:
+    """An override value as YAML (``20`` -> int, ``true`` -> bool, ``[1,2]`` -> list, ``null`` -> None)."""
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
+    """``["--train.max_steps", "20", "--data.cutoff_len=64"]`` -> ``[("train.max_steps", 20), ...]``."""
+    out: list[tuple[str, Any]] = []
+    i = 0
+    args = list(args)
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or len(a) == 2:
+            raise RecipeError(f"unexpected argument {a!r}; overrides look like --section.key value "
+                              f"(e.g. --train.max_steps 20)")
+        key = a[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args) or (args[i + 1].startswith("--") and not _looks_negative(args[i + 1])):
+                raise RecipeError(f"override --{key} needs a value (e.g. --{key} VALUE)")
+            raw = args[i + 1]
+            i += 2
+        if key == "deepspeed":  # the usual HF/DeepSpeed flag
+            key = "train.deepspeed"
+        out.append((key, _parse_value(raw)))
+    return out
+
+
+def _looks_negative(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """Set dotted keys in a (nested) recipe dict. Unknown sections/keys are caught by validation, but a key
+    that descends into a non-mapping fails here."""
+    for key, value in overrides:
+        parts = key.split(".")
+        if any(not p for p in parts):
+            raise RecipeError(f"bad override key {key!r}; use --section.key value")
+        node = data
+        for j, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"override {key}: {'.'.join(parts[:j + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "union["))))
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            parent_model = _model_at(e["loc"][:-1])
+            hint = ""
+            if parent_model is not None:
+                close = difflib.get_close_matches(str(e["loc"][-1]), list(parent_model.model_fields), n=1)
+                if close:
+                    hint = f" (did you mean {close[0]!r}?)"
+                allowed = ", ".join(parent_model.model_fields)
+                hint += f"; allowed here: {allowed}"
+            lines.append(f"{loc}: unknown key{hint}")
+        elif kind == "missing":
+            lines.append(f"{loc}: required key missing")
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            inp = e.get("input")
+            shown = "" if isinstance(inp, dict) or repr(inp) in msg else f" (got {inp!r})"
+            lines.append(f"{loc or '(recipe)'}: {msg}{shown}")
+    # a union failing on every member repeats the key: keep the first message per key
+    seen, uniq = set(), []
+    for line in lines:
+        k = line.split(":", 1)[0]
+        if k in seen:
+            continue
+        seen.add(k)
+        uniq.append(line)
+    return f"invalid recipe {source}:\n  " + "\n  ".join(uniq)
+
+
+def _model_at(loc: Sequence[Any]):
+    model: Any = Recipe
+    for p in loc:
+        field = getattr(model, "model_fields", {}).get(p)
+        if field is None:
+            return None
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            return None
+    return model
+
+
+def _resolve_existing(value: str, base: Optional[Path]) -> Optional[Path]:
+    p = Path(os.path.expanduser(value))
+    if p.exists():
+        return p.resolve()
+    if not p.is_absolute() and base is not None and (base / p).exists():
+        return (base / p).resolve()
+    return None
+
+
+def _check_files(recipe: Recipe, base: Optional[Path]) -> None:
+    problems = []
+    for key, value in (("data.train_file", recipe.data.train_file), ("data.eval_file", recipe.data.eval_file)):
+        if value is None:
+            continue
+        found = _resolve_existing(value, base)
+        if found is None or not found.is_file():
+            problems.append(f"{key}: file not found: {value}" + (f" (looked in {Path.cwd()} and {base})" if base else ""))
+        else:
+            setattr(recipe.data, key.split(".")[1], str(found))
+    ds = recipe.train.deepspeed
+    if ds is not None:
+        found = _resolve_existing(ds, base)
+        if found is None or not found.is_file():
+            problems.append(f"train.deepspeed: file not found: {ds}")
+        else:
+            try:
+                cfg = json.loads(found.read_text(encoding="utf-8"))
+                if not isinstance(cfg, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                problems.append(f"train.deepspeed: {found} is not a valid DeepSpeed JSON config: {e}")
+            else:
+                recipe.train.deepspeed = str(found)
+    name = recipe.model.name_or_path
+    if name not in PACKAGED_MODEL_NAMES and name.startswith(("/", "./", "../", "~")):
+        found = _resolve_existing(name, base)
+        if found is None or not found.is_dir():
+            problems.append(f"model.name_or_path: directory not found: {name} (packaged models: "
+                            f"{', '.join(PACKAGED_MODEL_NAMES)})")
+        else:
+            recipe.model.name_or_path = str(found)
+    if problems:
+        raise RecipeError(f"invalid recipe {recipe.source or ''}:\n  " + "\n  ".join(problems))
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<dict>", base_dir: Optional[Path] = None,
+                     check_files: bool = True) -> Recipe:
+    """Validate a recipe dict (as read from YAML, overrides applied)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"invalid recipe {source}: expected a mapping of sections (model, data, allocation, "
+                          f"train, eval, report), got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(e, source)) from None
+    recipe._source = source
+    if check_files:
+        _check_files(recipe, base_dir)
+    return recipe
+
+
+def load_recipe(path: Union[str, os.PathLike], overrides: Sequence[Union[str, tuple[str, Any]]] = (),
+                check_files: bool = True) -> Recipe:
+    """Read, override and validate a YAML recipe.
+
+    Args:
+        path: the YAML file.
+        overrides: ``["--train.max_steps", "20", ...]`` (command-line form) or ``[("train.max_steps", 20)]``.
+    Raises:
+        RecipeError: unreadable YAML, unknown key, wrong type, missing file (message names the key).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+    ov = list(overrides)
+    if ov and isinstance(ov[0], str):
+        ov = parse_overrides(ov)  # type: ignore[arg-type]
+    if ov:
+        if not isinstance(data, dict):
+            raise RecipeError(f"invalid recipe {path}: expected a mapping of sections")
+        data = apply_overrides(data, ov)  # type: ignore[arg-type]
+    return recipe_from_dict(data, source=str(path), base_dir=p.resolve().parent, check_files=check_files)

@@ -1,0 +1,179 @@
+"""Recipe validation and overrides (molora.recipe): errors name the key and come before anything heavy."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from molora.recipe import Recipe, RecipeError, load_recipe, parse_overrides, recipe_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def _write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text), encoding="utf-8")
+    return p
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text('{"input": "a", "choices": ["x", "y"], "label": 0}\n', encoding="utf-8")
+    return p
+
+
+def _error(fn, *args, **kwargs) -> str:
+    t0 = time.perf_counter()
+    with pytest.raises(RecipeError) as ei:
+        fn(*args, **kwargs)
+    assert time.perf_counter() - t0 < 1.0, "validation must fail fast"
+    return str(ei.value)
+
+
+def test_unknown_key_is_named_with_suggestion(tmp_path, data_file):
+    p = _write(tmp_path, f"""
+        data: {{train_file: {data_file}}}
+        train: {{lerning_rate: 0.001}}
+    """)
+    msg = _error(load_recipe, p)
+    assert "train.lerning_rate: unknown key" in msg
+    assert "did you mean 'learning_rate'" in msg
+
+
+def test_unknown_section_is_named(tmp_path, data_file):
+    msg = _error(load_recipe, _write(tmp_path, f"data: {{train_file: {data_file}}}\ntrainer: {{max_steps: 3}}\n"))
+    assert "trainer: unknown key" in msg and "did you mean 'train'" in msg
+
+
+def test_wrong_type_is_named(tmp_path, data_file):
+    p = _write(tmp_path, f"""
+        data: {{train_file: {data_file}}}
+        train: {{max_steps: ten, per_device_train_batch_size: 0}}
+        allocation: {{lora_dropout: 1.5}}
+    """)
+    msg = _error(load_recipe, p)
+    assert "train.max_steps" in msg and "valid integer" in msg
+    assert "train.per_device_train_batch_size" in msg
+    assert "allocation.lora_dropout" in msg
+
+
+def test_bad_allocation_spec_is_named_without_torch(tmp_path, data_file):
+    msg = _error(load_recipe, _write(tmp_path, f"""
+        data: {{train_file: {data_file}}}
+        allocation: {{num_experts: "2,x,6"}}
+    """))
+    assert "allocation.num_experts" in msg and "block notation" in msg
+
+
+def test_missing_files_are_named(tmp_path, data_file):
+    p = _write(tmp_path, f"""
+        data: {{train_file: {tmp_path / 'nope.jsonl'}, eval_file: {data_file}}}
+        train: {{deepspeed: {tmp_path / 'ds.json'}}}
+        model: {{name_or_path: ./no/such/model}}
+    """)
+    msg = _error(load_recipe, p)
+    assert "data.train_file: file not found" in msg
+    assert "train.deepspeed: file not found" in msg
+    assert "model.name_or_path: directory not found" in msg
+
+
+def test_data_source_required_and_exclusive(tmp_path, data_file):
+    assert "data: required key missing" in _error(recipe_from_dict, {"train": {"max_steps": 1}})
+    msg = _error(recipe_from_dict, {"data": {"packaged": "bbc-news", "train_file": str(data_file)}})
+    assert "exclusive" in msg
+    assert "unknown packaged data set" in _error(recipe_from_dict, {"data": {"packaged": "imagenet"}})
+
+
+def test_overrides_apply_and_are_typed(tmp_path, data_file):
+    p = _write(tmp_path, f"data: {{train_file: {data_file}}}\n")
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}}')
+    r = load_recipe(p, ["--train.max_steps", "20", "--data.cutoff_len=64", "--allocation.num_experts", "2,4,6,8",
+                        "--allocation.top_k", "[1, 2, 2, 2]", "--train.bf16", "true", "--train.eval_strategy", "no",
+                        "--deepspeed", str(ds), "--train.learning_rate", "1e-4", "--train.seed", "-3"])
+    assert r.train.max_steps == 20 and r.data.cutoff_len == 64
+    assert r.allocation.num_experts == "2,4,6,8" and r.allocation.top_k == [1, 2, 2, 2]
+    assert r.train.bf16 is True and r.train.eval_strategy == "no"  # YAML's bare `no` is not False here
+    assert r.train.deepspeed == str(ds.resolve()) and r.train.learning_rate == 1e-4 and r.train.seed == -3
+
+
+def test_bad_overrides_fail_with_the_key(tmp_path, data_file):
+    p = _write(tmp_path, f"data: {{train_file: {data_file}}}\n")
+    assert "train.max_stepz: unknown key" in _error(load_recipe, p, ["--train.max_stepz", "3"])
+    assert "needs a value" in _error(load_recipe, p, ["--train.max_steps"])
+    assert "train.max_steps" in _error(load_recipe, p, ["--train.max_steps", "many"])
+    assert "unexpected argument" in _error(parse_overrides, ["max_steps=3"])
+
+
+def test_parse_cli_drops_launcher_args_and_reads_resume():
+    from molora.train import parse_cli
+
+    o = parse_cli(["--local_rank=1", "r.yaml", "--resume", "latest", "--train.max_steps", "5", "--local_rank", "0"])
+    assert o.recipe == "r.yaml" and o.resume == "latest" and o.overrides == [("train.max_steps", 5)]
+    assert parse_cli(["r.yaml", "--resume=runs/x/checkpoint-4", "--validate"]).resume == "runs/x/checkpoint-4"
+
+
+def test_main_reports_recipe_errors_fast_without_loading_a_model(tmp_path, data_file, capsys, monkeypatch):
+    import molora.assets
+    from molora.train import main
+
+    def boom(*a, **k):  # pragma: no cover - must not be reached
+        raise AssertionError("a model was loaded before the recipe was validated")
+
+    monkeypatch.setattr(molora.assets, "load_model_and_tokenizer", boom)
+    p = _write(tmp_path, f"data: {{train_file: {data_file}}}\ntrain: {{warmup_steps: -1}}\n")
+    t0 = time.perf_counter()
+    assert main([str(p)]) == 2
+    assert time.perf_counter() - t0 < 1.0
+    err = capsys.readouterr().err
+    assert "molora train: error" in err and "train.warmup_steps" in err
+    assert main([str(p), "--train.warmup_steps", "3", "--validate"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["warmup_steps"] == 3
+
+
+def test_recipe_module_needs_no_torch():
+    """The recipe schema validates with pydantic + PyYAML only (loaded standalone, torch is never imported)."""
+    code = textwrap.dedent(f"""
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("r", {str(ROOT / 'molora' / 'recipe.py')!r})
+        m = importlib.util.module_from_spec(spec); sys.modules["r"] = m; spec.loader.exec_module(m)
+        try:
+            m.recipe_from_dict({{"data": {{"packaged": "bbc-news"}}, "allocation": {{"num_experts": "9,x"}}}})
+        except m.RecipeError as e:
+            assert "allocation.num_experts" in str(e)
+        assert "torch" not in sys.modules, "torch was imported"
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_shipped_recipes_validate(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # dev recipes give ../shared paths relative to the repository root
+    needs_shared = "../shared" in path.read_text()
+    check_files = SHARED.is_dir() or not needs_shared
+    r = load_recipe(path, check_files=check_files)
+    assert isinstance(r, Recipe)
+    if r.train.deepspeed and check_files:
+        assert Path(r.train.deepspeed).is_file()
+    if path.name == "quickstart_cpu.yaml":  # the default job needs nothing beside the package
+        assert not needs_shared and r.data.packaged == "bbc-news" and r.model.name_or_path == "smollm2-135m"
+        assert r.allocation.num_experts == "2,4,6,8" and r.allocation.top_k == 2 and r.allocation.r == 8
+
+
+def test_deepspeed_configs_are_valid_json():
+    import json
+
+    for name in ("zero2", "zero3", "zero3_offload"):
+        cfg = json.loads((ROOT / "recipes" / "deepspeed" / f"{name}.json").read_text())
+        assert cfg["zero_optimization"]["stage"] == (2 if name == "zero2" else 3)
+        assert cfg["optimizer"]["params"]["torch_adam"] is True  # no fused-Adam compilation
+        assert cfg["train_micro_batch_size_per_gpu"] == "auto"  # resolved from the recipe by the HF integration
