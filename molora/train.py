@@ -1,0 +1,800 @@
+"""``molora train RECIPE.yaml [--section.key value ...] [--resume latest|PATH]``: fine-tune a MoLoRA adapter.
+
+Runs as one process or under the DeepSpeed launcher (ZeRO-1/2/3, one node or many)::
+
+    molora train recipes/quickstart_cpu.yaml --train.max_steps 20
+    deepspeed --num_gpus 8 --module molora.train recipes/paper/rte.yaml --train.deepspeed recipes/deepspeed/zero2.json
+
+What happens, in order: the recipe is validated (:mod:`molora.recipe`; nothing heavy is loaded before), the
+MoLoRA config is built (allocation errors surface here), the data is prepared (a packaged data set is written
+to ``OUTPUT_DIR/data``), the model is loaded, wrapped with :func:`peft.get_peft_model`, and trained with the
+Hugging Face :class:`~transformers.Trainer` (and its DeepSpeed integration when ``train.deepspeed`` is set).
+Accuracy is measured before and after training (:mod:`molora.evaluation`), the adapter is saved to
+``OUTPUT_DIR/adapter`` and plots are written (:mod:`molora.report`).
+
+Design notes (why the Trainer is subclassed):
+
+* **Aux loss.** The model's ``loss`` already includes ``aux_loss_coef * aux`` (as a value) and the core injects
+  the aux gradient into the routers directly (see :mod:`molora.router_state`), bypassing the loss tensor. The
+  Trainer averages the task loss over the micro-batches of a step (dividing by the gradient-accumulation
+  steps, or normalising by the step's token count), but an injected gradient is not divided: to optimise
+  ``task + coef * mean(aux)`` the per-layer coefficient is set to ``coef / gradient_accumulation_steps`` while
+  training (DeepSpeed/DDP then average over ranks as for the task gradient). The logged ``loss`` is corrected
+  the same way; ``task_loss`` and ``aux_loss`` (unweighted) are logged separately.
+* **Atomic checkpoints** (:mod:`molora.checkpoint`): ``_save_checkpoint`` writes into a staging directory, rank
+  0 fsyncs it, writes a completion marker last and renames it into place; resume requires the marker.
+* **Adapter saving** gathers only the adapter parameters under ZeRO-3 (never empty files, never the base model).
+* **Telemetry** (:mod:`molora.telemetry`): router statistics are accumulated over every micro-batch of a logging
+  interval, all-reduced over ranks, and written with loss, aux loss, lr and tokens/s to ``metrics.jsonl`` and
+  wandb (offline unless an API key is available; it never prompts).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .recipe import Recipe, RecipeError, load_recipe, parse_overrides
+
+__all__ = ["main", "run", "parse_cli", "RunError"]
+
+USAGE = """usage: molora train RECIPE.yaml [--section.key VALUE ...] [--resume latest|PATH] [--validate]
+
+  RECIPE.yaml           a recipe (see recipes/): model, data, allocation, train, eval, report
+  --section.key VALUE   override a recipe value, e.g. --train.max_steps 20 --allocation.num_experts 2,4,6,8
+  --deepspeed PATH      same as --train.deepspeed PATH (a DeepSpeed JSON config)
+  --resume latest|PATH  continue from the newest complete checkpoint of train.output_dir, or from PATH
+  --validate            check the recipe (and overrides), print it resolved, and exit
+Under DeepSpeed: deepspeed --num_gpus N --module molora.train RECIPE.yaml [...]"""
+
+
+class RunError(RuntimeError):
+    """A run cannot start or finish (message says why and what to do)."""
+
+
+class SimulatedCrash(BaseException):
+    """Test hook: raised right after checkpoint N is committed when ``MOLORA_TEST_CRASH_AFTER_CHECKPOINT=N`` is set
+    (the process then dies as if killed: no final adapter, no cleanup). Never set it outside tests."""
+
+
+# ================================================================================================ command line
+
+
+@dataclass
+class CliOptions:
+    recipe: Optional[str] = None
+    overrides: list = field(default_factory=list)
+    resume: Optional[str] = None
+    validate: bool = False
+    help: bool = False
+
+
+def parse_cli(argv: Sequence[str]) -> CliOptions:
+    """Split argv into recipe path, ``--resume``, ``--validate`` and overrides; drop the launcher's
+    ``--local_rank``."""
+    opts = CliOptions()
+    rest: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-h", "--help"):
+            opts.help = True
+            i += 1
+        elif a.startswith("--local_rank") or a.startswith("--local-rank"):
+            i += 1 if "=" in a else 2
+        elif a == "--resume" or a.startswith("--resume="):
+            if "=" in a:
+                opts.resume = a.split("=", 1)[1]
+                i += 1
+            else:
+                if i + 1 >= len(args):
+                    raise RecipeError("--resume needs a value: latest or a checkpoint directory")
+                opts.resume = args[i + 1]
+                i += 2
+        elif a in ("--validate", "--dry-run"):
+            opts.validate = True
+            i += 1
+        elif not a.startswith("--") and opts.recipe is None:
+            opts.recipe = a
+            i += 1
+        else:
+            rest.append(a)
+            i += 1
+    opts.overrides = parse_overrides(rest)
+    if opts.recipe is None and not opts.help:
+        raise RecipeError("no recipe given (e.g. molora train recipes/quickstart_cpu.yaml)")
+    return opts
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``molora train`` and ``python -m molora.train``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        opts = parse_cli(argv)
+        if opts.help:
+            print(USAGE)
+            return 0
+        recipe = load_recipe(opts.recipe, opts.overrides)
+    except RecipeError as e:
+        print(f"molora train: error: {e}", file=sys.stderr)
+        return 2
+    if opts.validate:
+        print(recipe.to_yaml(), end="")
+        return 0
+    try:
+        run(recipe, resume=opts.resume)
+    except RecipeError as e:
+        print(f"molora train: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - known user-facing errors become one line, others propagate
+        if _is_user_error(e):
+            print(f"molora train: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+def _is_user_error(e: BaseException) -> bool:
+    names = {"AllocationError", "CheckpointError", "DataError", "AssetError", "RunError"}
+    return any(c.__name__ in names for c in type(e).__mro__)
+
+
+# ================================================================================================ environment
+
+
+def _rank_info() -> tuple[int, int, int]:
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prepare_environment(recipe: Recipe) -> Optional[str]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if recipe.train.deepspeed and "RANK" not in os.environ:
+        # DeepSpeed without its launcher: a world of one
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    from .telemetry import configure_wandb
+
+    return configure_wandb(recipe.report.wandb, recipe.report.wandb_mode, recipe.report.wandb_project,
+                           recipe.train.output_dir)
+
+
+def _patch_deepspeed_for_cpu() -> None:
+    """On CPU, keep DeepSpeed from compiling its shared-memory collective op (``deepspeed_shm_comm``) on first use
+    (minutes of C++ compilation); gloo's all-reduce is used instead. ``MOLORA_DS_SHM=1`` keeps the op."""
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("MOLORA_DS_SHM") == "1":
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed.comm.torch  # noqa: F401
+    except Exception:  # noqa: BLE001 - deepspeed missing or broken: nothing to patch
+        return
+    mod = sys.modules.get("deepspeed.comm.torch")  # `deepspeed.comm.torch` as an attribute is the torch package
+    if mod is not None and hasattr(mod, "build_shm_op"):
+        mod.build_shm_op = lambda: None
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def _barrier() -> None:
+    d = _dist()
+    if d is not None:
+        d.barrier()
+
+
+# ================================================================================================ trainer
+
+
+def _build_trainer_class():
+    import torch
+    from transformers import Trainer
+    from transformers import trainer as hf_trainer
+
+    from . import checkpoint as ckpt_mod
+    from .telemetry import flat_router_scalars, router_headline
+
+    class MoLoRATrainer(Trainer):
+        """HF Trainer + aux-loss logging, router telemetry, atomic adapter-only checkpoints (see module doc)."""
+
+        def __init__(self, *args, molora: "_RunContext", **kwargs):
+            super().__init__(*args, **kwargs)
+            self.molora = molora
+            self._aux_sum = torch.zeros((), dtype=torch.float64)
+            self._aux_n = 0
+            self._tokens = torch.zeros((), dtype=torch.float64)
+            self._t_last_log = None
+            self._eval_time = 0.0
+
+        # ---------------------------------------------------------------- loss
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+            if model.training:
+                if self._t_last_log is None:
+                    self._t_last_log = time.perf_counter()
+                if aux is not None:
+                    self._aux_sum = self._aux_sum + aux.detach().to("cpu", torch.float64)
+                    self._aux_n += 1
+                mask = inputs.get("attention_mask")
+                n_tok = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+                self._tokens = self._tokens + n_tok.detach().to("cpu", torch.float64)
+                coef = self.molora.aux_loss_coef
+                ga = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1)
+                                or self.args.gradient_accumulation_steps))
+                if aux is not None and coef > 0 and num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                    # On this path the Trainer neither divides the loss by GA nor undoes its world-size factor
+                    # (both are right for the token-normalised task loss, wrong for the per-micro-batch aux
+                    # value): make the logged aux term c * aux / GA per micro-batch, i.e. c * mean(aux) per step.
+                    scale = 1.0
+                    if self.args.average_tokens_across_devices:
+                        scale = float(self.accelerator.num_processes)
+                    loss = loss - coef * aux.detach().to(loss.dtype) * (scale - 1.0 / ga)
+            return (loss, outputs) if return_outputs else loss
+
+        # ---------------------------------------------------------------- logging
+        def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+            d = _dist()
+            if d is None:
+                return t
+            dev = self.args.device
+            t = t.to(dev)
+            d.all_reduce(t)
+            return t.to("cpu")
+
+        def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+            ctx = self.molora
+            is_train_log = "loss" in logs and "learning_rate" in logs
+            if is_train_log:
+                packed = torch.tensor([float(self._aux_sum), float(self._aux_n), float(self._tokens)],
+                                      dtype=torch.float64)
+                packed = self._reduce(packed)
+                aux_sum, aux_n, tokens = packed.tolist()
+                router = ctx.telemetry.collect(self._reduce) if ctx.telemetry is not None else None
+                now = time.perf_counter()
+                elapsed = (now - self._t_last_log - self._eval_time) if self._t_last_log else 0.0
+                self._t_last_log, self._eval_time = now, 0.0
+                self._aux_sum.zero_()
+                self._aux_n = 0
+                self._tokens.zero_()
+                if aux_n > 0:
+                    aux = aux_sum / aux_n
+                    logs["aux_loss"] = round(aux, 6)
+                    logs["task_loss"] = round(float(logs["loss"]) - ctx.aux_loss_coef * aux, 6)
+                if elapsed > 0:
+                    logs["tokens_per_s"] = round(tokens / elapsed, 1)
+                if router is not None:
+                    logs.update(router_headline(router))
+                record = {"type": "train", "step": self.state.global_step, **logs, "tokens": tokens}
+                if router is not None:
+                    record["router"] = router
+                ctx.metrics.write(record)
+                super().log(logs, start_time)
+                if router is not None and ctx.use_wandb and self.is_world_process_zero():
+                    try:
+                        import wandb
+
+                        if wandb.run is not None:
+                            wandb.run.log({**flat_router_scalars(router), "train/global_step": self.state.global_step})
+                    except Exception:  # noqa: BLE001 - telemetry must never stop training
+                        pass
+                return
+            kind = "eval" if any(k.startswith("eval_") for k in logs) else "train_end" if "train_runtime" in logs \
+                else "log"
+            ctx.metrics.write({"type": kind, "step": self.state.global_step, **logs})
+            super().log(logs, start_time)
+
+        def evaluate(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                self._eval_time += time.perf_counter() - t0
+
+        # ---------------------------------------------------------------- saving
+        def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            ckpt_mod.save_adapter(self.model, output_dir, is_main=self.args.should_save, zero3=self.molora.zero3)
+            if self.args.should_save:
+                torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+        def _save_checkpoint(self, model, trial) -> None:
+            step = self.state.global_step
+            run_dir = self._get_output_dir(trial=trial)
+            name = f"{hf_trainer.PREFIX_CHECKPOINT_DIR}-{step}"
+            final = os.path.join(run_dir, name)
+            tmp = ckpt_mod.staging_dir(run_dir, name)
+            if self.args.should_save:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            _barrier()
+            self.store_flos()
+            self.save_model(str(tmp), _internal_call=True)
+            if not self.args.save_only_model:
+                self._save_optimizer_and_scheduler(str(tmp))
+                self._save_scaler(str(tmp))
+                self._save_rng_state(str(tmp))
+            if self.args.should_save:
+                for cb in [c for c in self.callback_handler.callbacks + [self.control]
+                           if isinstance(c, hf_trainer.ExportableState)]:
+                    self.state.stateful_callbacks[cb.__class__.__name__] = cb.state()
+                self.state.save_to_json(os.path.join(tmp, hf_trainer.TRAINER_STATE_NAME))
+            _barrier()  # every rank has written its part (DeepSpeed shards, RNG states)
+            if self.args.should_save:
+                ckpt_mod.write_marker(tmp, {"step": step, "world_size": self.args.world_size,
+                                            "allocation": self.molora.allocation})
+                ckpt_mod.commit_dir(tmp, final)
+                hf_trainer.rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                                              best_model_checkpoint=self.state.best_model_checkpoint,
+                                              use_mtime=False)
+            _barrier()
+            if os.environ.get("MOLORA_TEST_CRASH_AFTER_CHECKPOINT") == str(step):
+                raise SimulatedCrash(f"simulated crash after checkpoint {step}")
+
+    return MoLoRATrainer
+
+
+# ================================================================================================ run
+
+
+@dataclass
+class _RunContext:
+    recipe: Recipe
+    is_main: bool
+    zero3: bool
+    aux_loss_coef: float
+    allocation: Any
+    metrics: Any
+    telemetry: Any = None
+    use_wandb: bool = False
+
+
+@contextmanager
+def _timer(store: dict, key: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        store[key] = round(time.perf_counter() - t0, 2)
+
+
+def _previous_run_artifacts(out: Path) -> list[str]:
+    from .checkpoint import list_checkpoints
+
+    found = [p.name for p in list_checkpoints(out, complete_only=False)]
+    for name in ("metrics.jsonl", "adapter", "results.json"):
+        if (out / name).exists():
+            found.append(name)
+    return found
+
+
+def _clear_previous_run(out: Path) -> None:
+    from .checkpoint import clean_staging, list_checkpoints
+
+    for p in list_checkpoints(out, complete_only=False):
+        shutil.rmtree(p, ignore_errors=True)
+    for name in ("metrics.jsonl", "results.json"):
+        (out / name).unlink(missing_ok=True)
+    for name in ("adapter", "plots"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    clean_staging(out)
+
+
+def _load_rows(recipe: Recipe, out: Path, is_main: bool):
+    """(train rows, eval rows or None, data paths) from the recipe; a packaged data set is written first."""
+    from .data import load_rows, split_validation
+
+    d = recipe.data
+    paths: dict[str, str] = {}
+    if d.packaged is not None:
+        from .assets import write_packaged_dataset
+
+        # deterministic and written atomically: every rank may write it
+        written = write_packaged_dataset(d.packaged, out / "data", n_validation=d.validation_size,
+                                         seed=recipe.train.seed)
+        train_file, eval_file = written["train"], written["validation"]
+    else:
+        train_file, eval_file = Path(d.train_file), (Path(d.eval_file) if d.eval_file else None)
+    paths["train_file"] = str(train_file)
+    train_rows = load_rows(train_file, format=d.format)
+    if eval_file is not None:
+        eval_rows = load_rows(eval_file, format=d.format)
+        paths["eval_file"] = str(eval_file)
+    elif len(train_rows) > d.validation_size:
+        train_rows, eval_rows = split_validation(train_rows, d.validation_size, seed=recipe.train.seed)
+        paths["eval_file"] = f"{train_file} (validation_size={d.validation_size} rows carved out, seed {recipe.train.seed})"
+    else:
+        eval_rows = None
+    if d.max_train_examples is not None:
+        train_rows = train_rows[: d.max_train_examples]
+    return train_rows, eval_rows, paths
+
+
+def _training_arguments(recipe: Recipe, report_to: list[str], ds_config: Optional[dict]):
+    import dataclasses
+
+    import torch
+    from transformers import TrainingArguments
+
+    t = recipe.train
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(t.extra) - names)
+    if unknown:
+        raise RecipeError(f"train.extra: {', '.join(unknown)} not TrainingArguments fields of this transformers version")
+    kw: dict[str, Any] = dict(
+        output_dir=t.output_dir, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm, lr_scheduler_type=t.lr_scheduler_type, optim=t.optim, bf16=t.bf16,
+        fp16=t.fp16,
+        eval_strategy=t.eval_strategy, eval_steps=t.eval_steps, save_strategy=t.save_strategy,
+        save_steps=t.save_steps, save_total_limit=t.save_total_limit, logging_steps=t.logging_steps,
+        logging_first_step=t.logging_first_step, seed=t.seed, data_seed=t.data_seed,
+        dataloader_num_workers=t.dataloader_num_workers, run_name=t.run_name, report_to=report_to,
+        remove_unused_columns=False, label_names=["labels"], deepspeed=ds_config,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    ckpt_kwargs = {"use_reentrant": t.use_reentrant} if t.gradient_checkpointing else None
+    if "activation_checkpointing" in names:  # transformers >= 5.2x renamed gradient_checkpointing
+        kw.update(activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs=ckpt_kwargs)
+    else:
+        kw.update(gradient_checkpointing=t.gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs)
+    if "train_sampling_strategy" in names:
+        kw["train_sampling_strategy"] = t.train_sampling_strategy
+    elif t.train_sampling_strategy != "random":
+        raise RecipeError("train.train_sampling_strategy needs transformers >= 5")
+    if "warmup_ratio" in names:
+        kw["warmup_ratio"] = t.warmup_ratio
+    elif t.warmup_ratio and not t.warmup_steps:
+        kw["warmup_steps"] = t.warmup_ratio  # transformers 5: a float < 1 is a ratio
+    kw["warmup_steps"] = kw.get("warmup_steps", t.warmup_steps)
+    kw.update(t.extra)
+    return TrainingArguments(**{k: v for k, v in kw.items() if k in names})
+
+
+def _accuracy(ctx: _RunContext, model, tokenizer, rows, template, stage: str, all_ranks: bool) -> Optional[dict]:
+    """Loglik and generation accuracy on the eval rows (rank 0, or every rank in lockstep under ZeRO-3)."""
+    from .evaluation import evaluate_generation, evaluate_loglik
+
+    e, d = ctx.recipe.eval, ctx.recipe.data
+    if rows is None or not (e.loglik or e.generation):
+        return None
+    result: dict[str, Any] = {"stage": stage}
+    if ctx.is_main or all_ranks:
+        progress = ctx.is_main
+        if e.loglik:
+            t0 = time.perf_counter()
+            r = evaluate_loglik(model, tokenizer, rows, template, batch_size=e.batch_size,
+                                max_examples=e.loglik_max_examples, cutoff_len=d.cutoff_len, progress=progress)
+            result["loglik"] = {**r, "seconds": round(time.perf_counter() - t0, 1)}
+        if e.generation:
+            t0 = time.perf_counter()
+            r = evaluate_generation(model, tokenizer, rows, template, max_new_tokens=e.max_new_tokens,
+                                    batch_size=e.batch_size, max_examples=e.generation_max_examples,
+                                    cutoff_len=d.cutoff_len, progress=progress)
+            result["generation"] = {**r, "seconds": round(time.perf_counter() - t0, 1)}
+    if not all_ranks:
+        _barrier()
+    if ctx.is_main:
+        ctx.metrics.write({"type": "accuracy", **result})
+        if ctx.use_wandb:
+            _wandb_summary({f"accuracy_{stage}/{k}": v["accuracy"] for k, v in result.items() if isinstance(v, dict)})
+        parts = []
+        for kind in ("loglik", "generation"):
+            if kind in result:
+                parts.append(f"{kind} {result[kind]['accuracy']:.3f} (n={result[kind]['n']})")
+        print(f"molora: accuracy {stage} training: " + ", ".join(parts), flush=True)
+    return result if ctx.is_main else None
+
+
+def _wandb_summary(values: dict[str, float], finish: bool = False) -> None:
+    """Put values in the active wandb run's summary (the Trainer's callback started it); never raises."""
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            for k, v in values.items():
+                wandb.run.summary[k] = v
+            if finish:
+                wandb.finish()
+    except Exception:  # noqa: BLE001 - telemetry must never fail a run
+        pass
+
+
+def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
+    """Train (and evaluate, save, plot) as the recipe says. Returns a summary dict (on every rank; the paths and
+    numbers are filled in on rank 0)."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    rank, _local_rank, world = _rank_info()
+    is_main = rank == 0
+    out = Path(recipe.train.output_dir)
+    wandb_mode = _prepare_environment(recipe)
+
+    with _timer(timings, "import_s"):
+        import torch
+        from peft import get_peft_model
+        from transformers import TrainerCallback, set_seed
+
+        import molora
+
+        from . import checkpoint as ckpt_mod
+        from .allocation import AllocationError
+        from .data import DataCollator, PromptTemplate, build_dataset
+        from .telemetry import MetricsWriter, RouterTelemetry
+    _patch_deepspeed_for_cpu()
+
+    # ---- allocation and resume target: fail before anything heavy
+    try:
+        mcfg = molora.MoLoRAConfig(**recipe.molora_config_kwargs())
+    except AllocationError as e:
+        raise RecipeError(f"allocation: {e}") from None
+    ckpt = ckpt_mod.resolve_resume(resume, out)
+    if resume == "latest" and ckpt is None and is_main:
+        print(f"molora: --resume latest: no complete checkpoint in {out}; starting from scratch", flush=True)
+    if ckpt is None:
+        previous = _previous_run_artifacts(out)
+        if previous and not recipe.train.overwrite_output_dir:
+            raise RunError(f"train.output_dir {out} holds a previous run ({', '.join(previous[:4])}); pass --resume "
+                           f"latest to continue it, --train.overwrite_output_dir true to start over (deletes its "
+                           f"checkpoints, metrics and adapter), or choose another output_dir")
+
+    ds_config = None
+    zero_stage = 0
+    if recipe.train.deepspeed:
+        ds_config = json.loads(Path(recipe.train.deepspeed).read_text(encoding="utf-8"))
+        zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0) or 0)
+    report_to = ["wandb"] if wandb_mode else []
+
+    # ---- distributed setup happens here (TrainingArguments); ZeRO-3 then loads the model partitioned
+    if ds_config is not None and not torch.cuda.is_available():
+        # On CPU the Trainer sets up plain torch.distributed (gloo) and DeepSpeed's own comm layer stays
+        # uninitialised, so zero.Init (ZeRO-3 model loading) would see a world of one. Initialise it first.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    args = _training_arguments(recipe, report_to, ds_config)
+    _ = args.device  # sets up torch.distributed (DeepSpeed: deepspeed.init_distributed) now, on every rank
+    rank, world = args.process_index, args.world_size
+    is_main = args.should_save
+    if ckpt is None and is_main:
+        if recipe.train.overwrite_output_dir:
+            _clear_previous_run(out)
+        ckpt_mod.clean_staging(out)
+    if ckpt is not None and is_main:
+        ckpt_mod.clean_staging(out)
+    _barrier()
+    out.mkdir(parents=True, exist_ok=True)
+
+    metrics = MetricsWriter(out / "metrics.jsonl", enabled=is_main and recipe.report.jsonl)
+    with _timer(timings, "data_s"):
+        train_rows, eval_rows, data_paths = _load_rows(recipe, out, is_main)
+
+    from .assets import load_model_and_tokenizer
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[recipe.model.dtype]
+    with _timer(timings, "model_load_s"):
+        base, tokenizer = load_model_and_tokenizer(recipe.model.name_or_path, dtype=dtype)
+    if recipe.train.gradient_checkpointing:
+        base.config.use_cache = False
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": recipe.train.use_reentrant})
+    if recipe.train.gradient_checkpointing or zero_stage == 3:
+        # reentrant checkpointing needs inputs that require grad to reach the adapters; ZeRO-3 leaf modules need
+        # it too: without it the first block's input needs no grad, DeepSpeed's post-backward bookkeeping of
+        # the leaf goes wrong and backward fails on a released (size-0) parameter
+        base.enable_input_require_grads()
+    set_seed(recipe.train.seed)  # the adapter's initialisation is part of the run (same on every rank)
+    model = get_peft_model(base, mcfg)
+    cfg = model.peft_config[model.active_adapter]
+    if zero_stage == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, [molora.MoLoRALinear])
+    if ckpt is not None:
+        ckpt_mod.check_allocation(ckpt, model)
+
+    template = PromptTemplate(recipe.data.prompt_template)
+    d = recipe.data
+    train_ds = build_dataset(train_rows, tokenizer, template, d.cutoff_len, d.train_on_inputs)
+    eval_ds = None
+    if recipe.train.eval_strategy != "no":
+        if eval_rows is None:
+            raise RunError("train.eval_strategy needs evaluation data: set data.eval_file (or use a packaged data set)")
+        eval_ds = build_dataset(eval_rows, tokenizer, template, d.cutoff_len, d.train_on_inputs,
+                                max_examples=d.max_eval_examples)
+    acc_rows = eval_rows if (eval_rows and "choices" in eval_rows[0]) else None
+    if eval_rows and acc_rows is None and is_main:
+        print("molora: evaluation data is not in the choices format; accuracy is not measured (eval_loss only)")
+
+    coef = float(cfg.aux_loss_coef) if cfg.router == "topk" else 0.0
+    ctx = _RunContext(recipe=recipe, is_main=is_main, zero3=zero_stage == 3, aux_loss_coef=coef,
+                      allocation=cfg.allocation, metrics=metrics, use_wandb=bool(wandb_mode))
+    if recipe.train.fp16 and coef > 0 and is_main:
+        print("molora: warning: fp16 loss scaling does not scale the injected aux-loss gradient; prefer bf16 or fp32",
+              flush=True)
+    # the injected aux gradient is per micro-batch: weight it like the task loss (mean over GA micro-batches)
+    ga = recipe.train.gradient_accumulation_steps
+    scaled_layers = []
+    for m in model.modules():
+        if isinstance(m, molora.MoLoRALayer):
+            for name, c in m.aux_loss_coef.items():
+                m.aux_loss_coef[name] = c / ga
+            scaled_layers.append(m)
+
+    table = molora.allocation_table(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if is_main:
+        print(f"molora: {recipe.model.name_or_path}: {len(table)} layers, {table.total_experts} experts, "
+              f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)", flush=True)
+        print(str(table), flush=True)
+        metrics.write({"type": "run", "recipe": recipe.to_dict(), "allocation": cfg.allocation,
+                       "num_layers": cfg.num_layers, "trainable_params": trainable, "total_params": total,
+                       "world_size": world, "zero_stage": zero_stage, "train_examples": len(train_ds),
+                       "resumed_from": str(ckpt) if ckpt else None,
+                       "resume_step": _checkpoint_step(ckpt) if ckpt else None, "data": data_paths})
+
+    if recipe.report.router_telemetry:
+        ctx.telemetry = RouterTelemetry(model, soft_router=cfg.router == "soft")
+
+    results: dict[str, Any] = {}
+    all_ranks_eval = zero_stage == 3
+
+    class _BeforeEval(TrainerCallback):
+        def on_train_begin(self, args_, state, control, model=None, **kw):
+            if ckpt is None and recipe.eval.before:
+                with _timer(timings, "eval_before_s"):
+                    results["before"] = _accuracy(ctx, model if model is not None else trainer.model, tokenizer,
+                                                  acc_rows, template, "before", all_ranks_eval)
+
+    Trainer = _build_trainer_class()
+    collator = DataCollator(pad_token_id=tokenizer.pad_token_id)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+                      processing_class=tokenizer, callbacks=[_BeforeEval()], molora=ctx)
+    if is_main:
+        where = f"resuming from {ckpt}" if ckpt else "from scratch"
+        print(f"molora: training {where}: {len(train_ds)} examples, world size {world}"
+              f"{f', ZeRO-{zero_stage}' if ds_config else ''}; output in {out}", flush=True)
+    with _timer(timings, "train_s"):
+        train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    for m in scaled_layers:
+        for name in m.aux_loss_coef:
+            m.aux_loss_coef[name] = float(cfg.aux_loss_coef)
+    if ctx.telemetry is not None:
+        ctx.telemetry.close()
+
+    # ---- final adapter (atomic), accuracy after, results, plots
+    adapter_dir = out / "adapter"
+    tmp = ckpt_mod.staging_dir(out, "adapter")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    ckpt_mod.save_adapter(trainer.model, tmp, is_main=is_main, zero3=ctx.zero3)
+    if is_main:
+        tokenizer.save_pretrained(str(tmp))
+        ckpt_mod.write_marker(tmp, {"step": trainer.state.global_step, "allocation": cfg.allocation,
+                                    "base_model": recipe.model.name_or_path})
+        ckpt_mod.commit_dir(tmp, adapter_dir)
+    _barrier()
+    if recipe.eval.after:
+        with _timer(timings, "eval_after_s"):
+            results["after"] = _accuracy(ctx, trainer.model, tokenizer, acc_rows, template, "after", all_ranks_eval)
+
+    timings["total_s"] = round(time.perf_counter() - t_start, 2)
+    summary: dict[str, Any] = {"output_dir": str(out), "adapter": str(adapter_dir),
+                               "metrics": str(out / "metrics.jsonl") if recipe.report.jsonl else None,
+                               "global_step": trainer.state.global_step, "train_loss": train_out.training_loss,
+                               "timings": timings, "accuracy": {}, "plots": [], "world_size": world}
+    if is_main:
+        before = results.get("before") or _previous_accuracy(out / "metrics.jsonl", "before")
+        for stage, res in (("before", before), ("after", results.get("after"))):
+            if res:
+                summary["accuracy"][stage] = {k: {kk: v[kk] for kk in ("accuracy", "n") if kk in v}
+                                              for k, v in res.items() if isinstance(v, dict)}
+        if wandb_mode:
+            summary["wandb"] = {"mode": wandb_mode, "dir": os.environ.get("WANDB_DIR")}
+        metrics.write({"type": "summary", **summary})
+        metrics.close()
+        if recipe.report.plots and recipe.report.jsonl:
+            try:
+                from .report import render
+
+                summary["plots"] = [str(p) for p in render(out)]
+            except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run
+                print(f"molora: could not render plots: {e}", flush=True)
+        _write_json_atomic(out / "results.json", summary)
+        if wandb_mode:
+            _wandb_summary({"train/global_step": summary["global_step"]}, finish=True)
+        _print_summary(summary, recipe)
+    else:
+        metrics.close()
+    _barrier()
+    return summary
+
+
+def _checkpoint_step(path: Optional[Path]) -> Optional[int]:
+    if path is None:
+        return None
+    try:
+        return int(Path(path).name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _previous_accuracy(metrics: Path, stage: str) -> Optional[dict]:
+    """The accuracy a run measured before it was interrupted (a resumed run does not measure it again)."""
+    from .telemetry import read_metrics
+
+    try:
+        found = [r for r in read_metrics(metrics) if r.get("type") == "accuracy" and r.get("stage") == stage]
+    except OSError:
+        return None
+    return found[-1] if found else None
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fmt_s(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _print_summary(summary: dict, recipe: Recipe) -> None:
+    lines = [f"molora: done in {_fmt_s(summary['timings']['total_s'])} "
+             f"(training {_fmt_s(summary['timings'].get('train_s', 0))}, {summary['global_step']} steps)"]
+    acc = summary["accuracy"]
+    for kind in ("loglik", "generation"):
+        b = (acc.get("before") or {}).get(kind)
+        a = (acc.get("after") or {}).get(kind)
+        if a or b:
+            n = (a or b)["n"]
+            lines.append(f"  accuracy ({kind}, {n} rows): "
+                         f"{'before %.3f' % b['accuracy'] if b else 'before -'} -> "
+                         f"{'after %.3f' % a['accuracy'] if a else 'after -'}")
+    lines.append(f"  adapter:  {summary['adapter']}  (PeftModel.from_pretrained(base, path) after `import molora`)")
+    if summary.get("metrics"):
+        lines.append(f"  metrics:  {summary['metrics']}")
+    for p in summary.get("plots", []):
+        lines.append(f"  plot:     {p}")
+    lines.append(f"  results:  {Path(summary['output_dir']) / 'results.json'}")
+    w = summary.get("wandb")
+    if w:
+        hint = " (upload with `wandb sync " + str(Path(w['dir']) / 'wandb' / 'offline-run-*') + "`)" \
+            if w["mode"] == "offline" else ""
+        lines.append(f"  wandb:    {w['mode']} run in {w['dir']}{hint}")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
