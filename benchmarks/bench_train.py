@@ -103,8 +103,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--backend", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = build_base(a.random, a.model).to(device)
