@@ -30,18 +30,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .summary import _tuner
+
 __all__ = ["RouterTelemetry", "MetricsWriter", "configure_wandb", "flat_router_scalars", "read_metrics"]
-
-
-def _tuner(model):
-    from .model import MoLoRAModel
-
-    if isinstance(model, MoLoRAModel):
-        return model
-    base = getattr(model, "base_model", None)
-    if isinstance(base, MoLoRAModel):
-        return base
-    raise ValueError("router telemetry needs a PeftModel/MoLoRAModel holding a MoLoRA adapter")
 
 
 class RouterTelemetry:

@@ -44,7 +44,7 @@ from typing import Iterator, Optional
 import torch
 
 from .routing import Routing, route
-from .torch_fused import _route_backward
+from .torch_fused import _route_backward, prepare_operands
 
 _GMM_BROKEN: set[tuple[str, torch.dtype, int]] = set()
 
@@ -311,12 +311,6 @@ def moe_lora_sparse(x2: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, 
     impl = default_impl(x2.device) if impl is None else impl
     if impl not in ("grouped_mm", "loop"):
         raise ValueError(f"impl={impl!r}; allowed: grouped_mm, loop")
-    dt = x2.dtype
-    a = a_all.to(dt)
-    b = b_all.to(dt)
-    w = router_weight.to(dt)
-    xd = torch.nn.functional.dropout(x2, p=dropout, training=True) if (dropout > 0.0 and training) else None
-    if base is not None and base.dtype != dt:
-        base = base.to(dt)
+    a, b, w, xd, base = prepare_operands(x2, a_all, b_all, router_weight, dropout, training, base)
     out, probs, gates, idx = SparseGroupedMoLoRA.apply(x2, xd, a, b, w, base, top_k, float(scaling), router, impl)
     return out, Routing(gates=gates, probs=probs, topk_idx=idx)

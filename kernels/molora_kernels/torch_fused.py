@@ -150,12 +150,19 @@ def moe_lora_fused(x2: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, r
     Returns (out [T, d_out] in x2.dtype, Routing). ``out`` is the delta, or ``base + delta`` when
     ``base`` [T, d_out] is given (one addmm instead of a GEMM and an add).
     """
+    a, b, w, xd, base = prepare_operands(x2, a_all, b_all, router_weight, dropout, training, base)
+    out, probs, gates, idx = DenseGatedMoLoRA.apply(x2, xd, a, b, w, base, top_k, float(scaling), router)
+    return out, Routing(gates=gates, probs=probs, topk_idx=idx)
+
+
+def prepare_operands(x2, a_all, b_all, router_weight, dropout: float, training: bool, base):
+    """Cast the adapter weights (and ``base``) to x2's dtype and draw the LoRA dropout of the expert input.
+
+    Returns (a, b, w, xd, base) where ``xd`` is dropout(x2) or None when there is no dropout (eval, p = 0).
+    The dropout is drawn outside the autograd Functions with ``F.dropout`` so the mask equals the reference's.
+    """
     dt = x2.dtype
-    a = a_all.to(dt)
-    b = b_all.to(dt)
-    w = router_weight.to(dt)
     xd = torch.nn.functional.dropout(x2, p=dropout, training=True) if (dropout > 0.0 and training) else None
     if base is not None and base.dtype != dt:
         base = base.to(dt)
-    out, probs, gates, idx = DenseGatedMoLoRA.apply(x2, xd, a, b, w, base, top_k, float(scaling), router)
-    return out, Routing(gates=gates, probs=probs, topk_idx=idx)
+    return a_all.to(dt), b_all.to(dt), router_weight.to(dt), xd, base
