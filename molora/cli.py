@@ -40,14 +40,9 @@ def _convert(argv: Sequence[str]) -> int:
 
 
 def _cli_spec(value: str):
-    """Command-line allocation: '8' -> 8; '2,4,6,8' / '2468' / 'inverted_triangle' stay strings."""
+    """Command-line allocation: '8' -> 8; '2,4,6,8', '2468' (MoLA block notation) and preset names stay strings."""
     v = value.strip()
-    if v.isdigit() and len(v) == 1:
-        return int(v)
-    if v.isdigit():
-        # several digits without commas: MoLA block notation ("2468"), as the library reads it
-        return v
-    return v
+    return int(v) if v.isdigit() and len(v) == 1 else v
 
 
 def _allocation(argv: Sequence[str]) -> int:

@@ -139,9 +139,6 @@ def convert_mola(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], num
         "num_layers": n_layers,
         "inference_mode": True,
     }
-    if isinstance(r_spec, list) and len(set(r_spec)) > 1:
-        # per-layer rank: scaling alpha / r_i is reproduced by molora since it divides by each layer's r
-        pass
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
