@@ -143,6 +143,8 @@ class TrainSection(_Section):
     data_seed: Optional[int] = None
     train_sampling_strategy: Literal["random", "sequential", "group_by_length"] = "random"
     dataloader_num_workers: int = Field(0, ge=0)
+    #: compute the LM head only at positions that carry a label (same loss; faster with answer-only data)
+    logits_at_labels_only: bool = True
     deepspeed: Optional[str] = None
     run_name: Optional[str] = None
     extra: dict[str, Any] = Field(default_factory=dict)

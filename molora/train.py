@@ -213,6 +213,7 @@ def _build_trainer_class():
     from transformers import trainer as hf_trainer
 
     from . import checkpoint as ckpt_mod
+    from .label_logits import restrict_to_labels
     from .telemetry import flat_router_scalars, router_headline
 
     class MoLoRATrainer(Trainer):
@@ -229,6 +230,8 @@ def _build_trainer_class():
 
         # ---------------------------------------------------------------- loss
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training and self.molora.logits_at_labels_only:
+                inputs = restrict_to_labels(inputs)
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
             aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
@@ -369,6 +372,7 @@ class _RunContext:
     metrics: Any
     telemetry: Any = None
     use_wandb: bool = False
+    logits_at_labels_only: bool = False
 
 
 @contextmanager
@@ -545,6 +549,7 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
         from . import checkpoint as ckpt_mod
         from .allocation import AllocationError
         from .data import DataCollator, PromptTemplate, build_dataset
+        from .label_logits import accepts_logits_to_keep
         from .telemetry import MetricsWriter, RouterTelemetry
     _patch_deepspeed_for_cpu()
 
@@ -632,7 +637,8 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
 
     coef = float(cfg.aux_loss_coef) if cfg.router == "topk" else 0.0
     ctx = _RunContext(recipe=recipe, is_main=is_main, zero3=zero_stage == 3, aux_loss_coef=coef,
-                      allocation=cfg.allocation, metrics=metrics, use_wandb=bool(wandb_mode))
+                      allocation=cfg.allocation, metrics=metrics, use_wandb=bool(wandb_mode),
+                      logits_at_labels_only=recipe.train.logits_at_labels_only and accepts_logits_to_keep(model))
     if recipe.train.fp16 and coef > 0 and is_main:
         print("molora: warning: fp16 loss scaling does not scale the injected aux-loss gradient; prefer bf16 or fp32",
               flush=True)

@@ -235,3 +235,38 @@ def test_fresh_run_refuses_to_mix_with_a_previous_one(assets, tmp_path, capsys):
     assert main([str(recipe), "--train.overwrite_output_dir", "true", "--train.save_strategy", "no"]) == 0
     assert not list(out.glob("checkpoint-*")), "overwrite_output_dir removes the previous run's checkpoints"
     assert len(_records(out, "run")) == 1
+
+
+def test_lm_head_at_labels_only_trains_the_same_adapter(assets, tmp_path, monkeypatch):
+    """train.logits_at_labels_only (default on) changes the work, not the result: same adapter and losses as the
+    full LM head, with gradient accumulation (the Trainer's num_items_in_batch path) and the aux loss on."""
+    import molora.label_logits as ll
+    from molora.train import main
+
+    sliced = []
+    real = ll.label_positions
+
+    def counting(labels, *args, **kwargs):
+        picked = real(labels, *args, **kwargs)
+        sliced.append(picked is not None and picked[0].numel() < labels.shape[1] - 1)
+        return picked
+
+    monkeypatch.setattr(ll, "label_positions", counting)
+    evals = {"before": False, "after": False}
+    outs = {}
+    for flag in (True, False):
+        out = tmp_path / f"labels_only_{flag}"
+        recipe = write_recipe(tmp_path / f"{flag}.yaml", assets, out, eval=evals,
+                              train={"logits_at_labels_only": flag, "logging_steps": 1},
+                              allocation={"aux_loss_coef": 0.01})
+        assert main([str(recipe)]) == 0
+        outs[flag] = out
+        if flag:
+            assert len(sliced) == 8 and all(sliced)  # 4 steps x 2 micro-batches, every one sliced
+    assert len(sliced) == 8  # the full-head run never slices
+    a, b = _adapter(outs[True] / "adapter"), _adapter(outs[False] / "adapter")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    losses = [[r["loss"] for r in _records(o, "train")] for o in (outs[True], outs[False])]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
