@@ -42,6 +42,7 @@ from .data import (
     encode_prompt_target,
     validate_rows,
 )
+from .label_logits import accepts_logits_to_keep
 
 __all__ = ["evaluate_loglik", "evaluate_generation", "extract_choice", "score_options"]
 
@@ -145,13 +146,17 @@ def _score_shared(
     """
     prompts = [p for p, _ in groups]
     p_ids, p_mask = _pad_right(prompts, pad_id, device)
-    out = model(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
+    lens = [len(p) for p in prompts]
+    extra = {}
+    if accepts_logits_to_keep(model):  # the LM head only at each prompt's last position: [N, 1, V]
+        extra["logits_to_keep"] = torch.tensor(lens, device=device)[:, None] - 1
+    out = model(input_ids=p_ids, attention_mask=p_mask, use_cache=True, **extra)
     cache = getattr(out, "past_key_values", None)
     if cache is None:
         return None
     p_logits = _logits(out)
-    lens = [len(p) for p in prompts]
-    first_logp = [F.log_softmax(p_logits[i, lens[i] - 1].float(), dim=-1) for i in range(len(groups))]
+    last = [0] * len(lens) if extra else [n - 1 for n in lens]
+    first_logp = [F.log_softmax(p_logits[i, last[i]].float(), dim=-1) for i in range(len(groups))]
 
     owner = [g for g, (_, opts) in enumerate(groups) for _ in opts]
     options = [t for _, opts in groups for t in opts]
