@@ -12,7 +12,7 @@ from .allocation import AllocationError, LayerAllocation, resolve_allocation
 from .config import MoLoRAConfig
 from .injection import block_containers, block_position, default_target_regex, linear_module_names
 from .layer import Linear, MoLoRALayer, RoutedMergeError
-from .router_state import RouterCollector, summarize
+from .router_state import LossGradProbe, RouterCollector, summarize
 
 
 class MoLoRAModel(BaseTuner):
@@ -135,7 +135,10 @@ class MoLoRAModel(BaseTuner):
         if aux is not None and isinstance(out, dict):
             out["aux_loss"] = aux
             if cfg.aux_loss_coef > 0 and cfg.router == "topk" and out.get("loss") is not None:
-                out["loss"] = out["loss"] + cfg.aux_loss_coef * aux.to(out["loss"].dtype)
+                loss = out["loss"] + cfg.aux_loss_coef * aux.to(out["loss"].dtype)
+                if loss.requires_grad and loss.dim() == 0:  # the injected gradient follows the loss's scaling
+                    loss = LossGradProbe.apply(loss, self.collector.current)
+                out["loss"] = loss
         return out
 
     def router_summary(self) -> dict:

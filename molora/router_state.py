@@ -14,6 +14,15 @@ after every module of the layer has run, which is the case by the time backward 
 this way (instead of adding a differentiable term to the loss) keeps it correct under reentrant gradient
 checkpointing, where the first forward runs without autograd and the recomputation happens inside backward.
 The loss a model returns includes ``coef * aux`` as a value (for logging and for the total the optimiser sees).
+
+Whatever scales the returned loss after the forward -- ``loss / gradient_accumulation_steps``, fp16 loss
+scaling (``GradScaler``, DeepSpeed), ``loss * 7`` -- must scale the injected gradient too, or an fp16 run
+would see its aux gradient divided by the loss scale. The model therefore passes its loss through
+:class:`LossGradProbe`, whose backward runs first (it is the root of the graph) and records
+``d(final objective) / d(loss)`` in the forward's :class:`ForwardRecord`; :class:`AuxLossGrad` multiplies its
+gradient by it (and by ``ForwardRecord.grad_multiplier``, set by trainers whose task loss is already
+normalised over a whole step). When the returned loss is not used (a custom loss on the logits), the factor
+is 1.
 """
 from __future__ import annotations
 
@@ -45,6 +54,15 @@ class ForwardRecord:
 
     def __init__(self) -> None:
         self.layers: dict[Optional[int], LayerEntry] = {}
+        #: d(objective)/d(returned loss), recorded by LossGradProbe in backward (None: loss not used)
+        self.loss_grad: Optional[torch.Tensor] = None
+        #: extra factor on the injected aux gradient (e.g. 1 / gradient-accumulation steps)
+        self.grad_multiplier: float = 1.0
+
+    def aux_grad_scale(self) -> torch.Tensor | float:
+        """The factor on the injected aux gradient: ``loss_grad * grad_multiplier``."""
+        scale = self.grad_multiplier
+        return scale if self.loss_grad is None else self.loss_grad * scale
 
     def record(self, layer: Optional[int], module: str, stats: RouterStats, num_experts: int, top_k: int) -> None:
         entry = self.layers.get(layer)
@@ -123,8 +141,26 @@ class AuxLossGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_delta):
-        g = ctx.record.aux_grad(ctx.layer) * ctx.coef
+        g = ctx.record.aux_grad(ctx.layer) * (ctx.coef * ctx.record.aux_grad_scale())
         return grad_delta, g, None, None, None
+
+
+class LossGradProbe(torch.autograd.Function):
+    """Identity on the model's (scalar) loss; in backward stores the incoming gradient in the record.
+
+    The returned loss is the last node the model's forward creates, so its backward runs before any
+    module's: every :class:`AuxLossGrad` of that forward sees the factor.
+    """
+
+    @staticmethod
+    def forward(ctx, loss, record: ForwardRecord):
+        ctx.record = record
+        return loss.clone()  # a view would forbid in-place ops on the loss (the Trainer does `loss *= n`)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        ctx.record.loss_grad = grad_loss.detach().float()
+        return grad_loss, None
 
 
 def summarize(record: ForwardRecord) -> dict[Optional[int], dict[str, object]]:

@@ -15,12 +15,14 @@ Accuracy is measured before and after training (:mod:`molora.evaluation`), the a
 Design notes (why the Trainer is subclassed):
 
 * **Aux loss.** The model's ``loss`` already includes ``aux_loss_coef * aux`` (as a value) and the core injects
-  the aux gradient into the routers directly (see :mod:`molora.router_state`), bypassing the loss tensor. The
-  Trainer averages the task loss over the micro-batches of a step (dividing by the gradient-accumulation
-  steps, or normalising by the step's token count), but an injected gradient is not divided: to optimise
-  ``task + coef * mean(aux)`` the per-layer coefficient is set to ``coef / gradient_accumulation_steps`` while
-  training (DeepSpeed/DDP then average over ranks as for the task gradient). The logged ``loss`` is corrected
-  the same way; ``task_loss`` and ``aux_loss`` (unweighted) are logged separately.
+  the aux gradient into the routers directly (see :mod:`molora.router_state`), scaled by the gradient that
+  reaches the returned loss -- so the Trainer's ``1 / gradient_accumulation_steps`` and fp16 loss scaling
+  (HF or DeepSpeed) apply to it as to the task loss. When the Trainer normalises the task loss by the step's
+  token count instead (``num_items_in_batch``) it does not divide by the accumulation steps and multiplies the
+  loss by the world size: the forward's aux gradient gets an explicit ``1 / (GA * world)`` and the logged ``loss`` is corrected the
+  same way, so the objective is ``task + coef * mean(aux)`` over the step's micro-batches (DeepSpeed/DDP then
+  average over ranks as for the task gradient). ``task_loss`` and ``aux_loss`` (unweighted) are logged
+  separately.
 * **Atomic checkpoints** (:mod:`molora.checkpoint`): ``_save_checkpoint`` writes into a staging directory, rank
   0 fsyncs it, writes a completion marker last and renames it into place; resume requires the marker.
 * **Adapter saving** gathers only the adapter parameters under ZeRO-3 (never empty files, never the base model).
@@ -250,10 +252,13 @@ def _build_trainer_class():
                 if aux is not None and coef > 0 and num_items_in_batch is not None and self.model_accepts_loss_kwargs:
                     # On this path the Trainer neither divides the loss by GA nor undoes its world-size factor
                     # (both are right for the token-normalised task loss, wrong for the per-micro-batch aux
-                    # value): make the logged aux term c * aux / GA per micro-batch, i.e. c * mean(aux) per step.
+                    # value). The injected aux gradient follows whatever scales the loss (fp16 loss scaling,
+                    # the world factor) so it gets 1 / (GA * world) here, and the logged aux term is made
+                    # c * aux / GA per micro-batch, i.e. c * mean(aux) per step (averaged over ranks).
                     scale = 1.0
                     if self.args.average_tokens_across_devices:
                         scale = float(self.accelerator.num_processes)
+                    self.molora.tuner.collector.current.grad_multiplier = 1.0 / (ga * scale)
                     loss = loss - coef * aux.detach().to(loss.dtype) * (scale - 1.0 / ga)
             return (loss, outputs) if return_outputs else loss
 
@@ -373,6 +378,7 @@ class _RunContext:
     telemetry: Any = None
     use_wandb: bool = False
     logits_at_labels_only: bool = False
+    tuner: Any = None
 
 
 @contextmanager
@@ -550,6 +556,7 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
         from .allocation import AllocationError
         from .data import DataCollator, PromptTemplate, build_dataset
         from .label_logits import accepts_logits_to_keep
+        from .summary import _tuner
         from .telemetry import MetricsWriter, RouterTelemetry
     _patch_deepspeed_for_cpu()
 
@@ -639,17 +646,7 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
     ctx = _RunContext(recipe=recipe, is_main=is_main, zero3=zero_stage == 3, aux_loss_coef=coef,
                       allocation=cfg.allocation, metrics=metrics, use_wandb=bool(wandb_mode),
                       logits_at_labels_only=recipe.train.logits_at_labels_only and accepts_logits_to_keep(model))
-    if recipe.train.fp16 and coef > 0 and is_main:
-        print("molora: warning: fp16 loss scaling does not scale the injected aux-loss gradient; prefer bf16 or fp32",
-              flush=True)
-    # the injected aux gradient is per micro-batch: weight it like the task loss (mean over GA micro-batches)
-    ga = recipe.train.gradient_accumulation_steps
-    scaled_layers = []
-    for m in model.modules():
-        if isinstance(m, molora.MoLoRALayer):
-            for name, c in m.aux_loss_coef.items():
-                m.aux_loss_coef[name] = c / ga
-            scaled_layers.append(m)
+    ctx.tuner = _tuner(model)
 
     table = molora.allocation_table(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -687,9 +684,6 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
               f"{f', ZeRO-{zero_stage}' if ds_config else ''}; output in {out}", flush=True)
     with _timer(timings, "train_s"):
         train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    for m in scaled_layers:
-        for name in m.aux_loss_coef:
-            m.aux_loss_coef[name] = float(cfg.aux_loss_coef)
     if ctx.telemetry is not None:
         ctx.telemetry.close()
 

@@ -409,6 +409,52 @@ def test_aux_gradient_matches_autograd_of_formula(tiny_model, mode, checkpointin
     assert len(visible) >= len(LLAMA_TARGETS)
 
 
+@pytest.mark.parametrize("checkpointing", [None, "reentrant"])
+@pytest.mark.parametrize("scaling", ["times_8", "grad_scaler", "ga_and_multiplier"])
+def test_aux_gradient_follows_loss_scaling(tiny_model, scaling, checkpointing):
+    """Whatever scales the returned loss scales the injected aux gradient too: loss * 8, fp16-style loss scaling
+    with a GradScaler (grads unscaled before comparing), and 1/GA with an extra record multiplier."""
+    coef = 0.5
+    model = aux_model(tiny_model, coef=coef)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+    ids, mask, labels = batch()
+    expected, aux_only = reference_router_grads(tiny_model, model, coef, "masked", ids, mask, labels)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    factor = 1.0
+    if scaling == "times_8":
+        (out.loss * 8).backward()
+        factor = 8.0
+    elif scaling == "grad_scaler":
+        params = list(adapter_params(model).values())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+        scaler.scale(out.loss).backward()
+        scaler.unscale_(torch.optim.SGD(params, lr=0.0))
+    else:  # what the Trainer's token-normalised path does: loss / 4 reaches the model, aux also gets 1/2
+        model.base_model.collector.current.grad_multiplier = 0.5
+        (out.loss / 4).backward()
+        factor = None
+    for name, p in adapter_params(model).items():
+        want = expected[name] * factor if factor is not None else (
+            (expected[name] - coef * aux_only[name]) / 4 + coef * aux_only[name] / 8
+            if aux_only[name] is not None else expected[name] / 4)
+        assert_close(p.grad, want, 1e-4, name)
+
+
+def test_aux_gradient_without_the_returned_loss_uses_factor_one(tiny_model):
+    """A custom loss on the logits (the model's loss unused): the injected aux gradient has weight coef."""
+    coef = 0.5
+    model = aux_model(tiny_model, coef=coef)
+    ids, mask, labels = batch()
+    expected, _ = reference_router_grads(tiny_model, model, coef, "masked", ids, mask, labels)
+    out = model(input_ids=ids, attention_mask=mask)
+    assert out.loss is None
+    causal_lm_loss(out.logits, labels).backward()
+    for name, p in adapter_params(model).items():
+        assert_close(p.grad, expected[name], 1e-4, name)
+
+
 @pytest.mark.parametrize("checkpointing", [
     None,
     pytest.param("reentrant", marks=pytest.mark.xfail(strict=True, reason=(
