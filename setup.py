@@ -17,6 +17,7 @@ setup(
     python_requires=">=3.10",
     packages=["molora", "molora_kernels"],
     package_dir={"molora": "molora", "molora_kernels": "kernels/molora_kernels"},
+    py_modules=["molora_cli"],  # the `molora` command (light import: fast errors)
     install_requires=[
         "torch>=2.4",
         "transformers>=4.56",
@@ -37,5 +38,5 @@ setup(
         "triton": ["triton>=3.0"],
         "dev": ["pytest", "triton>=3.0"],
     },
-    entry_points={"console_scripts": ["molora=molora.cli:main"]},
+    entry_points={"console_scripts": ["molora=molora_cli:main"]},
 )

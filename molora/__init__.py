@@ -4,17 +4,40 @@
     from peft import get_peft_model
     model = get_peft_model(base, molora.MoLoRAConfig(num_experts="2,4,6,8", top_k=2, r=8))
     print(molora.allocation_table(model))
+
+Importing the package registers the method with PEFT, which imports torch, transformers and peft (seconds).
+The ``molora`` command sets ``MOLORA_DEFER_IMPORT=1`` while it imports the package, so that a bad recipe or
+command line fails in well under a second; the first use of any name below then finishes the import.
 """
-from .registry import register as _register
-
-_register()
-
-from .allocation import PRESETS, AllocationError, resolve_allocation  # noqa: E402
-from .config import MoLoRAConfig  # noqa: E402
-from .layer import Linear as MoLoRALinear, MoLoRALayer, RoutedMergeError  # noqa: E402
-from .model import MoLoRAModel  # noqa: E402
-from .summary import allocation_table, router_summary  # noqa: E402
+import os as _os
 
 __version__ = "0.1.0"
 __all__ = ["MoLoRAConfig", "MoLoRAModel", "MoLoRALayer", "MoLoRALinear", "AllocationError", "RoutedMergeError",
            "PRESETS", "resolve_allocation", "allocation_table", "router_summary"]
+
+
+def _load() -> None:
+    """Register the PEFT method and bind the public names (idempotent)."""
+    from .allocation import PRESETS, AllocationError, resolve_allocation
+    from .config import MoLoRAConfig
+    from .layer import Linear as MoLoRALinear, MoLoRALayer, RoutedMergeError
+    from .model import MoLoRAModel
+    from .registry import register
+    from .summary import allocation_table, router_summary
+
+    register()
+    globals().update(PRESETS=PRESETS, AllocationError=AllocationError, resolve_allocation=resolve_allocation,
+                     MoLoRAConfig=MoLoRAConfig, MoLoRALinear=MoLoRALinear, MoLoRALayer=MoLoRALayer,
+                     RoutedMergeError=RoutedMergeError, MoLoRAModel=MoLoRAModel, allocation_table=allocation_table,
+                     router_summary=router_summary)
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        _load()
+        return globals()[name]
+    raise AttributeError(f"module 'molora' has no attribute {name!r}")
+
+
+if _os.environ.get("MOLORA_DEFER_IMPORT") != "1":
+    _load()

@@ -177,3 +177,69 @@ def test_deepspeed_configs_are_valid_json():
         assert cfg["zero_optimization"]["stage"] == (2 if name == "zero2" else 3)
         assert cfg["optimizer"]["params"]["torch_adam"] is True  # no fused-Adam compilation
         assert cfg["train_micro_batch_size_per_gpu"] == "auto"  # resolved from the recipe by the HF integration
+
+
+def _run_command(args, tmp_path, timeout=120):
+    """Run the `molora` console entry point (molora_cli.main) in a fresh interpreter; report what it imported."""
+    import os
+
+    code = textwrap.dedent(f"""
+        import os, sys, time
+        t0 = time.perf_counter()
+        import molora_cli
+        sys.argv = ["molora", *{list(args)!r}]
+        try:
+            rc = molora_cli.main()
+        except SystemExit as e:
+            rc = e.code
+        print("RESULT", rc, "torch" in sys.modules, round(time.perf_counter() - t0, 3),
+              "MOLORA_DEFER_IMPORT" in os.environ)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]))
+    env.pop("MOLORA_DEFER_IMPORT", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
+                         cwd=tmp_path)
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")]
+    assert line, out.stderr
+    _, rc, torch_loaded, seconds, leaked = line[-1].split()
+    assert leaked == "False", "MOLORA_DEFER_IMPORT leaked out of the molora command"
+    return int(rc), torch_loaded == "True", float(seconds), out.stderr
+
+
+def test_molora_command_rejects_a_bad_recipe_without_importing_torch(tmp_path, data_file):
+    """`molora train bad.yaml` fails before torch, transformers or peft are imported (well under a second on an
+    idle machine; the test only asserts what was imported, not the time)."""
+    p = _write(tmp_path, f"data: {{train_file: {data_file}}}\ntrain: {{max_stepz: 3}}\n")
+    rc, torch_loaded, _, err = _run_command(["train", str(p)], tmp_path)
+    assert rc == 2 and "train.max_stepz" in err and "did you mean 'max_steps'" in err
+    assert not torch_loaded
+    rc, torch_loaded, _, err = _run_command(["train", str(tmp_path / "missing.yaml")], tmp_path)
+    assert rc == 2 and "missing.yaml" in err and not torch_loaded
+
+
+def test_deferred_import_registers_on_first_use(tmp_path):
+    """Under MOLORA_DEFER_IMPORT the package imports without torch; the first public name used registers the
+    PEFT method (so get_peft_model works), and the variable does not leak out of the `molora` command."""
+    import os
+
+    code = textwrap.dedent("""
+        import os, sys
+        os.environ["MOLORA_DEFER_IMPORT"] = "1"
+        import molora
+        assert "torch" not in sys.modules and "peft" not in sys.modules
+        cfg = molora.MoLoRAConfig(num_experts=2, top_k=1, r=2)
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+        assert type(cfg) in PEFT_TYPE_TO_CONFIG_MAPPING.values()
+        from molora import allocation_table  # from-import of a public name works too
+        try:
+            molora.not_a_name
+        except AttributeError as e:
+            assert "not_a_name" in str(e)
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    rc, torch_loaded, _, _ = _run_command(["--help"], tmp_path)
+    assert rc == 0 and not torch_loaded

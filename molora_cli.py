@@ -1,0 +1,17 @@
+"""Entry point of the ``molora`` command: imports the package without registering it with PEFT yet (no torch
+import), so that recipes and arguments are checked in well under a second; see :mod:`molora.cli`."""
+import os
+import sys
+
+
+def main() -> int:
+    os.environ["MOLORA_DEFER_IMPORT"] = "1"
+    try:
+        from molora.cli import main as cli_main
+    finally:
+        os.environ.pop("MOLORA_DEFER_IMPORT", None)  # never leaks into processes the command starts
+    return cli_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
