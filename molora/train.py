@@ -19,10 +19,10 @@ Design notes (why the Trainer is subclassed):
   reaches the returned loss -- so the Trainer's ``1 / gradient_accumulation_steps`` and fp16 loss scaling
   (HF or DeepSpeed) apply to it as to the task loss. When the Trainer normalises the task loss by the step's
   token count instead (``num_items_in_batch``) it does not divide by the accumulation steps and multiplies the
-  loss by the world size: the forward's aux gradient gets an explicit ``1 / (GA * world)`` and the logged ``loss`` is corrected the
-  same way, so the objective is ``task + coef * mean(aux)`` over the step's micro-batches (DeepSpeed/DDP then
-  average over ranks as for the task gradient). ``task_loss`` and ``aux_loss`` (unweighted) are logged
-  separately.
+  loss by the world size: the forward's aux gradient then gets an explicit ``1 / (GA * world)`` and the logged
+  ``loss`` is corrected the same way, so the objective is ``task + coef * mean(aux)`` over the step's
+  micro-batches (DeepSpeed/DDP then average over ranks as for the task gradient). ``task_loss`` and
+  ``aux_loss`` (unweighted) are logged separately.
 * **Atomic checkpoints** (:mod:`molora.checkpoint`): ``_save_checkpoint`` writes into a staging directory, rank
   0 fsyncs it, writes a completion marker last and renames it into place; resume requires the marker.
 * **Adapter saving** gathers only the adapter parameters under ZeRO-3 (never empty files, never the base model).
