@@ -42,6 +42,7 @@ from .data import (
     encode_prompt_target,
     validate_rows,
 )
+from .host_memory import release_free_memory
 from .label_logits import accepts_logits_to_keep
 
 __all__ = ["evaluate_loglik", "evaluate_generation", "extract_choice", "score_options"]
@@ -231,12 +232,14 @@ def score_options(
                     break
                 scores.extend(got)
                 bar.update(len(chunk))
+                release_free_memory()  # batches of varying length fragment the C heap (see host_memory)
         if not share_prompt:
             flat = [(g, p, t) for g, (p, opts) in enumerate(groups) for t in opts]
             flat_scores: list[float] = []
             for start in range(0, len(flat), batch_size):
                 chunk = flat[start : start + batch_size]
                 flat_scores.extend(_score_direct(model, pad_id, [(p, t) for _, p, t in chunk], device))
+                release_free_memory()
                 rows_done = chunk[-1][0] + (start + len(chunk) == len(flat))  # rows fully scored
                 bar.update(rows_done - bar.n)
             k = 0
@@ -385,6 +388,7 @@ def evaluate_generation(
     with _eval_mode(model):
         for start in tqdm(range(0, len(rows), batch_size), desc="generation eval", unit="batch",
                           disable=not progress, leave=False):
+            release_free_memory()
             chunk = prompts[start : start + batch_size]
             length = max(len(p) for p in chunk)
             ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)

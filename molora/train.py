@@ -215,6 +215,7 @@ def _build_trainer_class():
     from transformers import trainer as hf_trainer
 
     from . import checkpoint as ckpt_mod
+    from .host_memory import release_free_memory, resident_bytes
     from .label_logits import restrict_to_labels
     from .telemetry import flat_router_scalars, router_headline
 
@@ -293,6 +294,9 @@ def _build_trainer_class():
                     logs["task_loss"] = round(float(logs["loss"]) - ctx.aux_loss_coef * aux, 6)
                 if elapsed > 0:
                     logs["tokens_per_s"] = round(tokens / elapsed, 1)
+                rss = resident_bytes()
+                if rss is not None:
+                    logs["host_rss_gb"] = round(rss / 2**30, 2)
                 if router is not None:
                     logs.update(router_headline(router))
                 record = {"type": "train", "step": self.state.global_step, **logs, "tokens": tokens}
@@ -555,6 +559,7 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
         from . import checkpoint as ckpt_mod
         from .allocation import AllocationError
         from .data import DataCollator, PromptTemplate, build_dataset
+        from .host_memory import release_free_memory
         from .label_logits import accepts_logits_to_keep
         from .summary import _tuner
         from .telemetry import MetricsWriter, RouterTelemetry
@@ -674,10 +679,16 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
                     results["before"] = _accuracy(ctx, model if model is not None else trainer.model, tokenizer,
                                                   acc_rows, template, "before", all_ranks_eval)
 
+    class _ReleaseHostMemory(TrainerCallback):
+        """Steps of varying length fragment glibc's heap and RSS grows without bound (see host_memory)."""
+
+        def on_step_end(self, args_, state, control, **kw):
+            release_free_memory()
+
     Trainer = _build_trainer_class()
     collator = DataCollator(pad_token_id=tokenizer.pad_token_id)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-                      processing_class=tokenizer, callbacks=[_BeforeEval()], molora=ctx)
+                      processing_class=tokenizer, callbacks=[_BeforeEval(), _ReleaseHostMemory()], molora=ctx)
     if is_main:
         where = f"resuming from {ckpt}" if ckpt else "from scratch"
         print(f"molora: training {where}: {len(train_ds)} examples, world size {world}"
