@@ -103,6 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "train": "fine-tune from a YAML recipe",
+        "eval": "accuracy of a saved adapter (or the untuned model) under a recipe",
         "report": "render loss curves and the expert-load heatmap of a run",
         "bench": "run a benchmark (kernels | train)",
         "convert-mola": "import a checkpoint of the original MoLA code",
@@ -118,6 +119,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .train import main as train_main
 
         return train_main(rest) or 0
+    if cmd == "eval":
+        from .eval_run import main as eval_main
+
+        return eval_main(rest) or 0
     if cmd == "report":
         from .report import main as report_main
 

@@ -271,3 +271,36 @@ def test_lm_head_at_labels_only_trains_the_same_adapter(assets, tmp_path, monkey
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     losses = [[r["loss"] for r in _records(o, "train")] for o in (outs[True], outs[False])]
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_eval_command_scores_saved_adapters_like_training_did(assets, tmp_path, capsys):
+    """`molora eval` on the final adapter reproduces the run's "after" accuracy, `--adapter none` its "before",
+    a checkpoint directory is accepted, and a missing adapter fails before any model is loaded."""
+    from molora.cli import main as cli_main
+    from molora.train import main
+
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", assets, out)
+    assert main([str(recipe)]) == 0
+    acc = json.loads((out / "results.json").read_text())["accuracy"]
+    capsys.readouterr()
+
+    assert cli_main(["eval", str(recipe)]) == 0
+    got = json.loads((out / "adapter" / "eval_results.json").read_text())["accuracy"]
+    for kind in ("loglik", "generation"):
+        assert got[kind]["n"] == acc["after"][kind]["n"]
+        assert got[kind]["accuracy"] == pytest.approx(acc["after"][kind]["accuracy"])
+    assert "loglik accuracy" in capsys.readouterr().out
+
+    base_json = tmp_path / "base.json"
+    assert cli_main(["eval", str(recipe), "--adapter", "none", "--output", str(base_json)]) == 0
+    got = json.loads(base_json.read_text())["accuracy"]
+    assert got["loglik"]["accuracy"] == pytest.approx(acc["before"]["loglik"]["accuracy"])
+
+    assert cli_main(["eval", str(recipe), "--adapter", str(out / "checkpoint-4")]) == 0
+    assert (out / "checkpoint-4" / "eval_results.json").is_file()
+
+    capsys.readouterr()
+    assert cli_main(["eval", str(recipe), "--adapter", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "adapter_config.json" in err
