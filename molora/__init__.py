@@ -32,6 +32,12 @@ def _load() -> None:
                      router_summary=router_summary)
 
 
+def register() -> None:
+    """Register the method with PEFT. ``import molora`` does it, except under ``MOLORA_DEFER_IMPORT=1`` (the
+    ``molora`` command), where the first public name used -- or this call -- does."""
+    _load()
+
+
 def __getattr__(name: str):
     if name in __all__:
         _load()

@@ -69,8 +69,11 @@ def evaluate_adapter(recipe, adapter: Optional[Path], progress: bool = True) -> 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[recipe.model.dtype]
     model, tokenizer = load_model_and_tokenizer(recipe.model.name_or_path, dtype=dtype)
     if adapter is not None:
-        import molora  # noqa: F401 - registers the PEFT method
         from peft import PeftModel
+
+        import molora
+
+        molora.register()  # under the `molora` command the package was imported without registering
 
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()

@@ -227,8 +227,10 @@ def test_deferred_import_registers_on_first_use(tmp_path):
         os.environ["MOLORA_DEFER_IMPORT"] = "1"
         import molora
         assert "torch" not in sys.modules and "peft" not in sys.modules
-        cfg = molora.MoLoRAConfig(num_experts=2, top_k=1, r=2)
+        molora.register()  # explicit (what `molora eval` does before PeftModel.from_pretrained)
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+        assert "MOLORA" in PEFT_TYPE_TO_CONFIG_MAPPING
+        cfg = molora.MoLoRAConfig(num_experts=2, top_k=1, r=2)
         assert type(cfg) in PEFT_TYPE_TO_CONFIG_MAPPING.values()
         from molora import allocation_table  # from-import of a public name works too
         try:

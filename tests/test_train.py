@@ -300,6 +300,20 @@ def test_eval_command_scores_saved_adapters_like_training_did(assets, tmp_path, 
     assert cli_main(["eval", str(recipe), "--adapter", str(out / "checkpoint-4")]) == 0
     assert (out / "checkpoint-4" / "eval_results.json").is_file()
 
+    # through the `molora` command in a fresh interpreter (the package is imported there without registering
+    # with PEFT until it is needed)
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "kernels")]))
+    code = f"import sys, molora_cli; sys.argv = ['molora', 'eval', {str(recipe)!r}, '--output', " \
+           f"{str(tmp_path / 'cmd.json')!r}]; sys.exit(molora_cli.main())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads((tmp_path / "cmd.json").read_text())["accuracy"]
+    assert got["loglik"]["accuracy"] == pytest.approx(acc["after"]["loglik"]["accuracy"])
+
     capsys.readouterr()
     assert cli_main(["eval", str(recipe), "--adapter", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
