@@ -59,7 +59,6 @@ def evaluate_adapter(recipe, adapter: Optional[Path], progress: bool = True) -> 
 
     from .assets import load_model_and_tokenizer
     from .data import PromptTemplate
-    from .evaluation import evaluate_generation, evaluate_loglik
     from .train import RunError, _load_rows
 
     out = Path(recipe.train.output_dir)
@@ -77,7 +76,15 @@ def evaluate_adapter(recipe, adapter: Optional[Path], progress: bool = True) -> 
 
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
-    template = PromptTemplate(recipe.data.prompt_template)
+    return recipe_accuracy(model, tokenizer, rows, PromptTemplate(recipe.data.prompt_template), recipe, progress)
+
+
+def recipe_accuracy(model, tokenizer, rows, template, recipe, progress: bool = True) -> dict[str, Any]:
+    """Loglik and/or generation accuracy of ``model`` on ``rows`` with the recipe's ``eval`` settings and
+    ``data.cutoff_len`` (the protocol of ``molora train`` before/after and of ``molora eval``); each entry
+    also has its wall time in ``seconds``."""
+    from .evaluation import evaluate_generation, evaluate_loglik
+
     e, d = recipe.eval, recipe.data
     result: dict[str, Any] = {}
     if e.loglik:

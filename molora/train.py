@@ -492,25 +492,14 @@ def _training_arguments(recipe: Recipe, report_to: list[str], ds_config: Optiona
 
 def _accuracy(ctx: _RunContext, model, tokenizer, rows, template, stage: str, all_ranks: bool) -> Optional[dict]:
     """Loglik and generation accuracy on the eval rows (rank 0, or every rank in lockstep under ZeRO-3)."""
-    from .evaluation import evaluate_generation, evaluate_loglik
+    from .eval_run import recipe_accuracy
 
-    e, d = ctx.recipe.eval, ctx.recipe.data
+    e = ctx.recipe.eval
     if rows is None or not (e.loglik or e.generation):
         return None
     result: dict[str, Any] = {"stage": stage}
     if ctx.is_main or all_ranks:
-        progress = ctx.is_main
-        if e.loglik:
-            t0 = time.perf_counter()
-            r = evaluate_loglik(model, tokenizer, rows, template, batch_size=e.batch_size,
-                                max_examples=e.loglik_max_examples, cutoff_len=d.cutoff_len, progress=progress)
-            result["loglik"] = {**r, "seconds": round(time.perf_counter() - t0, 1)}
-        if e.generation:
-            t0 = time.perf_counter()
-            r = evaluate_generation(model, tokenizer, rows, template, max_new_tokens=e.max_new_tokens,
-                                    batch_size=e.batch_size, max_examples=e.generation_max_examples,
-                                    cutoff_len=d.cutoff_len, progress=progress)
-            result["generation"] = {**r, "seconds": round(time.perf_counter() - t0, 1)}
+        result.update(recipe_accuracy(model, tokenizer, rows, template, ctx.recipe, progress=ctx.is_main))
     if not all_ranks:
         _barrier()
     if ctx.is_main:
