@@ -55,25 +55,20 @@ def _parse(argv: Sequence[str]) -> tuple[Optional[str], Optional[str], Optional[
 
 def evaluate_adapter(recipe, adapter: Optional[Path], progress: bool = True) -> dict[str, Any]:
     """Accuracy of ``adapter`` (None: the untuned model) under ``recipe``: ``{"loglik": ..., "generation": ...}``."""
-    import torch
-
-    from .assets import load_model_and_tokenizer
     from .data import PromptTemplate
-    from .train import RunError, _load_rows
+    from .train import RunError, _load_rows, load_base_model
 
     out = Path(recipe.train.output_dir)
     _, rows, _ = _load_rows(recipe, out, is_main=True)
     if not rows or "choices" not in rows[0]:
         raise RunError("the recipe has no evaluation rows in the choices format (data.eval_file, or a packaged set)")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[recipe.model.dtype]
-    model, tokenizer = load_model_and_tokenizer(recipe.model.name_or_path, dtype=dtype)
+    model, tokenizer = load_base_model(recipe)
     if adapter is not None:
         from peft import PeftModel
 
         import molora
 
         molora.register()  # under the `molora` command the package was imported without registering
-
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
     return recipe_accuracy(model, tokenizer, rows, PromptTemplate(recipe.data.prompt_template), recipe, progress)

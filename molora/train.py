@@ -446,6 +446,16 @@ def _load_rows(recipe: Recipe, out: Path, is_main: bool):
     return train_rows, eval_rows, paths
 
 
+def load_base_model(recipe: Recipe):
+    """(model, tokenizer) of ``recipe.model`` in its ``dtype`` (packaged name, local path or cached HF id)."""
+    import torch
+
+    from .assets import load_model_and_tokenizer
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[recipe.model.dtype]
+    return load_model_and_tokenizer(recipe.model.name_or_path, dtype=dtype)
+
+
 def _training_arguments(recipe: Recipe, report_to: list[str], ds_config: Optional[dict]):
     import dataclasses
 
@@ -600,11 +610,8 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
     with _timer(timings, "data_s"):
         train_rows, eval_rows, data_paths = _load_rows(recipe, out, is_main)
 
-    from .assets import load_model_and_tokenizer
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[recipe.model.dtype]
     with _timer(timings, "model_load_s"):
-        base, tokenizer = load_model_and_tokenizer(recipe.model.name_or_path, dtype=dtype)
+        base, tokenizer = load_base_model(recipe)
     if recipe.train.gradient_checkpointing:
         base.config.use_cache = False
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": recipe.train.use_reentrant})
