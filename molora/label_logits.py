@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["IGNORE_INDEX", "label_positions", "accepts_logits_to_keep", "restrict_to_labels"]
+from .data import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+__all__ = ["label_positions", "accepts_logits_to_keep", "restrict_to_labels"]
 
 
 def label_positions(
