@@ -136,20 +136,22 @@ def _select_cache(cache: Any, index: torch.Tensor) -> Any:
 
 
 def _score_shared(
-    model, pad_id: int, groups: list[tuple[list[int], list[list[int]]]], device
+    model, pad_id: int, groups: list[tuple[list[int], list[list[int]]]], device, last_logits_only: bool = False
 ) -> list[list[float]] | None:
     """Scores of the options of several prompts, running each prompt once.
 
     ``groups`` = ``[(prompt_ids, [option_ids, ...]), ...]``. The prompts are right-padded and run
     with ``use_cache=True``; the cache is repeated per option and the options are run after it,
     with explicit ``position_ids`` continuing each prompt and the prompt's padding masked out.
-    Returns ``None`` if the model returns no cache (the caller falls back to the direct path).
+    ``last_logits_only``: pass ``logits_to_keep`` so the LM head runs only at each prompt's last
+    position (for models whose forward takes it). Returns ``None`` if the model returns no cache (the
+    caller falls back to the direct path).
     """
     prompts = [p for p, _ in groups]
     p_ids, p_mask = _pad_right(prompts, pad_id, device)
     lens = [len(p) for p in prompts]
     extra = {}
-    if accepts_logits_to_keep(model):  # the LM head only at each prompt's last position: [N, 1, V]
+    if last_logits_only:  # the LM head only at each prompt's last position: [N, 1, V]
         extra["logits_to_keep"] = torch.tensor(lens, device=device)[:, None] - 1
     out = model(input_ids=p_ids, attention_mask=p_mask, use_cache=True, **extra)
     cache = getattr(out, "past_key_values", None)
@@ -221,12 +223,13 @@ def score_options(
         raise ValueError("the tokenizer needs a pad or eos token")
     groups = [_encode_options(tokenizer, template.prompt(r), r["choices"], cutoff_len) for r in rows]
     scores: list[list[float]] = []
+    last_logits_only = accepts_logits_to_keep(model)
     bar = tqdm(total=len(groups), desc="loglik eval", unit="ex", disable=not progress, leave=False)
     try:
         if share_prompt:
             for start in range(0, len(groups), batch_size):
                 chunk = groups[start : start + batch_size]
-                got = _score_shared(model, pad_id, chunk, device)
+                got = _score_shared(model, pad_id, chunk, device, last_logits_only)
                 if got is None:  # the model keeps no KV cache: score the sequences one by one
                     scores, share_prompt = [], False
                     break
