@@ -646,8 +646,8 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
     coef = float(cfg.aux_loss_coef) if cfg.router == "topk" else 0.0
     ctx = _RunContext(recipe=recipe, is_main=is_main, zero3=zero_stage == 3, aux_loss_coef=coef,
                       allocation=cfg.allocation, metrics=metrics, use_wandb=bool(wandb_mode),
-                      logits_at_labels_only=recipe.train.logits_at_labels_only and accepts_logits_to_keep(model))
-    ctx.tuner = _tuner(model)
+                      logits_at_labels_only=recipe.train.logits_at_labels_only and accepts_logits_to_keep(model),
+                      tuner=_tuner(model))
 
     table = molora.allocation_table(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
