@@ -20,6 +20,7 @@ experts' input (the router sees x); gradients reach the router through the gates
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -187,25 +188,51 @@ def moe_lora(
         base2 = base.reshape(-1, d_out)
     needs_backward = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, a_all, b_all, router_weight, base))
+    # Mixed precision: under autocast every backend computes in the autocast dtype, with autocast off
+    # inside (a hand-written backward must see the dtypes its forward saw: autocast would otherwise
+    # run the forward GEMMs in bf16 and the backward ones in fp32 — the "vecdot Float vs BFloat16"
+    # crash). The routing softmax stays float32 in every backend.
+    compute_dtype = autocast_dtype(x2)
+    if compute_dtype is not None:
+        x2 = x2.to(compute_dtype)
+        if base2 is not None:
+            base2 = base2.to(compute_dtype)
     name = resolve_backend(backend, x2, a_all, b_all, router_weight, top_k, router, needs_backward)
     kw = dict(top_k=top_k, scaling=scaling, dropout=dropout, training=training, router=router)
-    if name == "torch":
-        out, routing = moe_lora_fused(x2, a_all, b_all, router_weight, base=base2, **kw)
-    elif name == "sparse":
-        out, routing = moe_lora_sparse(x2, a_all, b_all, router_weight, base=base2, **kw)
-    elif name == "reference":
-        out, routing = _reference(x2, a_all, b_all, router_weight, base=base2, **kw)
-    elif name == "triton":
-        out, routing = _triton_module().moe_lora_triton(x2, a_all, b_all, router_weight, **kw)
-        if base2 is not None:
-            out = base2 + out
-    else:  # pragma: no cover - resolve_backend only returns the names above
-        raise AssertionError(name)
+    with (torch.autocast(x2.device.type, enabled=False) if compute_dtype is not None
+          else contextlib.nullcontext()):
+        out, routing = _run_backend(name, x2, a_all, b_all, router_weight, base2, kw)
     stats = None
     if compute_stats:
         mask = None if token_mask is None else token_mask.reshape(-1)
         stats = routing_stats(routing, mask)
     return MoLoRAOutput(delta=out.reshape(*lead, d_out), stats=stats, routing=routing)
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would compute a matmul of ``x`` in, or None when autocast is off for x's device
+    (or x is not floating point)."""
+    device_type = x.device.type
+    if not x.is_floating_point():
+        return None
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # device types autocast does not know
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def _run_backend(name, x2, a_all, b_all, router_weight, base2, kw):
+    if name == "torch":
+        return moe_lora_fused(x2, a_all, b_all, router_weight, base=base2, **kw)
+    if name == "sparse":
+        return moe_lora_sparse(x2, a_all, b_all, router_weight, base=base2, **kw)
+    if name == "reference":
+        return _reference(x2, a_all, b_all, router_weight, base=base2, **kw)
+    if name == "triton":
+        out, routing = _triton_module().moe_lora_triton(x2, a_all, b_all, router_weight, **kw)
+        return (out if base2 is None else base2 + out), routing
+    raise AssertionError(name)  # pragma: no cover - resolve_backend only returns the names above
 
 
 __all__ = ["BACKENDS", "MoLoRAOutput", "Routing", "available_backends", "moe_lora", "resolve_backend"]

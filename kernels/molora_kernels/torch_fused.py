@@ -93,11 +93,18 @@ class DenseGatedMoLoRA(torch.autograd.Function):
             out = torch.addmm(base, hgs, b_all.t())
         ctx.save_for_backward(x, xd, a_all, b_all, router_weight, wcat, hl, hgs, gs, probs, idx)
         ctx.meta = (num_experts, rank, base is not None, router == "soft" or top_k == num_experts, scaling)
+        ctx.device_type = x.device.type
         ctx.mark_non_differentiable(gates, idx)
         return out, probs, gates, idx
 
     @staticmethod
     def backward(ctx, dout, dprobs, _dgates, _didx):
+        # backward() may be called inside an autocast region: keep the dtypes the forward saved.
+        with torch.autocast(ctx.device_type, enabled=False):
+            return DenseGatedMoLoRA._backward(ctx, dout, dprobs)
+
+    @staticmethod
+    def _backward(ctx, dout, dprobs):
         x, xd, a_all, b_all, router_weight, wcat, hl, hgs, gs, probs, idx = ctx.saved_tensors
         num_experts, rank, has_base, gates_are_probs, scaling = ctx.meta
         need_x, need_xd, need_a, need_b, need_w, need_base = ctx.needs_input_grad[:6]
