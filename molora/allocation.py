@@ -20,8 +20,9 @@ A per-layer value (``num_experts``, ``top_k`` or ``r``) is given as one of:
   ``diamond``           ◇        2,8,8,2      many in the middle, few at the ends
   ====================  =======  ===========  =========================================
 
-  Presets are for ``num_experts``. With ``expert_budget=N`` the preset's shape is scaled so that the
-  experts of all layers sum to N (largest-remainder rounding, at least 1 per layer).
+  Presets are for ``num_experts``. With ``expert_budget=N`` the shape is scaled so that the experts of all
+  layers sum to N, or as near as the shape allows with equal counts inside each group (see
+  :func:`distribute_budget`; a warning says when the total differs).
 """
 from __future__ import annotations
 
@@ -120,27 +121,82 @@ def expand_groups(values: Sequence[int], num_layers: int) -> list[int]:
     return out
 
 
+class AllocationWarning(UserWarning):
+    """An allocation was resolved, but not exactly as asked (e.g. a budget that the shape cannot meet exactly)."""
+
+
+def _runs(values: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of equal values: [(value, length), ...]."""
+    runs: list[tuple[int, int]] = []
+    for v in values:
+        if runs and runs[-1][0] == v:
+            runs[-1] = (v, runs[-1][1] + 1)
+        else:
+            runs.append((v, 1))
+    return runs
+
+
 def distribute_budget(shape: Sequence[int], num_layers: int, budget: int) -> list[int]:
-    """Scale a group shape so the per-layer values sum to ``budget`` (largest remainder, min 1 per layer)."""
+    """Scale a shape so the experts of all layers sum to (about) ``budget``, keeping the shape.
+
+    ``shape`` holds group values (block notation or a preset: groups as :func:`group_sizes`) or, when it has
+    one entry per layer, per-layer values whose runs of equal values form the groups. Guarantees:
+
+    * every layer of a group gets the same count, and it is at least 1;
+    * the order of the shape is kept: a group with a larger shape value never gets fewer experts than one with
+      a smaller value, and groups with equal shape values get equal counts;
+    * each group's count is its proportional share ``budget * w_g / sum(n_g * w_g)`` rounded down or up; of the
+      roundings that keep the order, the one whose total is closest to ``budget`` is taken (ties: the one
+      closest to the proportional shares).
+
+    The total is then exact whenever some such rounding sums to the budget (e.g. ▽ on 8 layers with 40 or 20
+    experts), else the nearest the shape allows: a group of n layers moves the total in steps of n. An
+    :class:`AllocationWarning` names the total used and the nearest exact alternatives in that case.
+    """
     if budget < num_layers:
         raise AllocationError(f"expert_budget={budget} is less than one expert per layer ({num_layers} layers)")
-    weights = expand_groups(shape, num_layers)
-    total = float(sum(weights))
-    raw = [budget * w / total for w in weights]
-    alloc = [max(1, int(x)) for x in raw]
-    # largest remainder: hand out (or take back) the difference by fractional part
-    order = sorted(range(num_layers), key=lambda i: raw[i] - int(raw[i]), reverse=True)
-    diff = budget - sum(alloc)
-    i = 0
-    while diff != 0:
-        j = order[i % num_layers] if diff > 0 else order[::-1][i % num_layers]
-        if diff > 0:
-            alloc[j] += 1
-            diff -= 1
-        elif alloc[j] > 1:
-            alloc[j] -= 1
-            diff += 1
-        i += 1
+    if len(shape) == num_layers:
+        runs = _runs(shape)
+        weights, sizes = [v for v, _ in runs], [n for _, n in runs]
+    else:
+        weights, sizes = list(shape), group_sizes(num_layers, len(shape))
+    denom = float(sum(w * n for w, n in zip(weights, sizes)))
+    # classes: groups with equal shape value share one count; processed in ascending shape order
+    classes = sorted(set(weights))
+    size_of = {w: sum(n for ww, n in zip(weights, sizes) if ww == w) for w in classes}
+    ideal_of = {w: budget * w / denom for w in classes}
+    # DP over classes: state (last count, total) -> (squared error, counts so far)
+    states: dict[tuple[int, int], tuple[float, tuple[int, ...]]] = {(0, 0): (0.0, ())}
+    for w in classes:
+        x = ideal_of[w]
+        cands = sorted({max(1, int(x)), max(1, -int(-x // 1))})
+        nxt: dict[tuple[int, int], tuple[float, tuple[int, ...]]] = {}
+        for (last, total), (err, counts) in states.items():
+            for c in cands:
+                if c < last:
+                    continue  # would break the shape's order
+                key = (c, total + c * size_of[w])
+                cand = (err + size_of[w] * (c - x) ** 2, counts + (c,))
+                if key not in nxt or cand[0] < nxt[key][0]:
+                    nxt[key] = cand
+        states = nxt
+    totals = sorted({t for _, t in states})
+    best_total = min(totals, key=lambda t: (abs(t - budget), t > budget))
+    _err, counts = min((v for (_, t), v in states.items() if t == best_total), key=lambda v: v[0])
+    count_of = dict(zip(classes, counts))
+    alloc: list[int] = []
+    for w, n in zip(weights, sizes):
+        alloc.extend([count_of[w]] * n)
+    if best_total != budget:
+        import warnings
+
+        below = max((t for t in totals if t < budget), default=None)
+        above = min((t for t in totals if t > budget), default=None)
+        near = " or ".join(str(t) for t in (below, above) if t is not None)
+        warnings.warn(f"expert_budget={budget}: the shape {list(shape)} over {num_layers} layers (groups of "
+                      f"{sizes} layers) cannot sum to exactly {budget} with equal counts inside each group; using "
+                      f"{best_total} experts (the nearest totals it allows: {near})",
+                      AllocationWarning, stacklevel=3)
     return alloc
 
 
