@@ -1,6 +1,7 @@
 """MoLoRAConfig: the PEFT config of a mixture of LoRA experts with a layer-wise allocation."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -88,12 +89,13 @@ class MoLoRAConfig(PeftConfig):
             raise AllocationError(f"router={self.router!r} is not a known router; allowed: {', '.join(ROUTERS)}")
         if self.aux_loss_mode not in AUX_LOSS_MODES:
             raise AllocationError(f"aux_loss_mode={self.aux_loss_mode!r}; allowed: {', '.join(AUX_LOSS_MODES)}")
-        if not (isinstance(self.aux_loss_coef, (int, float)) and self.aux_loss_coef >= 0):
-            raise AllocationError(f"aux_loss_coef={self.aux_loss_coef!r} must be a number >= 0")
+        if not (isinstance(self.aux_loss_coef, (int, float)) and math.isfinite(self.aux_loss_coef)
+                and self.aux_loss_coef >= 0):
+            raise AllocationError(f"aux_loss_coef={self.aux_loss_coef!r} must be a finite number >= 0")
         if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
             raise AllocationError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
-        if not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
-            raise AllocationError(f"lora_alpha={self.lora_alpha!r} must be a number > 0")
+        if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise AllocationError(f"lora_alpha={self.lora_alpha!r} must be a finite number > 0")
         if self.backend not in BACKENDS:
             raise AllocationError(f"backend={self.backend!r}; allowed: {', '.join(BACKENDS)}")
         if (self.router == "topk" and isinstance(self.num_experts, int) and isinstance(self.top_k, int)

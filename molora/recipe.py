@@ -47,7 +47,8 @@ class RecipeError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` / `.nan` (YAML) for a learning rate, a coefficient, a norm... is an error
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 Spec = Union[int, list[int], str]
@@ -147,6 +148,10 @@ class TrainSection(_Section):
     logits_at_labels_only: bool = True
     deepspeed: Optional[str] = None
     run_name: Optional[str] = None
+    #: what a non-finite loss or gradient does: "error" stops the run naming the step (the last checkpoint is
+    #: good); "skip" drops that optimizer step (no update) and goes on, up to max_nonfinite_skips in a row
+    nonfinite: Literal["error", "skip"] = "error"
+    max_nonfinite_skips: int = Field(10, ge=1)
     extra: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("eval_strategy", "save_strategy", mode="before")
@@ -442,7 +447,15 @@ def load_recipe(path: Union[str, os.PathLike], overrides: Sequence[Union[str, tu
     if not p.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise RecipeError(f"recipe {path} is not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset {e.start} "
+                          f"(line {line}); save the file as UTF-8") from None
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
     ov = list(overrides)

@@ -260,3 +260,34 @@ def test_installed_command_is_the_light_entry_point(tmp_path):
     if exe is not None:
         out = subprocess.run([exe, "train", str(tmp_path / "nope.yaml")], capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and "nope.yaml" in out.stderr
+
+
+# --------------------------------------------------------------------------- issue 8, item 12
+@pytest.mark.parametrize("key,value", [("train.learning_rate", ".inf"), ("train.learning_rate", ".nan"),
+                                       ("allocation.aux_loss_coef", ".inf"), ("train.max_grad_norm", ".nan"),
+                                       ("allocation.lora_alpha", ".inf"), ("train.weight_decay", "-.inf"),
+                                       ("train.adam_epsilon", ".nan")])
+def test_non_finite_values_are_refused(tmp_path, data_file, key, value):
+    recipe = _write(tmp_path, f"data: {{train_file: {data_file}}}\n")
+    msg = _error(load_recipe, recipe, [f"--{key}", value])
+    assert key in msg and "finite" in msg, msg
+
+
+def test_non_finite_in_the_yaml_file_is_refused(tmp_path, data_file):
+    recipe = _write(tmp_path, f"data: {{train_file: {data_file}}}\ntrain: {{learning_rate: .inf}}\n")
+    assert "train.learning_rate" in _error(load_recipe, recipe)
+
+
+def test_molora_config_refuses_non_finite_coefficients():
+    from molora import AllocationError, MoLoRAConfig
+
+    for kw in (dict(aux_loss_coef=float("inf")), dict(aux_loss_coef=float("nan")), dict(lora_alpha=float("inf"))):
+        with pytest.raises(AllocationError, match="finite"):
+            MoLoRAConfig(**kw)
+
+
+def test_non_utf8_recipe_names_the_byte_and_line(tmp_path, data_file):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes(f"data: {{train_file: {data_file}}}\n# caf\xe9 recipe\n".encode("latin-1"))
+    msg = _error(load_recipe, p)
+    assert "not UTF-8" in msg and "0xe9" in msg and "line 2" in msg and str(p) in msg
