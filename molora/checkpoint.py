@@ -15,6 +15,7 @@ Under ZeRO-3 the adapter parameters are partitioned across ranks; :func:`save_ad
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -55,15 +56,28 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: Union[str, os.PathLike]) -> list[dict[str, Any]]:
-    """fsync every file and directory under ``root``; return ``[{"path", "size"}]`` of the files (sorted)."""
+def sha256_file(path: Union[str, os.PathLike], chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's content (read in 4 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_tree(root: Union[str, os.PathLike], hashes: bool = False) -> list[dict[str, Any]]:
+    """fsync every file and directory under ``root``; return ``[{"path", "size"(, "sha256")}]`` of the files
+    (sorted)."""
     root = Path(root)
     files = []
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             p = Path(dirpath) / name
             _fsync_path(p)
-            files.append({"path": str(p.relative_to(root)), "size": p.stat().st_size})
+            entry = {"path": str(p.relative_to(root)), "size": p.stat().st_size}
+            if hashes:
+                entry["sha256"] = sha256_file(p)
+            files.append(entry)
         _fsync_path(Path(dirpath), directory=True)
     return sorted(files, key=lambda f: f["path"])
 
@@ -71,7 +85,7 @@ def fsync_tree(root: Union[str, os.PathLike]) -> list[dict[str, Any]]:
 def write_marker(directory: Union[str, os.PathLike], info: dict[str, Any]) -> Path:
     """Write the completion marker last (temp file + fsync + rename)."""
     directory = Path(directory)
-    files = fsync_tree(directory)
+    files = fsync_tree(directory, hashes=True)
     payload = {"format": FORMAT, "complete": True, "time": time.time(), "files": files, **info}
     tmp = directory / (MARKER + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -106,6 +120,29 @@ def is_complete(directory: Union[str, os.PathLike], check_files: bool = True) ->
             except OSError:
                 return False
     return True
+
+
+def verify_hashes(directory: Union[str, os.PathLike]) -> None:
+    """Check every file the completion marker lists against its recorded size and SHA-256.
+
+    Raises :class:`CheckpointError` naming the first file that is missing or differs. A directory without a
+    marker, or with a marker of an older format without hashes, passes (nothing recorded to check against).
+    """
+    directory = Path(directory)
+    marker = read_marker(directory)
+    if marker is None:
+        return
+    for f in marker.get("files", []):
+        p = directory / f["path"]
+        try:
+            size = p.stat().st_size
+        except OSError:
+            raise CheckpointError(f"{p}: listed in {MARKER} but missing") from None
+        if size != f["size"]:
+            raise CheckpointError(f"{p}: {size} bytes, {MARKER} recorded {f['size']} (truncated or replaced)")
+        want = f.get("sha256")
+        if want is not None and sha256_file(p) != want:
+            raise CheckpointError(f"{p}: content differs from the SHA-256 recorded in {MARKER} (corrupted on disk)")
 
 
 def staging_dir(run_dir: Union[str, os.PathLike], name: str) -> Path:
@@ -152,10 +189,20 @@ def list_checkpoints(run_dir: Union[str, os.PathLike], complete_only: bool = Tru
     return [p for _, p in sorted(found)]
 
 
-def find_latest(run_dir: Union[str, os.PathLike]) -> Optional[Path]:
-    """The complete checkpoint with the highest step, or None. Incomplete ones are skipped."""
-    cps = list_checkpoints(run_dir)
-    return cps[-1] if cps else None
+def find_latest(run_dir: Union[str, os.PathLike], verify: bool = False) -> Optional[Path]:
+    """The complete checkpoint with the highest step, or None. Incomplete ones are skipped; with ``verify`` the
+    content hashes are checked too, and a corrupted checkpoint is skipped with a message naming the file (the
+    previous complete one is used)."""
+    for cp in reversed(list_checkpoints(run_dir)):
+        if not verify:
+            return cp
+        try:
+            verify_hashes(cp)
+        except CheckpointError as e:
+            print(f"molora: skipping corrupted checkpoint {cp.name}: {e}", flush=True)
+            continue
+        return cp
+    return None
 
 
 def resolve_resume(value: Optional[str], run_dir: Union[str, os.PathLike]) -> Optional[Path]:
@@ -167,7 +214,7 @@ def resolve_resume(value: Optional[str], run_dir: Union[str, os.PathLike]) -> Op
     if value is None:
         return None
     if value == "latest":
-        latest = find_latest(run_dir)
+        latest = find_latest(run_dir, verify=True)
         skipped = [p.name for p in list_checkpoints(run_dir, complete_only=False) if not is_complete(p)]
         if skipped:
             print(f"molora: ignoring incomplete checkpoint(s) without a valid {MARKER}: {', '.join(skipped)}",
@@ -177,11 +224,15 @@ def resolve_resume(value: Optional[str], run_dir: Union[str, os.PathLike]) -> Op
     if not p.exists():
         raise CheckpointError(f"--resume {value}: no such checkpoint directory")
     if not is_complete(p):
-        inner = find_latest(p) if p.is_dir() else None
+        inner = find_latest(p, verify=True) if p.is_dir() else None
         if inner is not None:
             return inner.resolve()
         raise CheckpointError(f"--resume {value}: not a complete checkpoint (no valid {MARKER}: it was not fully "
                               f"written, or its files changed since); resume from another one, e.g. --resume latest")
+    try:
+        verify_hashes(p)
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume {value}: {e}; resume from another checkpoint, e.g. --resume latest") from None
     return p.resolve()
 
 
@@ -215,6 +266,9 @@ def save_adapter(model, out_dir: Union[str, os.PathLike], *, is_main: bool, zero
         if empty:
             raise CheckpointError(f"refusing to save empty adapter tensors (ZeRO-3 parameters not gathered?): "
                                   f"{empty[:3]}")
+        from .nonfinite import check_finite_state
+
+        check_finite_state(state, f"refusing to save {out_dir}")
         out_dir.mkdir(parents=True, exist_ok=True)
         # PEFT filters the adapter's keys out of a full-name state dict and strips the adapter name
         model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=safe_serialization)
@@ -252,3 +306,69 @@ def check_allocation(checkpoint: Union[str, os.PathLike], model) -> None:
         if key in saved and saved[key] != getattr(cfg, key):
             raise AllocationError(f"checkpoint {checkpoint} has {key}={saved[key]!r} but the recipe has "
                                   f"{getattr(cfg, key)!r}; resume with the recipe it was made with")
+
+
+# --------------------------------------------------------------------------------------------- loading, checked
+
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def read_adapter_tensors(adapter_dir: Union[str, os.PathLike]) -> tuple[Path, dict]:
+    """The adapter tensors of ``adapter_dir`` (a final adapter or a checkpoint), checked.
+
+    Raises :class:`CheckpointError` naming the file when the directory, its ``adapter_config.json`` or its
+    weights are missing, unreadable or truncated, or when its completion marker lists hashes that the files no
+    longer match; :class:`molora.nonfinite.NonFiniteError` when a tensor holds nan/inf. Nothing is ever looked
+    up on a hub: a directory without weights is an error here, not a repository id.
+    """
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: no such adapter directory")
+    cfg = d / "adapter_config.json"
+    try:
+        json.loads(cfg.read_text(encoding="utf-8"))
+    except OSError:
+        raise CheckpointError(f"{d} is not an adapter directory: {cfg.name} is missing") from None
+    except ValueError as e:
+        raise CheckpointError(f"{cfg}: not valid JSON ({e}); the file is corrupted") from None
+    weights = next((d / n for n in WEIGHTS_NAMES if (d / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{d} holds no adapter weights (expected {WEIGHTS_NAMES[0]}); it was not fully written "
+                              f"or was emptied; nothing is fetched from a hub")
+    verify_hashes(d)
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights))
+        else:
+            import torch
+
+            state = torch.load(str(weights), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - safetensors/torch raise their own types for a bad file
+        size = weights.stat().st_size
+        raise CheckpointError(f"{weights}: unreadable ({size} bytes: truncated or corrupted): "
+                              f"{type(e).__name__}: {e}") from None
+    if not state:
+        raise CheckpointError(f"{weights}: holds no tensors")
+    from .nonfinite import check_finite_state
+
+    check_finite_state(state, str(weights))
+    return weights, state
+
+
+def load_adapter_checked(base_model, adapter_dir: Union[str, os.PathLike], is_trainable: bool = False):
+    """``PeftModel.from_pretrained(base_model, adapter_dir)`` after :func:`read_adapter_tensors`, and an error
+    (not PEFT's warning) when the file lacks a tensor the model's adapter needs."""
+    from peft import PeftModel
+
+    weights, state = read_adapter_tensors(adapter_dir)
+    model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+    name = _adapter_name(model)
+    wanted = {n.replace(f".{name}.", ".").removesuffix(f".{name}") for n, _ in model.named_parameters()
+              if "molora_" in n}
+    missing = sorted(wanted - set(state))
+    if missing:
+        raise CheckpointError(f"{weights}: {len(missing)} adapter tensor(s) missing, e.g. {', '.join(missing[:3])} "
+                              f"(the file is incomplete or from another allocation)")
+    return model

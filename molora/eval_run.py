@@ -62,14 +62,18 @@ def evaluate_adapter(recipe, adapter: Optional[Path], progress: bool = True) -> 
     _, rows, _ = _load_rows(recipe, out, is_main=True)
     if not rows or "choices" not in rows[0]:
         raise RunError("the recipe has no evaluation rows in the choices format (data.eval_file, or a packaged set)")
+    if adapter is not None:
+        from .checkpoint import read_adapter_tensors
+
+        read_adapter_tensors(adapter)  # a broken or non-finite adapter fails before the model loads
     model, tokenizer = load_base_model(recipe)
     if adapter is not None:
-        from peft import PeftModel
-
         import molora
 
+        from .checkpoint import load_adapter_checked
+
         molora.register()  # under the `molora` command the package was imported without registering
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = load_adapter_checked(model, adapter)
     model.eval()
     return recipe_accuracy(model, tokenizer, rows, PromptTemplate(recipe.data.prompt_template), recipe, progress)
 

@@ -145,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _is_user_error(e: BaseException) -> bool:
-    names = {"AllocationError", "CheckpointError", "DataError", "AssetError", "RunError"}
+    names = {"AllocationError", "CheckpointError", "DataError", "AssetError", "RunError", "NonFiniteError"}
     return any(c.__name__ in names for c in type(e).__mro__)
 
 
@@ -217,6 +217,7 @@ def _build_trainer_class():
     from . import checkpoint as ckpt_mod
     from .host_memory import release_free_memory, resident_bytes
     from .label_logits import restrict_to_labels
+    from .nonfinite import NonFiniteError, all_finite, local_tensor, nonfinite_entries
     from .telemetry import flat_router_scalars, router_headline
 
     class MoLoRATrainer(Trainer):
@@ -230,6 +231,86 @@ def _build_trainer_class():
             self._tokens = torch.zeros((), dtype=torch.float64)
             self._t_last_log = None
             self._eval_time = 0.0
+            self._nonfinite_reason: Optional[str] = None   # why the current step is to be dropped
+            self._grads_checked_at = -1
+            self.nonfinite_skipped = 0                     # steps dropped so far (train.nonfinite: skip)
+            self._skips_in_a_row = 0
+
+        # ---------------------------------------------------------------- non-finite guard (molora.nonfinite)
+        def _trainable(self):
+            return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+        def _nonfinite(self, what: str, applied: bool = False) -> None:
+            """A non-finite value in the step being computed: stop (policy error) or mark the step to drop."""
+            step = self.state.global_step + 1
+            if self.molora.recipe.train.nonfinite == "skip" and not applied:
+                if self._nonfinite_reason is None:
+                    self._nonfinite_reason = what
+                return
+            from .checkpoint import find_latest
+
+            last = find_latest(self.args.output_dir)
+            where = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written yet"
+            stopped = "Training stopped" + ("" if applied else " before this step was applied")
+            raise NonFiniteError(
+                f"step {step} of {self.state.max_steps}: {what}. {stopped}; "
+                f"{where} (resume with --resume latest after fixing the cause). Usual causes: a learning rate too "
+                f"high (train.learning_rate={self.args.learning_rate:g}), fp16 overflow (use bf16), or bad data; "
+                f"train.nonfinite: skip drops such steps instead")
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not bool(torch.isfinite(loss.detach()).all()):
+                # under DeepSpeed the engine may already have applied the step inside backward
+                self._nonfinite(f"the training loss is {float(loss.detach().float().reshape(-1)[0]):g}",
+                                applied=self.is_deepspeed_enabled)
+            return loss
+
+        def _check_grads(self) -> None:
+            """Before clipping and the optimizer step (once per step). Not under DeepSpeed (the engine steps
+            inside backward) nor with an fp16 GradScaler (it skips overflow steps and lowers the scale)."""
+            if self._grads_checked_at == self.state.global_step or self.is_deepspeed_enabled:
+                return
+            self._grads_checked_at = self.state.global_step
+            if getattr(self.accelerator, "scaler", None) is not None:
+                return
+            named = [(n, p.grad) for n, p in self._trainable() if p.grad is not None]
+            if not all_finite(g for _, g in named):
+                self._nonfinite("non-finite gradients: " + ", ".join(nonfinite_entries(named, limit=3)))
+
+        def _clip_grad_norm(self, model):
+            self._check_grads()  # before clipping spreads a nan over every gradient
+            return super()._clip_grad_norm(model)
+
+        def _pre_optimizer_step(self) -> None:
+            self._check_grads()
+            if self._nonfinite_reason is None:
+                return
+            for _, p in self._trainable():
+                p.grad = None  # the optimizer skips parameters without a gradient: no update, moments untouched
+            self.nonfinite_skipped += 1
+            self._skips_in_a_row += 1
+            step, limit = self.state.global_step + 1, self.molora.recipe.train.max_nonfinite_skips
+            reason, self._nonfinite_reason = self._nonfinite_reason, None
+            if self.is_world_process_zero():
+                print(f"molora: step {step}: {reason}; step skipped ({self._skips_in_a_row} in a row, "
+                      f"{self.nonfinite_skipped} in all; limit {limit} in a row)", flush=True)
+            if self._skips_in_a_row > limit:
+                raise NonFiniteError(f"step {step}: {self._skips_in_a_row} steps in a row had non-finite losses or "
+                                     f"gradients (train.max_nonfinite_skips={limit}); last: {reason}. The run "
+                                     f"diverged: lower train.learning_rate or check the data")
+            self.molora.skipped_this_step = True
+
+        def _post_step(self) -> None:
+            if self.molora.skipped_this_step:
+                self.molora.skipped_this_step = False
+            else:
+                self._skips_in_a_row = 0
+            named = self._trainable()
+            if not all_finite(local_tensor(p) for _, p in named):
+                bad = nonfinite_entries([(n, local_tensor(p)) for n, p in named], limit=3)
+                self._nonfinite("adapter weights became non-finite in the optimizer step: " + ", ".join(bad),
+                                applied=True)
 
         # ---------------------------------------------------------------- loss
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -294,6 +375,8 @@ def _build_trainer_class():
                     logs["task_loss"] = round(float(logs["loss"]) - ctx.aux_loss_coef * aux, 6)
                 if elapsed > 0:
                     logs["tokens_per_s"] = round(tokens / elapsed, 1)
+                if self.nonfinite_skipped:
+                    logs["nonfinite_skipped"] = self.nonfinite_skipped
                 rss = resident_bytes()
                 if rss is not None:
                     logs["host_rss_gb"] = round(rss / 2**30, 2)
@@ -383,6 +466,7 @@ class _RunContext:
     use_wandb: bool = False
     logits_at_labels_only: bool = False
     tuner: Any = None
+    skipped_this_step: bool = False
 
 
 @contextmanager
@@ -584,6 +668,10 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
     if recipe.train.deepspeed:
         ds_config = json.loads(Path(recipe.train.deepspeed).read_text(encoding="utf-8"))
         zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0) or 0)
+        if recipe.train.nonfinite == "skip":
+            raise RunError("train.nonfinite: skip is not available under DeepSpeed (its engine applies the step inside "
+                           "backward, before the step can be dropped; its fp16 loss scaler skips overflow steps "
+                           "itself); use train.nonfinite: error")
     report_to = ["wandb"] if wandb_mode else []
 
     # ---- distributed setup happens here (TrainingArguments); ZeRO-3 then loads the model partitioned
@@ -681,10 +769,20 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
         def on_step_end(self, args_, state, control, **kw):
             release_free_memory()
 
+    class _NonFiniteGuard(TrainerCallback):
+        """Gradients before the optimizer step, weights after it (see molora.nonfinite)."""
+
+        def on_pre_optimizer_step(self, args_, state, control, **kw):
+            trainer._pre_optimizer_step()
+
+        def on_step_end(self, args_, state, control, **kw):
+            trainer._post_step()
+
     Trainer = _build_trainer_class()
     collator = DataCollator(pad_token_id=tokenizer.pad_token_id)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-                      processing_class=tokenizer, callbacks=[_BeforeEval(), _ReleaseHostMemory()], molora=ctx)
+                      processing_class=tokenizer, callbacks=[_BeforeEval(), _ReleaseHostMemory(), _NonFiniteGuard()],
+                      molora=ctx)
     if is_main:
         where = f"resuming from {ckpt}" if ckpt else "from scratch"
         print(f"molora: training {where}: {len(train_ds)} examples, world size {world}"
@@ -715,7 +813,8 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
     summary: dict[str, Any] = {"output_dir": str(out), "adapter": str(adapter_dir),
                                "metrics": str(out / "metrics.jsonl") if recipe.report.jsonl else None,
                                "global_step": trainer.state.global_step, "train_loss": train_out.training_loss,
-                               "timings": timings, "accuracy": {}, "plots": [], "world_size": world}
+                               "timings": timings, "accuracy": {}, "plots": [], "world_size": world,
+                               "nonfinite_skipped_steps": trainer.nonfinite_skipped}
     if is_main:
         before = results.get("before") or _previous_accuracy(out / "metrics.jsonl", "before")
         for stage, res in (("before", before), ("after", results.get("after"))):
@@ -780,6 +879,9 @@ def _fmt_s(s: float) -> str:
 def _print_summary(summary: dict, recipe: Recipe) -> None:
     lines = [f"molora: done in {_fmt_s(summary['timings']['total_s'])} "
              f"(training {_fmt_s(summary['timings'].get('train_s', 0))}, {summary['global_step']} steps)"]
+    if summary.get("nonfinite_skipped_steps"):
+        lines.append(f"  warning:  {summary['nonfinite_skipped_steps']} steps were skipped for non-finite losses or "
+                     f"gradients (train.nonfinite: skip)")
     acc = summary["accuracy"]
     for kind in ("loglik", "generation"):
         b = (acc.get("before") or {}).get(kind)
