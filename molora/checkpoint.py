@@ -372,3 +372,20 @@ def load_adapter_checked(base_model, adapter_dir: Union[str, os.PathLike], is_tr
         raise CheckpointError(f"{weights}: {len(missing)} adapter tensor(s) missing, e.g. {', '.join(missing[:3])} "
                               f"(the file is incomplete or from another allocation)")
     return model
+
+
+def load_adapter_weights(model, checkpoint: Union[str, os.PathLike], zero3: bool = False) -> None:
+    """Copy a checkpoint's (checked) adapter tensors into ``model`` (a PeftModel); collective under ZeRO-3."""
+    from peft import set_peft_model_state_dict
+
+    weights, state = read_adapter_tensors(checkpoint)
+    ctx = nullcontext()
+    if zero3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(_trainable_params(model), modifier_rank=0)
+    with ctx:
+        result = set_peft_model_state_dict(model, state, adapter_name=_adapter_name(model))
+    missing = [k for k in getattr(result, "missing_keys", []) if "molora_" in k]
+    if missing:
+        raise CheckpointError(f"{weights}: adapter tensors missing: {', '.join(missing[:3])}")

@@ -47,12 +47,15 @@ from .recipe import Recipe, RecipeError, load_recipe, parse_overrides
 
 __all__ = ["main", "run", "parse_cli", "RunError"]
 
-USAGE = """usage: molora train RECIPE.yaml [--section.key VALUE ...] [--resume latest|PATH] [--validate]
+USAGE = """usage: molora train RECIPE.yaml [--section.key VALUE ...] [--resume latest|PATH] [--resume-allow KEYS]
+                    [--validate]
 
   RECIPE.yaml           a recipe (see recipes/): model, data, allocation, train, eval, report
   --section.key VALUE   override a recipe value, e.g. --train.max_steps 20 --allocation.num_experts 2,4,6,8
   --deepspeed PATH      same as --train.deepspeed PATH (a DeepSpeed JSON config)
   --resume latest|PATH  continue from the newest complete checkpoint of train.output_dir, or from PATH
+  --resume-allow KEYS   resume although these recipe keys or sections differ from the checkpoint's
+                        (e.g. train.learning_rate,data; 'all' accepts every difference)
   --validate            check the recipe (and overrides), print it resolved, and exit
 Under DeepSpeed: deepspeed --num_gpus N --module molora.train RECIPE.yaml [...]"""
 
@@ -74,6 +77,7 @@ class CliOptions:
     recipe: Optional[str] = None
     overrides: list = field(default_factory=list)
     resume: Optional[str] = None
+    resume_allow: Optional[str] = None
     validate: bool = False
     help: bool = False
 
@@ -100,6 +104,16 @@ def parse_cli(argv: Sequence[str]) -> CliOptions:
                 if i + 1 >= len(args):
                     raise RecipeError("--resume needs a value: latest or a checkpoint directory")
                 opts.resume = args[i + 1]
+                i += 2
+        elif a == "--resume-allow" or a.startswith("--resume-allow="):
+            if "=" in a:
+                opts.resume_allow = a.split("=", 1)[1]
+                i += 1
+            else:
+                if i + 1 >= len(args):
+                    raise RecipeError("--resume-allow needs a value: recipe keys or sections (e.g. "
+                                      "train.learning_rate,data), or all")
+                opts.resume_allow = args[i + 1]
                 i += 2
         elif a in ("--validate", "--dry-run"):
             opts.validate = True
@@ -132,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(recipe.to_yaml(), end="")
         return 0
     try:
-        run(recipe, resume=opts.resume)
+        run(recipe, resume=opts.resume, resume_allow=opts.resume_allow)
     except RecipeError as e:
         print(f"molora train: error: {e}", file=sys.stderr)
         return 2
@@ -145,7 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _is_user_error(e: BaseException) -> bool:
-    names = {"AllocationError", "CheckpointError", "DataError", "AssetError", "RunError", "NonFiniteError"}
+    names = {"AllocationError", "CheckpointError", "DataError", "AssetError", "RunError", "NonFiniteError",
+             "ResumeError"}
     return any(c.__name__ in names for c in type(e).__mro__)
 
 
@@ -439,7 +454,8 @@ def _build_trainer_class():
             _barrier()  # every rank has written its part (DeepSpeed shards, RNG states)
             if self.args.should_save:
                 ckpt_mod.write_marker(tmp, {"step": step, "world_size": self.args.world_size,
-                                            "allocation": self.molora.allocation})
+                                            "allocation": self.molora.allocation, "setup": self.molora.setup,
+                                            "fingerprint": self.molora.fingerprint})
                 ckpt_mod.commit_dir(tmp, final)
                 hf_trainer.rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                               best_model_checkpoint=self.state.best_model_checkpoint,
@@ -467,6 +483,8 @@ class _RunContext:
     logits_at_labels_only: bool = False
     tuner: Any = None
     skipped_this_step: bool = False
+    setup: Any = None
+    fingerprint: Any = None
 
 
 @contextmanager
@@ -479,12 +497,23 @@ def _timer(store: dict, key: str):
 
 
 def _previous_run_artifacts(out: Path) -> list[str]:
+    """What in ``out`` shows that a run trained there: checkpoints, an adapter, results, or a metrics file with
+    training records. Leftovers of a run that failed before its first step (a metrics.jsonl with only the run
+    record, data/, plots/) do not count: the next run clears them."""
     from .checkpoint import list_checkpoints
 
     found = [p.name for p in list_checkpoints(out, complete_only=False)]
-    for name in ("metrics.jsonl", "adapter", "results.json"):
+    for name in ("adapter", "results.json"):
         if (out / name).exists():
             found.append(name)
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        try:
+            with open(metrics, encoding="utf-8", errors="replace") as fh:
+                if any('"type": "train"' in line for line in fh):
+                    found.append("metrics.jsonl")
+        except OSError:
+            found.append("metrics.jsonl")
     return found
 
 
@@ -622,9 +651,12 @@ def _wandb_summary(values: dict[str, float], finish: bool = False) -> None:
         pass
 
 
-def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
+def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str] = None) -> dict[str, Any]:
     """Train (and evaluate, save, plot) as the recipe says. Returns a summary dict (on every rank; the paths and
-    numbers are filled in on rank 0)."""
+    numbers are filled in on rank 0).
+
+    ``resume``: ``"latest"`` or a checkpoint path; the checkpoint's setup and fingerprint must match this run
+    (:mod:`molora.resume`) except for the keys in ``resume_allow`` (comma-separated keys/sections or ``all``)."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     rank, _local_rank, world = _rank_info()
@@ -640,6 +672,7 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
         import molora
 
         from . import checkpoint as ckpt_mod
+        from . import resume as resume_mod
         from .allocation import AllocationError
         from .data import DataCollator, PromptTemplate, build_dataset
         from .host_memory import release_free_memory
@@ -654,14 +687,28 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
     except AllocationError as e:
         raise RecipeError(f"allocation: {e}") from None
     ckpt = ckpt_mod.resolve_resume(resume, out)
-    if resume == "latest" and ckpt is None and is_main:
-        print(f"molora: --resume latest: no complete checkpoint in {out}; starting from scratch", flush=True)
+    clear_leftovers = False
     if ckpt is None:
         previous = _previous_run_artifacts(out)
-        if previous and not recipe.train.overwrite_output_dir:
+        if resume == "latest":
+            if "results.json" in previous or "adapter" in previous:
+                raise RunError(f"--resume latest: {out} holds a run that finished or saved its adapter but has no "
+                               f"complete checkpoint to resume; pass --train.overwrite_output_dir true to train again "
+                               f"(deletes it), or choose another output_dir")
+            if is_main:
+                why = (f" (the run there stopped before its first checkpoint: {', '.join(previous[:4])})"
+                       if previous else "")
+                print(f"molora: --resume latest: no complete checkpoint in {out}{why}; starting from scratch",
+                      flush=True)
+            clear_leftovers = True
+        elif previous and not recipe.train.overwrite_output_dir:
             raise RunError(f"train.output_dir {out} holds a previous run ({', '.join(previous[:4])}); pass --resume "
                            f"latest to continue it, --train.overwrite_output_dir true to start over (deletes its "
                            f"checkpoints, metrics and adapter), or choose another output_dir")
+        else:
+            clear_leftovers = True  # leftovers of a run that never trained (metrics.jsonl, plots): cleared
+    elif resume_allow and is_main:
+        print(f"molora: --resume-allow {resume_allow}", flush=True)
 
     ds_config = None
     zero_stage = 0
@@ -673,6 +720,16 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
                            "backward, before the step can be dropped; its fp16 loss scaler skips overflow steps "
                            "itself); use train.nonfinite: error")
     report_to = ["wandb"] if wandb_mode else []
+    setup = resume_mod.setup_of(ds_config is not None, zero_stage, world)
+    marker = ckpt_mod.read_marker(ckpt) if ckpt is not None else None
+    if ckpt is not None:
+        resume_mod.check_setup(ckpt, resume_mod.checkpoint_setup(ckpt, marker or {}), setup)
+    done_step = resume_mod.training_finished(ckpt, recipe.train.max_steps) if ckpt is not None else None
+    if done_step is not None and _finished_run_complete(out, done_step):
+        if is_main:
+            print(f"molora: the run in {out} is complete (step {done_step}: adapter and results.json written); "
+                  f"nothing to do. Use --train.overwrite_output_dir true to train again.", flush=True)
+        return json.loads((out / "results.json").read_text(encoding="utf-8"))
 
     # ---- distributed setup happens here (TrainingArguments); ZeRO-3 then loads the model partitioned
     if ds_config is not None and not torch.cuda.is_available():
@@ -686,7 +743,7 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
     rank, world = args.process_index, args.world_size
     is_main = args.should_save
     if ckpt is None and is_main:
-        if recipe.train.overwrite_output_dir:
+        if recipe.train.overwrite_output_dir or clear_leftovers:
             _clear_previous_run(out)
         ckpt_mod.clean_staging(out)
     if ckpt is not None and is_main:
@@ -697,6 +754,15 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=is_main and recipe.report.jsonl)
     with _timer(timings, "data_s"):
         train_rows, eval_rows, data_paths = _load_rows(recipe, out, is_main)
+    fingerprint = resume_mod.fingerprint(recipe.to_dict(), train_rows, world)
+    if ckpt is not None:
+        if marker is not None and marker.get("fingerprint") is None and is_main:
+            print(f"molora: {ckpt} records no fingerprint (written by an older molora): the recipe and data "
+                  f"cannot be compared with it", flush=True)
+        accepted = resume_mod.check_fingerprint(ckpt, (marker or {}).get("fingerprint"), fingerprint,
+                                                resume_mod.parse_allow(resume_allow))
+        if accepted and is_main:
+            print("molora: resuming with changes allowed by --resume-allow:\n  " + "\n  ".join(accepted), flush=True)
 
     with _timer(timings, "model_load_s"):
         base, tokenizer = load_base_model(recipe)
@@ -734,6 +800,7 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
     coef = float(cfg.aux_loss_coef) if cfg.router == "topk" else 0.0
     ctx = _RunContext(recipe=recipe, is_main=is_main, zero3=zero_stage == 3, aux_loss_coef=coef,
                       allocation=cfg.allocation, metrics=metrics, use_wandb=bool(wandb_mode),
+                      setup=setup, fingerprint=fingerprint,
                       logits_at_labels_only=recipe.train.logits_at_labels_only and accepts_logits_to_keep(model),
                       tuner=_tuner(model))
 
@@ -787,8 +854,18 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
         where = f"resuming from {ckpt}" if ckpt else "from scratch"
         print(f"molora: training {where}: {len(train_ds)} examples, world size {world}"
               f"{f', ZeRO-{zero_stage}' if ds_config else ''}; output in {out}", flush=True)
-    with _timer(timings, "train_s"):
-        train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    if done_step is None:
+        with _timer(timings, "train_s"):
+            train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        global_step, train_loss = trainer.state.global_step, train_out.training_loss
+    else:
+        # Training ended at this checkpoint (a run killed during its final save, evaluation or plots): finish
+        # only the work after training, with the checkpoint's weights; never another optimizer step.
+        if is_main:
+            print(f"molora: {ckpt.name} is the end of training (step {done_step}); finishing what came after it: "
+                  f"final adapter, evaluation, results and plots", flush=True)
+        ckpt_mod.load_adapter_weights(trainer.model, ckpt, zero3=ctx.zero3)
+        global_step, train_loss = done_step, _last_train_loss(ckpt)
     if ctx.telemetry is not None:
         ctx.telemetry.close()
 
@@ -801,8 +878,8 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
     ckpt_mod.save_adapter(trainer.model, tmp, is_main=is_main, zero3=ctx.zero3)
     if is_main:
         tokenizer.save_pretrained(str(tmp))
-        ckpt_mod.write_marker(tmp, {"step": trainer.state.global_step, "allocation": cfg.allocation,
-                                    "base_model": recipe.model.name_or_path})
+        ckpt_mod.write_marker(tmp, {"step": global_step, "allocation": cfg.allocation,
+                                    "base_model": recipe.model.name_or_path, "fingerprint": fingerprint})
         ckpt_mod.commit_dir(tmp, adapter_dir)
     _barrier()
     if recipe.eval.after:
@@ -812,7 +889,7 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
     summary: dict[str, Any] = {"output_dir": str(out), "adapter": str(adapter_dir),
                                "metrics": str(out / "metrics.jsonl") if recipe.report.jsonl else None,
-                               "global_step": trainer.state.global_step, "train_loss": train_out.training_loss,
+                               "global_step": global_step, "train_loss": train_loss,
                                "timings": timings, "accuracy": {}, "plots": [], "world_size": world,
                                "nonfinite_skipped_steps": trainer.nonfinite_skipped}
     if is_main:
@@ -840,6 +917,34 @@ def run(recipe: Recipe, resume: Optional[str] = None) -> dict[str, Any]:
         metrics.close()
     _barrier()
     return summary
+
+
+def _finished_run_complete(out: Path, step: int) -> bool:
+    """True when ``out`` holds the final adapter of ``step`` (complete marker) and its results.json."""
+    from .checkpoint import is_complete, read_marker
+
+    adapter = out / "adapter"
+    if not (is_complete(adapter) and (out / "results.json").is_file()):
+        return False
+    marker = read_marker(adapter) or {}
+    try:
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return marker.get("step") == step and results.get("global_step") == step
+
+
+def _last_train_loss(ckpt: Path) -> Optional[float]:
+    """The mean training loss the Trainer logged last in a checkpoint's state (None if none was logged)."""
+    try:
+        history = json.loads((Path(ckpt) / "trainer_state.json").read_text(encoding="utf-8")).get("log_history", [])
+    except (OSError, ValueError):
+        return None
+    for rec in reversed(history):
+        for key in ("train_loss", "loss"):
+            if key in rec:
+                return float(rec[key])
+    return None
 
 
 def _checkpoint_step(path: Optional[Path]) -> Optional[int]:

@@ -147,3 +147,139 @@ def test_eval_refuses_non_finite_adapter(assets, tmp_path, capsys):
     assert eval_main([str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "non-finite" in err and key.split(".")[-2] in err and str(f.parent) in err, err
+
+
+# ------------------------------------------------------------------------------------------ resume (items 4-7, 10, 16)
+def _crash_after(monkeypatch, recipe, step, *extra):
+    from molora.train import SimulatedCrash, main
+
+    monkeypatch.setenv("MOLORA_TEST_CRASH_AFTER_CHECKPOINT", str(step))
+    with pytest.raises(SimulatedCrash):
+        main([str(recipe), *map(str, extra)])
+    monkeypatch.delenv("MOLORA_TEST_CRASH_AFTER_CHECKPOINT")
+
+
+def test_resume_of_a_finished_run_never_trains_past_max_steps(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", assets, out, eval={"before": False},
+                          train={"max_steps": 4, "save_steps": 2, "lr_scheduler_type": "constant"})
+    assert _train([recipe]) == 0
+    final = _adapter(out / "adapter")
+    results = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    # resumed when complete: says so, changes nothing
+    assert _train([recipe, "--resume", "latest"]) == 0
+    assert "is complete" in capsys.readouterr().out
+    assert all(torch.equal(final[k], v) for k, v in _adapter(out / "adapter").items())
+    # killed during the evaluation after training (results.json never written): only the rest is done
+    (out / "results.json").unlink()
+    assert _train([recipe, "--resume", "latest"]) == 0
+    printed = capsys.readouterr().out
+    assert "checkpoint-4 is the end of training (step 4)" in printed
+    again = _adapter(out / "adapter")
+    ckpt = _adapter(out / "checkpoint-4")
+    assert all(torch.equal(ckpt[k], again[k]) and torch.equal(final[k], again[k]) for k in final)
+    new = json.loads((out / "results.json").read_text())
+    assert new["global_step"] == 4 and new["accuracy"]["after"] == results["accuracy"]["after"]
+    assert max(r["step"] for r in _records(out, "train")) == 4
+    assert not list(out.glob("checkpoint-5"))
+
+
+def test_resume_refuses_a_changed_recipe_or_data_naming_the_keys(assets, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", assets, out, eval={"before": False, "after": False},
+                          train={"max_steps": 4, "save_steps": 2})
+    _crash_after(monkeypatch, recipe, 2)
+    capsys.readouterr()
+    # labels flipped in the training file
+    flipped = tmp_path / "flipped.jsonl"
+    rows = [json.loads(line) for line in Path(assets["train"]).read_text().splitlines()]
+    flipped.write_text("".join(json.dumps({**r, "label": 1 - r["label"]}) + "\n" for r in rows))
+    assert _train([recipe, "--resume", "latest", "--data.train_file", flipped]) == 2
+    err = capsys.readouterr().err
+    assert "data.train_rows_sha256" in err and "different setup" in err and "--resume-allow" in err
+    assert _train([recipe, "--resume", "latest", "--train.learning_rate", "0.02", "--train.seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.learning_rate: 0.01 (checkpoint) -> 0.02 (now)" in err and "train.seed: 0 (checkpoint) -> 1" in err
+    # keys that do not change the weights may differ; an explicit allow accepts the rest
+    assert _train([recipe, "--resume", "latest", "--train.learning_rate", "0.02", "--train.logging_steps", "1",
+                   "--resume-allow", "train.learning_rate"]) == 0
+    printed = capsys.readouterr().out
+    assert "changes allowed by --resume-allow" in printed and "train.learning_rate" in printed
+
+
+def test_resume_refuses_another_deepspeed_setup(assets, tmp_path, capsys, monkeypatch):
+    """A checkpoint written under ZeRO-3 with 2 processes, resumed without DeepSpeed: refused with the reason
+    (its optimizer state is in DeepSpeed's partitioned layout)."""
+    from molora.checkpoint import MARKER
+
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", assets, out, eval={"before": False, "after": False},
+                          train={"max_steps": 4, "save_steps": 2})
+    _crash_after(monkeypatch, recipe, 2)
+    marker_path = out / "checkpoint-2" / MARKER
+    marker = json.loads(marker_path.read_text())
+    assert marker["setup"] == {"deepspeed": False, "zero_stage": None, "world_size": 1}
+    marker["setup"] = {"deepspeed": True, "zero_stage": 3, "world_size": 2}
+    marker_path.write_text(json.dumps(marker))
+    capsys.readouterr()
+    assert _train([recipe, "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert "DeepSpeed ZeRO-3 with 2 process(es)" in err and "no DeepSpeed, 1 process(es)" in err
+    assert "restart the optimizer" in err
+    # an older marker without the setup: inferred from the files (DeepSpeed's global_step<N>/ folder)
+    del marker["setup"]
+    marker_path.write_text(json.dumps(marker))
+    (out / "checkpoint-2" / "global_step2").mkdir()
+    assert _train([recipe, "--resume", "latest"]) == 2
+    assert "DeepSpeed with 1 process(es)" in capsys.readouterr().err
+
+
+def test_corrupted_checkpoint_falls_back_to_the_previous_one(assets, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", assets, out, eval={"before": False, "after": False},
+                          train={"max_steps": 6, "save_steps": 2})
+    _crash_after(monkeypatch, recipe, 4)
+    f = out / "checkpoint-4" / "adapter_model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0x40  # one bit flipped inside a tensor: same size, valid file
+    f.write_bytes(bytes(data))
+    opt = out / "checkpoint-2" / "optimizer.pt"
+    capsys.readouterr()
+    assert _train([recipe, "--resume", "latest"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipping corrupted checkpoint checkpoint-4" in printed and "adapter_model.safetensors" in printed
+    assert f"resuming from {out / 'checkpoint-2'}" in printed
+    # an explicit path to a corrupted checkpoint is refused, naming the file
+    data = bytearray(opt.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    opt.write_bytes(bytes(data))
+    assert _train([recipe, "--resume", out / "checkpoint-2"]) == 2
+    assert "optimizer.pt: content differs from the SHA-256" in capsys.readouterr().err
+
+
+def test_run_that_never_trained_does_not_block_the_next(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "choices": ["x"], "label": 3}\n')
+    recipe = write_recipe(tmp_path / "r.yaml", assets, out, eval={"before": False, "after": False},
+                          train={"max_steps": 2})
+    assert _train([recipe, "--data.train_file", bad]) == 2
+    capsys.readouterr()
+    assert _train([recipe]) == 0, capsys.readouterr().err
+
+
+def test_resume_latest_before_the_first_checkpoint_starts_cleanly(assets, tmp_path, capsys, monkeypatch):
+    _nan_loss_at(monkeypatch, {3})
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", assets, out, eval={"before": False, "after": False},
+                          train={"max_steps": 4, "save_steps": 100, "logging_steps": 1})
+    assert _train([recipe]) == 2  # stopped at step 3, no checkpoint, metrics.jsonl with steps 1-2
+    assert _records(out, "train") and not list(out.glob("checkpoint-*"))
+    monkeypatch.undo()
+    os.environ["WANDB_MODE"] = "offline"
+    capsys.readouterr()
+    assert _train([recipe, "--resume", "latest"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "stopped before its first checkpoint" in printed and "starting from scratch" in printed
+    assert [r["step"] for r in _records(out, "train")] == [1, 2, 3, 4]

@@ -220,6 +220,12 @@ def test_resume_with_another_allocation_fails_clearly(assets, tmp_path, capsys):
     capsys.readouterr()
     assert main([str(recipe), "--resume", "latest", "--allocation.num_experts", "2,2,4", "--train.max_steps", "4"]) == 2
     err = capsys.readouterr().err
+    assert "different setup" in err and 'allocation.num_experts: "1,2,4" (checkpoint) -> "2,2,4" (now)' in err
+    assert "train.max_steps: 2 (checkpoint) -> 4 (now)" in err
+    # allowed differences still meet the allocation check, which names the layers
+    assert main([str(recipe), "--resume", "latest", "--allocation.num_experts", "2,2,4", "--train.max_steps", "4",
+                 "--resume-allow", "allocation,train.max_steps"]) == 2
+    err = capsys.readouterr().err
     assert "different allocation" in err and "layer 0: checkpoint 1 experts" in err and "config 2" in err
 
 
