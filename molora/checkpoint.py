@@ -362,8 +362,11 @@ def load_adapter_checked(base_model, adapter_dir: Union[str, os.PathLike], is_tr
     (not PEFT's warning) when the file lacks a tensor the model's adapter needs."""
     from peft import PeftModel
 
+    from .compat import peft_wrap
+
     weights, state = read_adapter_tensors(adapter_dir)
-    model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+    model = peft_wrap(lambda: PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable),
+                      base_model)
     name = _adapter_name(model)
     wanted = {n.replace(f".{name}.", ".").removesuffix(f".{name}") for n, _ in model.named_parameters()
               if "molora_" in n}

@@ -154,7 +154,10 @@ def _score_shared(
     if last_logits_only:  # the LM head only at each prompt's last position: [N, 1, V]
         extra["logits_to_keep"] = torch.tensor(lens, device=device)[:, None] - 1
     out = model(input_ids=p_ids, attention_mask=p_mask, use_cache=True, **extra)
-    cache = getattr(out, "past_key_values", None)
+    # transformers >= 5.2x names the KV cache `cache` (input and output); `past_key_values` is its deprecated alias
+    fields = out if hasattr(out, "get") else {}
+    cache_key = "cache" if fields.get("cache") is not None else "past_key_values"
+    cache = fields.get(cache_key)
     if cache is None:
         return None
     p_logits = _logits(out)
@@ -181,8 +184,8 @@ def _score_shared(
                 input_ids=o_ids,
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_key: cache},
             )
         )
         for k, t in enumerate(options):

@@ -674,6 +674,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
         from . import checkpoint as ckpt_mod
         from . import resume as resume_mod
         from .allocation import AllocationError
+        from .compat import enable_activation_checkpointing, peft_wrap
         from .data import DataCollator, PromptTemplate, build_dataset
         from .host_memory import release_free_memory
         from .label_logits import accepts_logits_to_keep
@@ -720,6 +721,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
                            "backward, before the step can be dropped; its fp16 loss scaler skips overflow steps "
                            "itself); use train.nonfinite: error")
     report_to = ["wandb"] if wandb_mode else []
+    precision = _precision(recipe, torch.cuda.is_available())
     setup = resume_mod.setup_of(ds_config is not None, zero_stage, world)
     marker = ckpt_mod.read_marker(ckpt) if ckpt is not None else None
     if ckpt is not None:
@@ -768,14 +770,14 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
         base, tokenizer = load_base_model(recipe)
     if recipe.train.gradient_checkpointing:
         base.config.use_cache = False
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": recipe.train.use_reentrant})
+        enable_activation_checkpointing(base, recipe.train.use_reentrant)
     if recipe.train.gradient_checkpointing or zero_stage == 3:
         # reentrant checkpointing needs inputs that require grad to reach the adapters; ZeRO-3 leaf modules need
         # it too: without it the first block's input needs no grad, DeepSpeed's post-backward bookkeeping of
         # the leaf goes wrong and backward fails on a released (size-0) parameter
         base.enable_input_require_grads()
     set_seed(recipe.train.seed)  # the adapter's initialisation is part of the run (same on every rank)
-    model = get_peft_model(base, mcfg)
+    model = peft_wrap(lambda: get_peft_model(base, mcfg), base)
     cfg = model.peft_config[model.active_adapter]
     if zero_stage == 3:
         from deepspeed.utils import set_z3_leaf_modules
@@ -811,7 +813,9 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
         print(f"molora: {recipe.model.name_or_path}: {len(table)} layers, {table.total_experts} experts, "
               f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)", flush=True)
         print(str(table), flush=True)
+        print(f"molora: precision: {precision}", flush=True)
         metrics.write({"type": "run", "recipe": recipe.to_dict(), "allocation": cfg.allocation,
+                       "precision": precision,
                        "num_layers": cfg.num_layers, "trainable_params": trainable, "total_params": total,
                        "world_size": world, "zero_stage": zero_stage, "train_examples": len(train_ds),
                        "resumed_from": str(ckpt) if ckpt else None,
@@ -917,6 +921,21 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
         metrics.close()
     _barrier()
     return summary
+
+
+def _precision(recipe: Recipe, cuda: bool) -> str:
+    """What precision the run computes in, in words; refuses what would silently run otherwise (fp16 on CPU)."""
+    t = recipe.train
+    weights = f"base weights {recipe.model.dtype}, adapter weights float32"
+    if t.fp16 and not cuda:
+        raise RunError("train.fp16: true needs a CUDA GPU (fp16 autocast with loss scaling); on this machine the "
+                       "Trainer would silently train in float32. Use train.bf16: true (bfloat16 autocast, which runs "
+                       "on CPU) or neither (float32)")
+    if t.bf16:
+        return f"bfloat16 autocast ({'CUDA' if cuda else 'CPU'}), {weights}"
+    if t.fp16:
+        return f"float16 autocast with loss scaling (CUDA), {weights}"
+    return f"{recipe.model.dtype} (no autocast), {weights}"
 
 
 def _finished_run_complete(out: Path, step: int) -> bool:
