@@ -112,6 +112,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RecipeError as e:
         print(f"molora eval: error: {e}", file=sys.stderr)
         return 2
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub at run time
     out = Path(recipe.train.output_dir)
     adapter = None if adapter_arg == "none" else Path(adapter_arg) if adapter_arg else out / "adapter"
     if adapter is not None and not (adapter / "adapter_config.json").is_file():

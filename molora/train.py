@@ -160,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _is_user_error(e: BaseException) -> bool:
     names = {"AllocationError", "CheckpointError", "DataError", "AssetError", "RunError", "NonFiniteError",
-             "ResumeError"}
+             "ResumeError", "StorageError"}
     return any(c.__name__ in names for c in type(e).__mro__)
 
 
@@ -180,6 +180,7 @@ def _free_port() -> int:
 def _prepare_environment(recipe: Recipe) -> Optional[str]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub at run time (local files, cache)
     if recipe.train.deepspeed and "RANK" not in os.environ:
         # DeepSpeed without its launcher: a world of one
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
@@ -431,6 +432,14 @@ def _build_trainer_class():
                 torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
         def _save_checkpoint(self, model, trial) -> None:
+            from .storage import disk_full_guard
+
+            name = f"{hf_trainer.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            with disk_full_guard(ckpt_mod.staging_dir(self._get_output_dir(trial=trial), name),
+                                 self.molora.checkpoint_bytes, name):
+                self._save_checkpoint_atomic(model, trial)
+
+        def _save_checkpoint_atomic(self, model, trial) -> None:
             step = self.state.global_step
             run_dir = self._get_output_dir(trial=trial)
             name = f"{hf_trainer.PREFIX_CHECKPOINT_DIR}-{step}"
@@ -485,6 +494,7 @@ class _RunContext:
     skipped_this_step: bool = False
     setup: Any = None
     fingerprint: Any = None
+    checkpoint_bytes: int = 0
 
 
 @contextmanager
@@ -662,6 +672,9 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
     rank, _local_rank, world = _rank_info()
     is_main = rank == 0
     out = Path(recipe.train.output_dir)
+    from .storage import check_writable
+
+    check_writable(out)  # before anything loads: a read-only or impossible output_dir fails now
     wandb_mode = _prepare_environment(recipe)
 
     with _timer(timings, "import_s"):
@@ -809,6 +822,11 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
     table = molora.allocation_table(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    from .storage import check_free_space, checkpoint_bytes
+
+    ctx.checkpoint_bytes = checkpoint_bytes(trainable)
+    if is_main:  # room for one checkpoint and the final adapter, before the first step
+        check_free_space(out, ctx.checkpoint_bytes + trainable * 4, "a checkpoint and the final adapter")
     if is_main:
         print(f"molora: {recipe.model.name_or_path}: {len(table)} layers, {table.total_experts} experts, "
               f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)", flush=True)
@@ -879,7 +897,10 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    ckpt_mod.save_adapter(trainer.model, tmp, is_main=is_main, zero3=ctx.zero3)
+    from .storage import disk_full_guard
+
+    with disk_full_guard(tmp, trainable * 4 + (1 << 20), "the final adapter"):
+        ckpt_mod.save_adapter(trainer.model, tmp, is_main=is_main, zero3=ctx.zero3)
     if is_main:
         tokenizer.save_pretrained(str(tmp))
         ckpt_mod.write_marker(tmp, {"step": global_step, "allocation": cfg.allocation,

@@ -348,3 +348,114 @@ def test_a_run_prints_no_deprecation_warnings(assets, tmp_path):
         text = proc.stdout + proc.stderr
         for needle in ("deprecated", "FutureWarning", "DeprecationWarning"):
             assert needle not in text, [line for line in text.splitlines() if needle in line][:5]
+
+
+# ------------------------------------------------------------------------------------------ item 11: broken adapters
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory):
+    """A finished tiny run (recipe path, output dir)."""
+    root = tmp_path_factory.mktemp("trained")
+    out = root / "run"
+    recipe = write_recipe(root / "r.yaml", assets, out, eval={"before": False, "after": False,
+                                                              "generation_max_examples": 2, "loglik_max_examples": 4},
+                          train={"max_steps": 2}, report={"wandb": False, "plots": False})
+    from molora.train import main
+
+    saved = dict(os.environ)
+    try:
+        assert main([str(recipe)]) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return recipe, out
+
+
+def _broken_copy(trained, tmp_path, name):
+    import shutil
+
+    recipe, out = trained
+    dst = tmp_path / name
+    shutil.copytree(out / "adapter", dst)
+    (dst / "molora_complete.json").unlink()  # as if copied by hand: no hashes to compare against
+    return recipe, dst
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "no-weights", "missing-tensor"])
+def test_eval_names_the_broken_adapter_file(trained, tmp_path, capsys, monkeypatch, damage):
+    from molora.eval_run import main as eval_main
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    recipe, dst = _broken_copy(trained, tmp_path, damage)
+    f = dst / "adapter_model.safetensors"
+    if damage == "truncated":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        want = ["adapter_model.safetensors: unreadable", "truncated or corrupted"]
+    elif damage == "empty":
+        f.write_bytes(b"")
+        want = ["adapter_model.safetensors: unreadable (0 bytes"]
+    elif damage == "no-weights":
+        f.unlink()
+        want = ["holds no adapter weights", "nothing is fetched from a hub"]
+    else:
+        state = load_file(str(f))
+        gone = sorted(k for k in state if "molora_B" in k)[-1]
+        del state[gone]
+        save_file(state, str(f), metadata={"format": "pt"})
+        want = ["1 adapter tensor(s) missing", gone]
+    assert eval_main([str(recipe), "--adapter", str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert str(dst) in err and all(w in err for w in want), err
+    assert "Traceback" not in err and "huggingface.co" not in err
+
+
+# ------------------------------------------------------------------------------------------ item 13: output dir
+def test_unwritable_output_dir_fails_before_anything_loads(assets, tmp_path, capsys):
+    import time
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for out, want in ((blocker / "run", "cannot be created"), (Path("/sys/kernel"), "is not writable")):
+        if out == Path("/sys/kernel") and not out.is_dir():
+            continue
+        recipe = write_recipe(tmp_path / "r.yaml", assets, out, report={"jsonl": False})
+        t0 = time.perf_counter()
+        assert _train([recipe]) == 2
+        captured = capsys.readouterr()
+        assert f"train.output_dir {out} {want}" in captured.err, captured.err
+        assert "layers" not in captured.out, "no model was loaded"
+        assert time.perf_counter() - t0 < 5
+
+
+def test_not_enough_space_is_refused_before_training(assets, tmp_path, capsys, monkeypatch):
+    import shutil as sh
+
+    from molora import storage
+
+    real = sh.disk_usage
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    recipe = write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run")
+    assert _train([recipe]) == 2
+    err = capsys.readouterr().err
+    assert "not enough disk space" in err and "1000 B free" in err and "needs about" in err
+
+
+@pytest.mark.parametrize("kind", ["torch-writer", "ENOSPC"])
+def test_disk_full_while_saving_names_path_and_bytes(assets, tmp_path, capsys, monkeypatch, kind):
+    import errno
+
+    import transformers.trainer as hf_trainer
+
+    def full(*a, **k):
+        if kind == "ENOSPC":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", assets, out, eval={"before": False, "after": False},
+                          train={"max_steps": 2, "save_steps": 2})
+    monkeypatch.setattr(hf_trainer.torch, "save", full)
+    assert _train([recipe]) == 2
+    err = capsys.readouterr().err
+    assert "disk full while writing checkpoint-2" in err and str(out / ".tmp-checkpoint-2") in err, err
+    assert "needs about" in err and "free" in err and "--resume latest" in err
