@@ -36,7 +36,7 @@ import json
 import os
 import random
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
@@ -445,6 +445,7 @@ def encode_prompt_target(
     cutoff_len: int | None = DEFAULT_CUTOFF_LEN,
     add_eos: bool = True,
     prompt_truncation: Literal["left", "right"] = "left",
+    lengths: dict[str, int] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids of ``prompt`` and of ``target`` as it continues the prompt.
 
@@ -457,7 +458,8 @@ def encode_prompt_target(
 
     Returns:
         ``(prompt_ids, target_ids)``: two lists of ints, ``len(prompt_ids) + len(target_ids) <=
-        cutoff_len``.
+        cutoff_len``. ``lengths`` (if given) receives the lengths before truncation (``prompt``, ``target``)
+        and the target's length after it (``target_kept``).
     """
     prefix = _special_prefix(tokenizer)
     p_plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -472,10 +474,14 @@ def encode_prompt_target(
         if tokenizer.eos_token_id is None:
             raise DataError("add_eos=True but the tokenizer has no eos token")
         t_ids.append(tokenizer.eos_token_id)
+    if lengths is not None:
+        lengths.update(prompt=len(p_ids), target=len(t_ids))
     if cutoff_len is not None:
         if cutoff_len < 2:
             raise ValueError(f"cutoff_len must be >= 2, got {cutoff_len}")
         p_ids, t_ids = _truncate(p_ids, t_ids, cutoff_len, len(prefix), prompt_truncation)
+    if lengths is not None:
+        lengths.update(target_kept=len(t_ids))
     return p_ids, t_ids
 
 
@@ -487,8 +493,9 @@ def tokenize_row(
     train_on_inputs: bool = False,
     add_eos: bool = True,
     prompt_truncation: Literal["left", "right"] = "left",
+    lengths: dict[str, int] | None = None,
 ) -> dict[str, list[int]]:
-    """Training features of one row.
+    """Training features of one row (``lengths``: see :func:`encode_prompt_target`).
 
     Returns:
         ``{"input_ids": [L], "attention_mask": [L], "labels": [L]}`` (lists of ints, ``L <=
@@ -498,7 +505,7 @@ def tokenize_row(
     """
     template = template if isinstance(template, PromptTemplate) else PromptTemplate(template)
     prompt, target = template.render(row)
-    p_ids, t_ids = encode_prompt_target(tokenizer, prompt, target, cutoff_len, add_eos, prompt_truncation)
+    p_ids, t_ids = encode_prompt_target(tokenizer, prompt, target, cutoff_len, add_eos, prompt_truncation, lengths)
     input_ids = p_ids + t_ids
     labels = list(input_ids) if train_on_inputs else [IGNORE_INDEX] * len(p_ids) + t_ids
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
@@ -511,9 +518,11 @@ class SupervisedDataset(Dataset):
     ints); ``dataset.rows[i]`` is the row it came from.
     """
 
-    def __init__(self, features: list[dict[str, list[int]]], rows: list[dict[str, Any]] | None = None):
+    def __init__(self, features: list[dict[str, list[int]]], rows: list[dict[str, Any]] | None = None,
+                 truncation: "TruncationReport | None" = None):
         self.features = features
         self.rows = rows if rows is not None else []
+        self.truncation = truncation or TruncationReport(rows=len(features))
 
     def __len__(self) -> int:
         return len(self.features)
@@ -524,6 +533,49 @@ class SupervisedDataset(Dataset):
     def num_target_tokens(self) -> int:
         """Total number of positions with a label (not -100)."""
         return sum(sum(1 for x in f["labels"] if x != IGNORE_INDEX) for f in self.features)
+
+
+@dataclass
+class TruncationReport:
+    """What ``cutoff_len`` cut from a dataset's rows (token counts before truncation).
+
+    ``cut``: rows longer than ``cutoff_len``; ``answer_cut``: of those, rows that also lost part of their answer
+    (target) tokens; ``answer_lost``: rows left with no label token at all (they train on nothing);
+    ``longest``: the longest row in tokens; ``examples``: row ids/line positions of the first cut rows.
+    """
+
+    rows: int = 0
+    cutoff_len: int | None = None
+    cut: int = 0
+    answer_cut: int = 0
+    answer_lost: int = 0
+    longest: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, where: str, prompt_len: int, target_len: int, kept_target: int, labelled: int) -> None:
+        self.rows += 1
+        total = prompt_len + target_len
+        self.longest = max(self.longest, total)
+        if self.cutoff_len is not None and total > self.cutoff_len:
+            self.cut += 1
+            if kept_target < target_len:
+                self.answer_cut += 1
+            if len(self.examples) < 3:
+                self.examples.append(f"{where} ({total} tokens)")
+        if labelled == 0:
+            self.answer_lost += 1
+
+    def message(self, what: str = "rows") -> str | None:
+        """One line for the log, or None when nothing was cut."""
+        if not self.cut and not self.answer_lost:
+            return None
+        return (f"{self.cut} of {self.rows} {what} were longer than data.cutoff_len={self.cutoff_len} tokens and were "
+                f"cut (longest {self.longest}; e.g. {', '.join(self.examples)}): {self.answer_cut} lost part of their "
+                f"answer, {self.answer_lost} lost all of it and train on nothing")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "cutoff_len": self.cutoff_len, "cut": self.cut, "answer_cut": self.answer_cut,
+                "answer_lost": self.answer_lost, "longest": self.longest}
 
 
 def build_dataset(
@@ -543,11 +595,16 @@ def build_dataset(
     if not rows:
         raise DataError("no rows to build a dataset from (empty dataset)")
     template = template if isinstance(template, PromptTemplate) else PromptTemplate(template)
-    features = [
-        tokenize_row(r, tokenizer, template, cutoff_len, train_on_inputs, add_eos, prompt_truncation)
-        for r in rows
-    ]
-    return SupervisedDataset(features, [dict(r) for r in rows])
+    report = TruncationReport(cutoff_len=cutoff_len)
+    features = []
+    for i, r in enumerate(rows):
+        lengths: dict[str, int] = {}
+        f = tokenize_row(r, tokenizer, template, cutoff_len, train_on_inputs, add_eos, prompt_truncation, lengths)
+        labelled = sum(1 for x in f["labels"] if x != IGNORE_INDEX)
+        where = f"row {i + 1}" + (f" id {r['id']!r}" if isinstance(r, Mapping) and "id" in r else "")
+        report.add(where, lengths["prompt"], lengths["target"], lengths["target_kept"], labelled)
+        features.append(f)
+    return SupervisedDataset(features, [dict(r) for r in rows], report)
 
 
 def make_supervised_dataset(

@@ -802,6 +802,9 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
     template = PromptTemplate(recipe.data.prompt_template)
     d = recipe.data
     train_ds = build_dataset(train_rows, tokenizer, template, d.cutoff_len, d.train_on_inputs)
+    cut_note = train_ds.truncation.message("training rows")
+    if cut_note and is_main:
+        print(f"molora: warning: {cut_note}", flush=True)
     eval_ds = None
     if recipe.train.eval_strategy != "no":
         if eval_rows is None:
@@ -836,6 +839,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
                        "precision": precision,
                        "num_layers": cfg.num_layers, "trainable_params": trainable, "total_params": total,
                        "world_size": world, "zero_stage": zero_stage, "train_examples": len(train_ds),
+                       "truncation": train_ds.truncation.as_dict(),
                        "resumed_from": str(ckpt) if ckpt else None,
                        "resume_step": _checkpoint_step(ckpt) if ckpt else None, "data": data_paths})
 

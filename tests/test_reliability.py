@@ -459,3 +459,36 @@ def test_disk_full_while_saving_names_path_and_bytes(assets, tmp_path, capsys, m
     err = capsys.readouterr().err
     assert "disk full while writing checkpoint-2" in err and str(out / ".tmp-checkpoint-2") in err, err
     assert "needs about" in err and "free" in err and "--resume latest" in err
+
+
+# ------------------------------------------------------------------------------------------ item 14: cut rows
+def test_cut_rows_are_counted_and_reported(tiny_tokenizer):
+    from molora.data import build_dataset
+
+    long_words = " ".join(["cat"] * 3000)
+    rows = [{"id": "short", "input": "a dog", "choices": ["cat", "dog"], "label": 1},
+            {"id": "long-input", "input": long_words, "choices": ["cat", "dog"], "label": 0},
+            {"id": "long-answer", "instruction": "say it", "input": "", "output": long_words}]
+    ds = build_dataset(rows, tiny_tokenizer, cutoff_len=64)
+    rep = ds.truncation
+    assert (rep.rows, rep.cut, rep.answer_cut, rep.answer_lost) == (3, 2, 1, 0)
+    assert rep.longest > 3000 and all(len(f["input_ids"]) <= 64 for f in ds.features)
+    msg = rep.message("training rows")
+    assert msg.startswith("2 of 3 training rows were longer than data.cutoff_len=64")
+    assert "'long-input'" in msg and "1 lost part of their answer" in msg
+    assert build_dataset(rows[:1], tiny_tokenizer, cutoff_len=64).truncation.message() is None
+
+
+def test_a_run_reports_cut_rows(assets, tmp_path, capsys):
+    rows = [json.loads(line) for line in Path(assets["train"]).read_text().splitlines()]
+    rows[5]["input"] = " ".join(["the cat sat"] * 20000)  # ~0.2 MB row
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", assets, out, eval={"before": False, "after": False},
+                          train={"max_steps": 1}, data={"train_file": str(data)})
+    assert _train([recipe]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: 1 of 64 training rows were longer than data.cutoff_len=64" in printed
+    assert "0 lost part of their answer" in printed
+    assert _records(out, "run")[0]["truncation"]["cut"] == 1
