@@ -242,6 +242,48 @@ def resolve(spec: AllocationSpec, num_layers: Optional[int], field: str,
     return expand_groups(shape, num_layers)
 
 
+def _boundaries(spec: AllocationSpec, num_layers: int) -> Optional[set[int]]:
+    """Layer indices where a block/preset spec starts a new group (None for ints and per-layer lists)."""
+    if not isinstance(spec, str):
+        return None
+    values = list(PRESETS[preset_name(spec)]) if preset_name(spec) else parse_blocks(spec)
+    if len(values) <= 1 or len(values) > num_layers:
+        return None
+    starts, pos = set(), 0
+    for n in group_sizes(num_layers, len(values))[:-1]:
+        pos += n
+        starts.add(pos)
+    return starts
+
+
+def _runs_table(experts: Sequence[int], ks: Sequence[int], ranks: Sequence[int]) -> str:
+    rows, start = [], 0
+    triples = list(zip(experts, ks, ranks))
+    for i in range(1, len(triples) + 1):
+        if i == len(triples) or triples[i] != triples[start]:
+            e, k, rk = triples[start]
+            span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+            rows.append(f"layers {span}: {e} experts, top_k {k}, r {rk}")
+            start = i
+    return "; ".join(rows)
+
+
+def _warn_misaligned_groups(num_experts: AllocationSpec, others: dict[str, AllocationSpec], num_layers: int,
+                            experts: Sequence[int], ks: Sequence[int], ranks: Sequence[int]) -> None:
+    """Warn when block groups of top_k / r cut through the groups of num_experts (legal, but rarely meant)."""
+    base = _boundaries(num_experts, num_layers)
+    if base is None:
+        return
+    import warnings
+
+    for field, spec in others.items():
+        mine = _boundaries(spec, num_layers)
+        if mine is not None and not mine <= base:
+            warnings.warn(f"{field}={spec!r} splits the {num_layers} layers into groups that do not line up with "
+                          f"num_experts={num_experts!r} (group starts {sorted(mine)} vs {sorted(base)}); resolved: "
+                          f"{_runs_table(experts, ks, ranks)}", AllocationWarning, stacklevel=3)
+
+
 @dataclass(frozen=True)
 class LayerAllocation:
     """The resolved allocation of one layer."""
@@ -259,6 +301,8 @@ def resolve_allocation(num_experts: AllocationSpec, top_k: AllocationSpec, r: Al
     experts = resolve(num_experts, num_layers, "num_experts", budget=expert_budget)
     ks = resolve(top_k, num_layers, "top_k")
     ranks = resolve(r, num_layers, "r")
+    if num_layers is not None:
+        _warn_misaligned_groups(num_experts, {"top_k": top_k, "r": r}, num_layers, experts, ks, ranks)
     out = []
     for i, (e, k, rank) in enumerate(zip(experts, ks, ranks)):
         if router == "topk" and k > e:

@@ -74,11 +74,18 @@ def _allocation(argv: Sequence[str]) -> int:
             return 2
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    from .allocation import AllocationError
+    from .compat import peft_wrap
+
     targets = a.target_modules.split(",") if a.target_modules else None
-    mcfg = MoLoRAConfig(num_experts=_cli_spec(a.num_experts), top_k=_cli_spec(a.top_k), r=_cli_spec(a.r),
-                        expert_budget=a.expert_budget, target_modules=targets)
-    with init_empty_weights():
-        peft_model = get_peft_model(model, mcfg)
+    try:
+        mcfg = MoLoRAConfig(num_experts=_cli_spec(a.num_experts), top_k=_cli_spec(a.top_k), r=_cli_spec(a.r),
+                            expert_budget=a.expert_budget, target_modules=targets)
+        with init_empty_weights():
+            peft_model = peft_wrap(lambda: get_peft_model(model, mcfg), model)
+    except (AllocationError, ValueError) as e:
+        print(f"molora allocation: error: {e}", file=sys.stderr)
+        return 2
     print(allocation_table(peft_model))
     return 0
 

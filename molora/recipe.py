@@ -33,10 +33,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 __all__ = ["RecipeError", "Recipe", "load_recipe", "parse_overrides", "apply_overrides", "recipe_from_dict",
-           "PACKAGED_MODEL_NAMES", "PACKAGED_DATASET_NAMES"]
+           "PACKAGED_MODEL_NAMES", "PACKAGED_DATASET_NAMES", "model_num_layers", "resolve_recipe_allocation"]
 
 #: Kept in sync with molora.assets (which imports torch, so it is not imported here).
 PACKAGED_MODEL_NAMES = ("smollm2-135m",)
+#: decoder layers of each packaged model (tests check this against the loaded model)
+PACKAGED_MODEL_LAYERS = {"smollm2-135m": 30}
+#: config.json keys that hold the number of blocks, by architecture family
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 PACKAGED_DATASET_NAMES = ("bbc-news",)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
@@ -256,6 +260,54 @@ def _validate_allocation_spec(value: Any, field: str) -> None:
         alloc.validate_spec(value, field, allow_preset=(field == "num_experts"))
     except ValueError as e:  # AllocationError
         raise ValueError(str(e)) from None
+
+
+def model_num_layers(name_or_path: str) -> Optional[int]:
+    """The block count of a model from its ``config.json`` alone (no torch, no weights): packaged names, local
+    checkpoint directories and models in the local Hugging Face cache. None when it cannot be known."""
+    if name_or_path in PACKAGED_MODEL_LAYERS:
+        return PACKAGED_MODEL_LAYERS[name_or_path]
+    cfg_path = Path(os.path.expanduser(name_or_path)) / "config.json"
+    if not cfg_path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name_or_path, "config.json")
+        except Exception:  # noqa: BLE001 - not a repo id, hub library missing: unknown
+            return None
+        if not isinstance(cached, str):
+            return None
+        cfg_path = Path(cached)
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    cfgs = [cfg, cfg.get("text_config") or {}]
+    for c in cfgs:
+        for key in LAYER_COUNT_KEYS:
+            if isinstance(c.get(key), int):
+                return c[key]
+    return None
+
+
+def resolve_recipe_allocation(recipe: "Recipe") -> Optional[list]:
+    """The per-layer allocation of a recipe, resolved from the model's config alone (before any model loads).
+
+    Returns the list of ``LayerAllocation`` (None when the layer count cannot be read from a config). Raises
+    :class:`RecipeError` naming ``allocation`` for an impossible allocation (top-k above a layer's experts, more
+    groups than layers, a list of the wrong length). Warnings (a budget the shape cannot meet exactly, groups
+    of top_k / r that cut through those of num_experts) are emitted as ``AllocationWarning``.
+    """
+    layers = model_num_layers(recipe.model.name_or_path)
+    if layers is None:
+        return None
+    a = recipe.allocation
+    alloc = _allocation_module()
+    try:
+        return alloc.resolve_allocation(a.num_experts, a.top_k, a.r, layers, expert_budget=a.expert_budget,
+                                        router=a.router)
+    except ValueError as e:  # AllocationError
+        raise RecipeError(f"allocation ({recipe.model.name_or_path}, {layers} layers): {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------- overrides

@@ -139,11 +139,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(USAGE)
             return 0
         recipe = load_recipe(opts.recipe, opts.overrides)
+        layers = _check_allocation_early(recipe, show_warnings=opts.validate)
     except RecipeError as e:
         print(f"molora train: error: {e}", file=sys.stderr)
         return 2
     if opts.validate:
         print(recipe.to_yaml(), end="")
+        if layers is not None:
+            print(f"# allocation resolved for {recipe.model.name_or_path} ({len(layers)} layers): "
+                  f"{_allocation_runs(layers)}")
+        else:
+            print(f"# allocation: the layer count of {recipe.model.name_or_path} is not known before it loads; "
+                  f"checked when the model is loaded")
         return 0
     try:
         run(recipe, resume=opts.resume, resume_allow=opts.resume_allow)
@@ -156,6 +163,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         raise
     return 0
+
+
+def _check_allocation_early(recipe: Recipe, show_warnings: bool) -> Optional[list]:
+    """Resolve the allocation from the model's config.json before anything loads (errors: RecipeError). With
+    ``show_warnings`` the allocation warnings are printed as one line each (a run prints them at injection)."""
+    import warnings
+
+    from .recipe import resolve_recipe_allocation
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layers = resolve_recipe_allocation(recipe)
+    if show_warnings:
+        for w in caught:
+            print(f"molora train: warning: {w.message}", file=sys.stderr)
+    return layers
+
+
+def _allocation_runs(layers: list) -> str:
+    """``layers 0-7: 2 experts, top_k 2, r 8; ...`` for a resolved allocation."""
+    runs, start = [], 0
+    key = [(a.num_experts, a.top_k, a.r) for a in layers]
+    for i in range(1, len(key) + 1):
+        if i == len(key) or key[i] != key[start]:
+            e, k, r = key[start]
+            runs.append(f"layers {start}-{i - 1}: {e} experts, top_k {k}, r {r}" if i - 1 > start
+                        else f"layer {start}: {e} experts, top_k {k}, r {r}")
+            start = i
+    total = sum(a.num_experts for a in layers)
+    return "; ".join(runs) + f" (total {total} experts)"
 
 
 def _is_user_error(e: BaseException) -> bool:

@@ -492,3 +492,58 @@ def test_a_run_reports_cut_rows(assets, tmp_path, capsys):
     assert "warning: 1 of 64 training rows were longer than data.cutoff_len=64" in printed
     assert "0 lost part of their answer" in printed
     assert _records(out, "run")[0]["truncation"]["cut"] == 1
+
+
+# ------------------------------------------------------------------------------------------ item 17: early allocation
+def _validate(recipe, *extra):
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]))
+    code = ("import sys, molora_cli; sys.argv = ['molora', 'train'] + sys.argv[1:]; rc = molora_cli.main(); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, str(recipe), *map(str, extra)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    return proc, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("override,want", [
+    (["--allocation.num_experts", "1,2,4", "--allocation.top_k", "2"], "top_k=2 is larger than num_experts=1 in layer 0"),
+    (["--allocation.num_experts", "1,2,3,4,5"], "has 5 groups but the model has only 4 layers"),
+    (["--allocation.num_experts", "[2, 2, 2]"], "has 3 entries but the model has 4 layers"),
+])
+def test_validate_resolves_the_allocation_from_the_config(assets, tmp_path, override, want):
+    recipe = write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run")
+    proc, seconds = _validate(recipe, "--validate", *override)
+    assert proc.returncode == 2 and want in proc.stderr and "allocation" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and seconds < 20
+    proc, _ = _validate(recipe, *override)  # the same before a real run: no model load, no torch
+    assert proc.returncode == 2 and want in proc.stderr
+
+
+def test_validate_prints_the_resolved_allocation_and_warns_on_misaligned_groups(assets, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run")
+    proc, _ = _validate(recipe, "--validate", "--allocation.num_experts", "2,4", "--allocation.top_k", "1,1,2")
+    assert proc.returncode == 0, proc.stderr
+    assert "layers 0-1: 2 experts, top_k 1, r 4; layer 2: 4 experts, top_k 1, r 4; layer 3: 4 experts, top_k 2" in \
+        proc.stdout
+    assert "warning: top_k='1,1,2' splits the 4 layers into groups that do not line up" in proc.stderr
+    proc, _ = _validate(recipe, "--validate", "--allocation.num_experts", "2,4", "--allocation.top_k", "1,2")
+    assert proc.returncode == 0 and "line up" not in proc.stderr
+
+
+def test_packaged_model_layer_count_matches_the_table():
+    from molora.recipe import PACKAGED_MODEL_LAYERS, PACKAGED_MODEL_NAMES
+
+    assert set(PACKAGED_MODEL_LAYERS) == set(PACKAGED_MODEL_NAMES)
+    assert PACKAGED_MODEL_LAYERS["smollm2-135m"] == 30  # SmolLM2-135M: 30 decoder layers (DESIGN §6)
+
+
+def test_allocation_command_prints_one_line_errors(assets, capsys):
+    from molora.cli import main as cli_main
+
+    assert cli_main(["allocation", str(assets["model"]), "--num-experts", "1,2", "--top-k", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("molora allocation: error: top_k=3 is larger than num_experts=1") and "\n" not in err
