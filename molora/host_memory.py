@@ -17,7 +17,7 @@ import sys
 from functools import lru_cache
 from typing import Optional
 
-__all__ = ["release_free_memory", "resident_bytes"]
+__all__ = ["release_free_memory", "resident_bytes", "peak_resident_bytes"]
 
 
 @lru_cache(maxsize=1)
@@ -51,3 +51,15 @@ def resident_bytes() -> Optional[int]:
     except (OSError, ValueError, IndexError):
         return None
     return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes() -> Optional[int]:
+    """The highest resident set size this process has had, in bytes (``getrusage`` ``ru_maxrss``; Linux reports
+    KiB, macOS bytes), or None where unavailable. Unlike :func:`resident_bytes` it cannot miss a short peak."""
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError, ValueError):
+        return None
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024

@@ -268,7 +268,7 @@ def _build_trainer_class():
     from transformers import trainer as hf_trainer
 
     from . import checkpoint as ckpt_mod
-    from .host_memory import release_free_memory, resident_bytes
+    from .host_memory import peak_resident_bytes, release_free_memory, resident_bytes
     from .label_logits import restrict_to_labels
     from .nonfinite import NonFiniteError, all_finite, local_tensor, nonfinite_entries
     from .telemetry import flat_router_scalars, router_headline
@@ -430,9 +430,15 @@ def _build_trainer_class():
                     logs["tokens_per_s"] = round(tokens / elapsed, 1)
                 if self.nonfinite_skipped:
                     logs["nonfinite_skipped"] = self.nonfinite_skipped
-                rss = resident_bytes()
-                if rss is not None:
+                # the largest RSS seen at a step's end (before malloc_trim hands free pages back) over this
+                # interval, and the process's peak so far (getrusage: includes peaks inside a step)
+                rss = max(self.molora.rss_interval_max, resident_bytes() or 0)
+                self.molora.rss_interval_max = 0
+                if rss:
                     logs["host_rss_gb"] = round(rss / 2**30, 2)
+                peak = peak_resident_bytes()
+                if peak is not None:
+                    logs["host_peak_rss_gb"] = round(peak / 2**30, 2)
                 if router is not None:
                     logs.update(router_headline(router))
                 record = {"type": "train", "step": self.state.global_step, **logs, "tokens": tokens}
@@ -532,6 +538,7 @@ class _RunContext:
     setup: Any = None
     fingerprint: Any = None
     checkpoint_bytes: int = 0
+    rss_interval_max: int = 0
 
 
 @contextmanager
@@ -726,7 +733,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
         from .allocation import AllocationError
         from .compat import enable_activation_checkpointing, peft_wrap
         from .data import DataCollator, PromptTemplate, build_dataset
-        from .host_memory import release_free_memory
+        from .host_memory import peak_resident_bytes, release_free_memory, resident_bytes
         from .label_logits import accepts_logits_to_keep
         from .summary import _tuner
         from .telemetry import MetricsWriter, RouterTelemetry
@@ -897,6 +904,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
         """Steps of varying length fragment glibc's heap and RSS grows without bound (see host_memory)."""
 
         def on_step_end(self, args_, state, control, **kw):
+            ctx.rss_interval_max = max(ctx.rss_interval_max, resident_bytes() or 0)  # before the trim: honest
             release_free_memory()
 
     class _NonFiniteGuard(TrainerCallback):
@@ -957,7 +965,8 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
                                "metrics": str(out / "metrics.jsonl") if recipe.report.jsonl else None,
                                "global_step": global_step, "train_loss": train_loss,
                                "timings": timings, "accuracy": {}, "plots": [], "world_size": world,
-                               "nonfinite_skipped_steps": trainer.nonfinite_skipped}
+                               "nonfinite_skipped_steps": trainer.nonfinite_skipped,
+                               "host_peak_rss_gb": round((peak_resident_bytes() or 0) / 2**30, 2)}
     if is_main:
         before = results.get("before") or _previous_accuracy(out / "metrics.jsonl", "before")
         for stage, res in (("before", before), ("after", results.get("after"))):
