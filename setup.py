@@ -18,25 +18,28 @@ setup(
     packages=["molora", "molora_kernels"],
     package_dir={"molora": "molora", "molora_kernels": "kernels/molora_kernels"},
     py_modules=["molora_cli"],  # the `molora` command (light import: fast errors)
+    # Ranges the test suite has run against (CI installs the newest inside each). The libraries whose APIs molora
+    # reaches into (transformers' Trainer and cache API, PEFT's tuner base, DeepSpeed's ZeRO hooks, accelerate)
+    # are held to the tested minor release; widen a range only with a green test run on the new release.
     install_requires=[
-        "torch>=2.4",
-        "transformers>=4.56",
-        "peft>=0.17",
-        "accelerate>=1.0",
-        "safetensors",
-        "pyyaml",
-        "pydantic>=2",
+        "torch>=2.13,<2.14",
+        "transformers>=5.24,<5.25",
+        "peft>=0.21,<0.22",
+        "accelerate>=1.15,<1.16",
+        "deepspeed>=0.19.8,<0.20",
+        "safetensors>=0.8,<0.9",
+        "pyyaml>=6",
+        "pydantic>=2.13,<3",
         "tqdm",
         "rich",
-        "matplotlib",
-        "wandb",
-        "datasets",
+        "matplotlib>=3.8",
+        "wandb>=0.31,<0.32",
+        "datasets>=5.2,<6",
         "gguf",
-        "deepspeed>=0.16",
     ],
     extras_require={
-        "triton": ["triton>=3.0"],
-        "dev": ["pytest", "triton>=3.0"],
+        "triton": ["triton>=3.9,<3.10"],
+        "dev": ["pytest>=8", "triton>=3.9,<3.10"],
     },
     entry_points={"console_scripts": ["molora=molora_cli:main"]},
 )
