@@ -294,3 +294,37 @@ def test_cost_model_choices():
     assert pick(num_experts=1, top_k=1, rank=8) == "torch"
     x, a, b, w, *_ = _inputs((4,), 8, 8, 2, 2, torch.float32, 0)
     assert ops.resolve_backend("auto", x, a, b, w, 1, "topk") in available_backends("cpu")
+
+
+def test_dropout_is_replayed_not_saved():
+    """With dropout the fused op saves the RNG state of the draw instead of dropout(x) ([T, d_in] per module),
+    replays it in backward, and leaves the run's RNG stream exactly where the reference leaves it."""
+    T, d_in, d_out, E, r = 64, 48, 40, 4, 4
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, d_in, generator=g, requires_grad=True)
+    a = torch.randn(E * r, d_in, generator=g, requires_grad=True)
+    b = torch.randn(d_out, E * r, generator=g, requires_grad=True)
+    w = torch.randn(E, d_in, generator=g, requires_grad=True)
+    kw = dict(top_k=2, scaling=2.0, dropout=0.2, training=True)
+
+    def run(backend):
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        torch.manual_seed(11)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = moe_lora(x, a, b, w, backend=backend, **kw)
+        grads = torch.autograd.grad(out.delta.sum() + out.routing.probs.sum(), (x, a, b, w))
+        return out.delta, grads, saved, torch.rand(4)
+
+    y_ref, g_ref, _, after_ref = run("reference")
+    y, grads, saved, after = run("torch")
+    assert torch.equal(y, y_ref), "the same mask and values as F.dropout"
+    for got, want in zip(grads, g_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after, after_ref), "backward's replay does not move the RNG stream"
+    big = [t for t in saved if t.shape == (T, d_in) and t.data_ptr() != x.data_ptr()]
+    assert not big, f"a [T, d_in] tensor besides x was saved: {[t.shape for t in big]}"

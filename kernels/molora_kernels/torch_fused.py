@@ -16,13 +16,19 @@ allows. With ``E`` experts of rank ``r`` (``R = E·r``), ``s = alpha / r``::
               [dA_all; dW_g] = dcat.T @ x                                 one GEMM
               dx       = dcat @ [A_all; W_g]                              one GEMM
 
-With dropout in training the expert input is ``xd = dropout(x)`` (computed outside by
-``F.dropout`` so the RNG stream and mask are exactly those of the reference) and the router keeps
-``x``: the shrink and the router then take separate GEMMs, and so do their gradients.
+With dropout in training the expert input is ``xd = dropout(x)`` and the router keeps ``x``: the shrink
+and the router then take separate GEMMs, and so do their gradients. The mask is drawn inside the
+Function from the global RNG exactly as ``F.dropout(x)`` draws it (same stream position, same values:
+``xd = x * m`` with ``m = F.dropout(ones)`` in {0, 1/(1-p)}, which is what ``F.dropout`` computes), so
+outputs equal the reference's bit for bit. Only the RNG state before the draw is saved, not ``xd``
+([T, d_in] per module: a quarter of SmolLM2-135M's activation memory with seven adapted projections);
+backward redraws ``m`` from that state inside ``torch.random.fork_rng`` (the run's RNG stream is not
+moved) — two cheap elementwise passes instead of T·d_in saved floats.
 
 The scaling is folded into the [T, E] gate (never a pass over [T, d_out]); the output can be
 accumulated into the frozen layer's output by ``addmm`` (``base=``), which saves the add pass.
-Saved for backward: x (and xd), the [T, R + E] shrink/logit activations, hgs, probs, top-k indices.
+Saved for backward: x (and the RNG state of the dropout draw), the [T, R + E] shrink/logit activations,
+hgs, probs, top-k indices.
 """
 from __future__ import annotations
 
@@ -57,21 +63,53 @@ def _route_backward(dgates: Optional[torch.Tensor], dprobs: Optional[torch.Tenso
     return probs * (dp - (dp * probs).sum(-1, keepdim=True))
 
 
-class DenseGatedMoLoRA(torch.autograd.Function):
-    """out, probs, gates, topk_idx = f(x, xd, a_all, b_all, router_weight, base, ...).
+def _rng_state(device: torch.device) -> Optional[torch.Tensor]:
+    """The generator state a dropout draw on ``device`` consumes (None: a device we cannot replay on)."""
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return None
 
-    x: [T, d_in]; xd: dropout(x) or None (then the shrink reads x); a_all: [R, d_in];
+
+def _dropout_scale(x: torch.Tensor, p: float) -> torch.Tensor:
+    """``m`` with ``F.dropout(x, p) == x * m`` (m in {0, 1/(1-p)}), drawn like ``F.dropout(x, p)`` would be."""
+    return torch.nn.functional.dropout(torch.ones_like(x), p=p, training=True)
+
+
+def _replay_dropout_scale(x: torch.Tensor, p: float, state: torch.Tensor) -> torch.Tensor:
+    """The dropout scale drawn from ``state`` again, without moving the run's RNG stream."""
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=x.device.type if devices else "cuda"):
+        if x.device.type == "cuda":
+            torch.cuda.set_rng_state(state, x.device)
+        else:
+            torch.set_rng_state(state)
+        return _dropout_scale(x, p)
+
+
+class DenseGatedMoLoRA(torch.autograd.Function):
+    """out, probs, gates, topk_idx = f(x, xd, a_all, b_all, router_weight, base, ..., dropout).
+
+    x: [T, d_in]; xd: dropout(x) drawn by the caller, or None (then, with ``dropout > 0``, the Function
+    draws it itself and replays the draw in backward instead of saving it; with ``dropout == 0`` the
+    shrink reads x); a_all: [R, d_in];
     b_all: [d_out, R]; router_weight: [E, d_in] (all in x.dtype); base: [T, d_out] or None.
     Returns out = (base +) delta [T, d_out], probs [T, E] fp32 (differentiable), gates [T, E] fp32
     and topk_idx [T, k] (not differentiable: the gates' gradient reaches the router internally).
     """
 
     @staticmethod
-    def forward(ctx, x, xd, a_all, b_all, router_weight, base, top_k: int, scaling: float, router: str):
+    def forward(ctx, x, xd, a_all, b_all, router_weight, base, top_k: int, scaling: float, router: str,
+                dropout: float = 0.0):
         num_experts = router_weight.shape[0]
         rank_all = a_all.shape[0]
         rank = rank_all // num_experts
         tokens = x.shape[0]
+        rng = None
+        if xd is None and dropout > 0.0:
+            rng = _rng_state(x.device)
+            xd = x * _dropout_scale(x, dropout)
         if xd is None:
             wcat = torch.cat([a_all, router_weight], dim=0)
             hl = torch.mm(x, wcat.t())                      # [T, R + E]
@@ -91,8 +129,11 @@ class DenseGatedMoLoRA(torch.autograd.Function):
             out = torch.mm(hgs, b_all.t())
         else:
             out = torch.addmm(base, hgs, b_all.t())
-        ctx.save_for_backward(x, xd, a_all, b_all, router_weight, wcat, hl, hgs, gs, probs, idx)
+        replay = rng is not None
+        ctx.save_for_backward(x, None if replay else xd, a_all, b_all, router_weight, wcat, hl, hgs, gs, probs, idx,
+                              rng)
         ctx.meta = (num_experts, rank, base is not None, router == "soft" or top_k == num_experts, scaling)
+        ctx.dropout = dropout if replay else 0.0
         ctx.device_type = x.device.type
         ctx.mark_non_differentiable(gates, idx)
         return out, probs, gates, idx
@@ -105,9 +146,14 @@ class DenseGatedMoLoRA(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dout, dprobs):
-        x, xd, a_all, b_all, router_weight, wcat, hl, hgs, gs, probs, idx = ctx.saved_tensors
+        x, xd, a_all, b_all, router_weight, wcat, hl, hgs, gs, probs, idx, rng = ctx.saved_tensors
         num_experts, rank, has_base, gates_are_probs, scaling = ctx.meta
         need_x, need_xd, need_a, need_b, need_w, need_base = ctx.needs_input_grad[:6]
+        scale = None
+        if rng is not None:  # the dropout was drawn here: replay it (x's gradient also flows through it)
+            scale = _replay_dropout_scale(x, ctx.dropout, rng)
+            xd = x * scale
+            need_xd = need_x
         tokens = x.shape[0]
         rank_all = num_experts * rank
         dx = dxd = da = db = dw = None
@@ -120,7 +166,7 @@ class DenseGatedMoLoRA(torch.autograd.Function):
             db = torch.mm(dout.t(), hgs)                                    # [d_out, R]
         need_in = need_x or need_xd or need_a or need_w
         if not need_in:
-            return dx, dxd, da, db, dw, dbase, None, None, None
+            return dx, dxd, da, db, dw, dbase, None, None, None, None
         dhgs = torch.mm(dout, b_all).view(tokens, num_experts, rank)       # d loss / d hgs
         h = hl[:, :rank_all].view(tokens, num_experts, rank)
         dgates = torch.linalg.vecdot(dhgs, h).float().mul_(scaling)      # [T, E] (real dtypes: no conj)
@@ -146,7 +192,11 @@ class DenseGatedMoLoRA(torch.autograd.Function):
                 dxd = torch.mm(dh, a_all)
             if need_x:
                 dx = torch.mm(dlogits, router_weight)
-        return dx, dxd, da, db, dw, dbase, None, None, None
+            if scale is not None:  # replayed dropout: d xd / d x = scale, and xd was no input of its own
+                if need_x:
+                    dx = dx.addcmul_(dxd, scale)
+                dxd = None
+        return dx, dxd, da, db, dw, dbase, None, None, None, None
 
 
 def moe_lora_fused(x2: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, router_weight: torch.Tensor, *,
@@ -157,8 +207,12 @@ def moe_lora_fused(x2: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, r
     Returns (out [T, d_out] in x2.dtype, Routing). ``out`` is the delta, or ``base + delta`` when
     ``base`` [T, d_out] is given (one addmm instead of a GEMM and an add).
     """
-    a, b, w, xd, base = prepare_operands(x2, a_all, b_all, router_weight, dropout, training, base)
-    out, probs, gates, idx = DenseGatedMoLoRA.apply(x2, xd, a, b, w, base, top_k, float(scaling), router)
+    p = float(dropout) if (dropout > 0.0 and training) else 0.0
+    a, b, w, xd, base = prepare_operands(x2, a_all, b_all, router_weight, 0.0, False, base)
+    if p > 0.0 and _rng_state(x2.device) is None:  # a device we cannot replay a draw on: draw outside, save xd
+        xd = torch.nn.functional.dropout(x2, p=p, training=True)
+        p = 0.0
+    out, probs, gates, idx = DenseGatedMoLoRA.apply(x2, xd, a, b, w, base, top_k, float(scaling), router, p)
     return out, Routing(gates=gates, probs=probs, topk_idx=idx)
 
 
