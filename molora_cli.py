@@ -5,6 +5,8 @@ import sys
 
 
 def main() -> int:
+    # Nothing is fetched from a hub at run time: set before any Hugging Face library reads its settings.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["MOLORA_DEFER_IMPORT"] = "1"
     try:
         from molora.cli import main as cli_main

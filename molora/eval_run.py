@@ -102,7 +102,10 @@ def recipe_accuracy(model, tokenizer, rows, template, recipe, progress: bool = T
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``molora eval``; returns the exit code."""
+    import os
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub at run time
     try:
         recipe_path, adapter_arg, output_arg, overrides, want_help = _parse(argv)
         if want_help:
@@ -112,9 +115,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RecipeError as e:
         print(f"molora eval: error: {e}", file=sys.stderr)
         return 2
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub at run time
     out = Path(recipe.train.output_dir)
     adapter = None if adapter_arg == "none" else Path(adapter_arg) if adapter_arg else out / "adapter"
     if adapter is not None and not (adapter / "adapter_config.json").is_file():

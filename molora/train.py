@@ -82,6 +82,11 @@ class CliOptions:
     help: bool = False
 
 
+#: flags of ``molora train`` that take a value -> what the value is (for the error when it is missing)
+_VALUE_FLAGS = {"--resume": "latest or a checkpoint directory",
+                "--resume-allow": "recipe keys or sections (e.g. train.learning_rate,data), or all"}
+
+
 def parse_cli(argv: Sequence[str]) -> CliOptions:
     """Split argv into recipe path, ``--resume``, ``--validate`` and overrides; drop the launcher's
     ``--local_rank``."""
@@ -96,25 +101,15 @@ def parse_cli(argv: Sequence[str]) -> CliOptions:
             i += 1
         elif a.startswith("--local_rank") or a.startswith("--local-rank"):
             i += 1 if "=" in a else 2
-        elif a == "--resume" or a.startswith("--resume="):
+        elif a.split("=", 1)[0] in _VALUE_FLAGS:
+            flag = a.split("=", 1)[0]
             if "=" in a:
-                opts.resume = a.split("=", 1)[1]
-                i += 1
+                value, i = a.split("=", 1)[1], i + 1
+            elif i + 1 < len(args):
+                value, i = args[i + 1], i + 2
             else:
-                if i + 1 >= len(args):
-                    raise RecipeError("--resume needs a value: latest or a checkpoint directory")
-                opts.resume = args[i + 1]
-                i += 2
-        elif a == "--resume-allow" or a.startswith("--resume-allow="):
-            if "=" in a:
-                opts.resume_allow = a.split("=", 1)[1]
-                i += 1
-            else:
-                if i + 1 >= len(args):
-                    raise RecipeError("--resume-allow needs a value: recipe keys or sections (e.g. "
-                                      "train.learning_rate,data), or all")
-                opts.resume_allow = args[i + 1]
-                i += 2
+                raise RecipeError(f"{flag} needs a value: {_VALUE_FLAGS[flag]}")
+            setattr(opts, flag[2:].replace("-", "_"), value)
         elif a in ("--validate", "--dry-run"):
             opts.validate = True
             i += 1
@@ -125,6 +120,8 @@ def parse_cli(argv: Sequence[str]) -> CliOptions:
             rest.append(a)
             i += 1
     opts.overrides = parse_overrides(rest)
+    if opts.resume_allow and not opts.resume:
+        raise RecipeError("--resume-allow applies to a resume: add --resume latest (or a checkpoint path)")
     if opts.recipe is None and not opts.help:
         raise RecipeError("no recipe given (e.g. molora train recipes/quickstart_cpu.yaml)")
     return opts
@@ -133,6 +130,7 @@ def parse_cli(argv: Sequence[str]) -> CliOptions:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``molora train`` and ``python -m molora.train``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face library reads it
     try:
         opts = parse_cli(argv)
         if opts.help:
@@ -293,15 +291,25 @@ def _build_trainer_class():
         def _trainable(self):
             return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
-        def _nonfinite(self, what: str, applied: bool = False) -> None:
-            """A non-finite value in the step being computed: stop (policy error) or mark the step to drop."""
-            step = self.state.global_step + 1
-            if self.molora.recipe.train.nonfinite == "skip" and not applied:
-                if self._nonfinite_reason is None:
-                    self._nonfinite_reason = what
-                return
+        def _agree(self, flag: bool) -> bool:
+            """True on every rank when it is True on any (so all ranks stop, or skip, the same step)."""
+            d = _dist()
+            if d is None:
+                return flag
+            t = torch.tensor([1.0 if flag else 0.0], device=self.args.device)
+            d.all_reduce(t, op=d.ReduceOp.MAX)
+            return bool(t.item())
+
+        def _note_nonfinite(self, what: str) -> None:
+            if self._nonfinite_reason is None:
+                self._nonfinite_reason = what
+
+        def _stop(self, what: Optional[str], applied: bool) -> None:
+            """Raise NonFiniteError on every rank (all ranks call this in the same step)."""
             from .checkpoint import find_latest
 
+            step = self.state.global_step + (0 if applied and self.molora.step_done else 1)
+            what = what or "another rank saw a non-finite loss, gradient or weight"
             last = find_latest(self.args.output_dir)
             where = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written yet"
             stopped = "Training stopped" + ("" if applied else " before this step was applied")
@@ -314,9 +322,9 @@ def _build_trainer_class():
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not bool(torch.isfinite(loss.detach()).all()):
-                # under DeepSpeed the engine may already have applied the step inside backward
-                self._nonfinite(f"the training loss is {float(loss.detach().float().reshape(-1)[0]):g}",
-                                applied=self.is_deepspeed_enabled)
+                # acted on at the optimizer step, together with the other ranks (a rank that stopped alone here
+                # would leave the others waiting in the gradient all-reduce)
+                self._note_nonfinite(f"the training loss is {float(loss.detach().float().reshape(-1)[0]):g}")
             return loss
 
         def _check_grads(self) -> None:
@@ -329,22 +337,29 @@ def _build_trainer_class():
                 return
             named = [(n, p.grad) for n, p in self._trainable() if p.grad is not None]
             if not all_finite(g for _, g in named):
-                self._nonfinite("non-finite gradients: " + ", ".join(nonfinite_entries(named, limit=3)))
+                self._note_nonfinite("non-finite gradients: " + ", ".join(nonfinite_entries(named, limit=3)))
 
         def _clip_grad_norm(self, model):
             self._check_grads()  # before clipping spreads a nan over every gradient
             return super()._clip_grad_norm(model)
 
         def _pre_optimizer_step(self) -> None:
+            """Stop, or drop this step, on every rank when any rank saw a non-finite loss or gradient."""
+            self.molora.step_done = False
+            if self.is_deepspeed_enabled:
+                return  # the engine has stepped already: handled in _post_step
             self._check_grads()
-            if self._nonfinite_reason is None:
+            if not self._agree(self._nonfinite_reason is not None):
                 return
+            reason, self._nonfinite_reason = self._nonfinite_reason, None
+            if self.molora.recipe.train.nonfinite != "skip":
+                self._stop(reason, applied=False)
             for _, p in self._trainable():
                 p.grad = None  # the optimizer skips parameters without a gradient: no update, moments untouched
             self.nonfinite_skipped += 1
             self._skips_in_a_row += 1
             step, limit = self.state.global_step + 1, self.molora.recipe.train.max_nonfinite_skips
-            reason, self._nonfinite_reason = self._nonfinite_reason, None
+            reason = reason or "another rank saw a non-finite loss or gradient"
             if self.is_world_process_zero():
                 print(f"molora: step {step}: {reason}; step skipped ({self._skips_in_a_row} in a row, "
                       f"{self.nonfinite_skipped} in all; limit {limit} in a row)", flush=True)
@@ -355,15 +370,19 @@ def _build_trainer_class():
             self.molora.skipped_this_step = True
 
         def _post_step(self) -> None:
+            """After the optimizer step (global_step already counts it): weights finite on every rank."""
+            self.molora.step_done = True
             if self.molora.skipped_this_step:
                 self.molora.skipped_this_step = False
             else:
                 self._skips_in_a_row = 0
+            reason, self._nonfinite_reason = self._nonfinite_reason, None  # DeepSpeed: a loss seen in this step
             named = self._trainable()
             if not all_finite(local_tensor(p) for _, p in named):
-                bad = nonfinite_entries([(n, local_tensor(p)) for n, p in named], limit=3)
-                self._nonfinite("adapter weights became non-finite in the optimizer step: " + ", ".join(bad),
-                                applied=True)
+                reason = "adapter weights became non-finite in the optimizer step: " + ", ".join(
+                    nonfinite_entries([(n, local_tensor(p)) for n, p in named], limit=3))
+            if self._agree(reason is not None):
+                self._stop(reason, applied=True)
 
         # ---------------------------------------------------------------- loss
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -535,6 +554,7 @@ class _RunContext:
     logits_at_labels_only: bool = False
     tuner: Any = None
     skipped_this_step: bool = False
+    step_done: bool = False
     setup: Any = None
     fingerprint: Any = None
     checkpoint_bytes: int = 0

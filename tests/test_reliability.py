@@ -10,22 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_train import _adapter, _records, make_assets, write_recipe
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_assets(tmp_path_factory.mktemp("tiny-rel"))
-
-
-@pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch):
-    saved = dict(os.environ)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+from test_train import _adapter, _isolated_env, _records, assets, write_recipe  # noqa: F401 (fixtures)
 
 
 def _train(argv):
