@@ -64,6 +64,19 @@ class RunError(RuntimeError):
     """A run cannot start or finish (message says why and what to do)."""
 
 
+def _test_nan_loss_at() -> Optional[tuple[int, int]]:
+    """Test hook ``MOLORA_TEST_NAN_LOSS_AT=STEP:RANK``: that rank reports a nan loss in that step (the multi-rank
+    agreement test). Never set it outside tests."""
+    raw = os.environ.get("MOLORA_TEST_NAN_LOSS_AT")
+    if not raw:
+        return None
+    step, rank = raw.split(":")
+    return int(step), int(rank)
+
+
+_TEST_NAN_LOSS_AT = _test_nan_loss_at()
+
+
 class SimulatedCrash(BaseException):
     """Test hook: raised right after checkpoint N is committed when ``MOLORA_TEST_CRASH_AFTER_CHECKPOINT=N`` is set
     (the process then dies as if killed: no final adapter, no cleanup). Never set it outside tests."""
@@ -321,6 +334,8 @@ def _build_trainer_class():
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
+            if _TEST_NAN_LOSS_AT == (self.state.global_step + 1, self.args.process_index):
+                loss = loss * float("nan")  # test hook: this rank alone reports a non-finite loss
             if not bool(torch.isfinite(loss.detach()).all()):
                 # acted on at the optimizer step, together with the other ranks (a rank that stopped alone here
                 # would leave the others waiting in the gradient all-reduce)

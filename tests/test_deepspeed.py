@@ -152,3 +152,25 @@ def test_aux_loss_gradient_scaling(assets, tmp_path):
     for r1, r2 in zip(_records(tmp_path / "one"), _records(tmp_path / "two")):
         assert r2["aux_loss"] == pytest.approx(r1["aux_loss"], rel=1e-5)
         assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-3)  # task + coef * mean aux, on both paths
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank(assets, tmp_path):
+    """Rank 1 alone reports a nan loss in step 3 (ZeRO-2, 2 processes): the run stops in that step with the
+    error naming it and the last good checkpoint, and nothing after step 2 is written. (The ranks agree through
+    one all-reduced flag; the launcher kills the other rank as soon as one exits, so the log may show one
+    rank's message or both.)"""
+    out = tmp_path / "nan"
+    recipe = write_recipe(tmp_path / "nan.yaml", assets, out, train={**TRAIN, "gradient_accumulation_steps": 1},
+                          allocation=ALLOC, eval={"before": False, "after": False})
+    log = tmp_path / "launch.log"
+    os.environ["MOLORA_TEST_NAN_LOSS_AT"] = "3:1"
+    try:
+        with pytest.raises(AssertionError, match="deepspeed run failed"):
+            _launch(recipe, 2, ["--deepspeed", str(ROOT / "recipes" / "deepspeed" / "zero2.json")], log)
+    finally:
+        del os.environ["MOLORA_TEST_NAN_LOSS_AT"]
+    text = log.read_text()
+    errors = [line for line in text.splitlines() if "molora train: error: step 3 of 4" in line]
+    assert errors and all("checkpoint-2" in e for e in errors), text[-3000:]
+    assert all("the training loss is nan" in e or "another rank saw" in e for e in errors), errors
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
