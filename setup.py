@@ -15,7 +15,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["molora", "molora_kernels"],
+    packages=["molora", "molora.allocation", "molora_kernels"],
     package_dir={"molora": "molora", "molora_kernels": "kernels/molora_kernels"},
     py_modules=["molora_cli"],  # the `molora` command (light import: fast errors)
     # Ranges the test suite has run against (CI installs the newest inside each). The libraries whose APIs molora

@@ -5,6 +5,7 @@
     molora bench kernels|train [options]              benchmarks (JSON + PNG + table)
     molora convert-mola SRC DST --num-experts 2,4,6,8 --top-k 2
     molora allocation MODEL --num-experts ▽ --top-k 2 --r 8   print the resolved per-layer table
+    molora allocate RECIPE.yaml --method block-influence --budget 120   data-driven allocation
 """
 from __future__ import annotations
 
@@ -90,6 +91,118 @@ def _allocation(argv: Sequence[str]) -> int:
     return 0
 
 
+def _allocate(argv: Sequence[str]) -> int:
+    from .allocation.methods import METHODS, method_names
+    from .recipe import RecipeError, load_recipe, parse_overrides
+
+    p = argparse.ArgumentParser(
+        prog="molora allocate",
+        description="Data-driven expert allocation: per-layer scores of a method on the recipe's model (and "
+                    "training rows), mapped to experts per layer with E_l ∝ score^beta. Methods: "
+                    + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+    p.add_argument("recipe", help="a recipe (its model, data, target_modules and r are used)")
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(method_names())}")
+    p.add_argument("--budget", type=int, required=True, help="total experts over all layers")
+    p.add_argument("--groups", type=int, default=None, help="average the scores over G contiguous groups first")
+    p.add_argument("--min", type=int, default=None, dest="min_experts", help="experts per layer, at least "
+                                                                              "(default: top_k, or 1)")
+    p.add_argument("--max", type=int, default=None, dest="max_experts", help="experts per layer, at most")
+    p.add_argument("--beta", type=float, default=None, help="exponent of the score (default: the method's)")
+    p.add_argument("--calib-examples", type=int, default=64, help="training rows read by data-driven methods")
+    p.add_argument("--write", default=None, help="write the YAML allocation fragment to this file")
+    p.add_argument("--out", default=None, help="folder for the table, JSON and PNG (default: "
+                                               "<train.output_dir>/allocation)")
+    a, rest = p.parse_known_args(argv)
+    try:
+        from .allocation.methods import get_method
+
+        method = get_method(a.method)
+        recipe = load_recipe(a.recipe, parse_overrides(rest))
+        if a.calib_examples < 1:
+            raise RecipeError(f"--calib-examples={a.calib_examples} must be >= 1")
+    except (RecipeError, ValueError) as e:
+        print(f"molora allocate: error: {e}", file=sys.stderr)
+        return 2
+    from .recipe import model_num_layers
+
+    layers = model_num_layers(recipe.model.name_or_path)
+    if layers is not None and a.budget < layers:
+        print(f"molora allocate: error: --budget={a.budget} is below one expert per layer "
+              f"({recipe.model.name_or_path}: {layers} layers)", file=sys.stderr)
+        return 2
+    return _run_allocate(a, method, recipe)
+
+
+def _run_allocate(a, method, recipe) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .allocation.auto import allocate, calibration_batches, layer_params, result_table, yaml_fragment
+    from .allocation.mapping import MappingError
+    from .data import PromptTemplate
+    from .train import _load_rows, _write_json_atomic, load_base_model
+
+    out = Path(a.out) if a.out else Path(recipe.train.output_dir) / "allocation"
+    try:
+        train_rows, _, _ = _load_rows(recipe, Path(recipe.train.output_dir), is_main=True)
+        model, tokenizer = load_base_model(recipe)
+        al = recipe.allocation
+        min_e = a.min_experts if a.min_experts is not None else (
+            al.top_k if isinstance(al.top_k, int) and al.router == "topk" else 1)
+        batches = None
+        if method.needs_data:
+            batches = calibration_batches(train_rows, tokenizer, PromptTemplate(recipe.data.prompt_template),
+                                          recipe.data.cutoff_len, a.calib_examples, seed=recipe.train.seed,
+                                          train_on_inputs=recipe.data.train_on_inputs)
+        targets = al.target_modules if isinstance(al.target_modules, list) else None
+        res = allocate(model, method.name, a.budget, batches=batches, beta=a.beta, min_experts=min_e,
+                       max_experts=a.max_experts, groups=a.groups, target_modules=targets)
+    except (MappingError, ValueError) as e:
+        print(f"molora allocate: error: {e}", file=sys.stderr)
+        return 2
+    params = layer_params(model, res.experts, al.r if isinstance(al.r, int) else 8, targets)
+    table = result_table(res, params)
+    print(table)
+    frag = yaml_fragment(res, recipe.model.name_or_path)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{res.method}-budget{res.budget}"
+    (out / f"{stem}.txt").write_text(table + "\n", encoding="utf-8")
+    _write_json_atomic(out / f"{stem}.json", {**res.to_dict(), "params": params,
+                                              "model": recipe.model.name_or_path, "recipe": str(a.recipe)})
+    png = _plot_allocation(res, out / f"{stem}.png")
+    if a.write:
+        Path(a.write).write_text(frag, encoding="utf-8")
+    print("\n" + frag if not a.write else "", end="")
+    print(f"molora allocate: wrote {out / (stem + '.json')}" + (f", {png}" if png else "")
+          + (f", {a.write}" if a.write else ""))
+    return 0
+
+
+def _plot_allocation(res, path: Path):
+    """Score and experts per layer (two panels); returns the path or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001
+        return None
+    layers = list(range(len(res.scores)))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    ax1.plot(layers, res.scores, marker="o")
+    ax1.set_ylabel(f"{res.method} score")
+    ax1.set_title(f"{res.method}: budget {res.budget}, E ∝ score^{res.beta:g}")
+    ax2.bar(layers, res.experts)
+    ax2.set_ylabel("experts")
+    ax2.set_xlabel("layer")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def _bench(argv: Sequence[str]) -> int:
     names = {"kernels": "bench_kernels.py", "train": "bench_train.py"}
     if not argv or argv[0] not in names:
@@ -115,6 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "bench": "run a benchmark (kernels | train)",
         "convert-mola": "import a checkpoint of the original MoLA code",
         "allocation": "print the resolved per-layer allocation for a model",
+        "allocate": "data-driven allocation: per-layer scores -> experts per layer (table, PNG, YAML)",
     }
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: molora COMMAND [args]\n\ncommands:")
@@ -140,6 +254,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _convert(rest)
     if cmd == "allocation":
         return _allocation(rest)
+    if cmd == "allocate":
+        return _allocate(rest)
     print(f"molora: unknown command {cmd!r}; commands: {', '.join(commands)}", file=sys.stderr)
     return 2
 

@@ -9,7 +9,7 @@ from peft.config import PeftConfig
 
 from molora_kernels import BACKENDS, ROUTERS
 
-from .allocation import AllocationError, AllocationSpec, validate_spec
+from .allocation import AllocationError, AllocationSpec, auto_method, is_auto, validate_spec
 from .registry import PEFT_TYPE
 
 AUX_LOSS_MODES = ("masked", "original")
@@ -80,6 +80,13 @@ class MoLoRAConfig(PeftConfig):
         if isinstance(self.num_experts, tuple):
             self.num_experts = list(self.num_experts)
         validate_spec(self.num_experts, "num_experts", allow_preset=True)
+        if is_auto(self.num_experts):
+            from .allocation.methods import get_method
+
+            try:
+                get_method(auto_method(self.num_experts))
+            except ValueError as e:
+                raise AllocationError(f"num_experts={self.num_experts!r}: {e}") from None
         validate_spec(self.top_k, "top_k", allow_preset=False)
         validate_spec(self.r, "r", allow_preset=False)
         if self.expert_budget is not None and (isinstance(self.expert_budget, bool)

@@ -105,6 +105,12 @@ class AllocationSection(_Section):
     aux_loss_mode: Literal["masked", "original"] = "masked"
     backend: str = "auto"
     init_weights: bool = True
+    # num_experts: "auto:METHOD" (molora.allocation.auto): how the per-layer scores become expert counts
+    auto_beta: Optional[float] = Field(None, ge=0)         # E_l ∝ score^beta (None: the method's default)
+    auto_min: Optional[int] = Field(None, ge=1)            # experts per layer, at least (None: top_k, or 1)
+    auto_max: Optional[int] = Field(None, ge=1)            # and at most
+    auto_groups: Optional[int] = Field(None, ge=1)         # average the scores over G contiguous groups first
+    auto_calib_examples: int = Field(64, ge=1)             # training rows the data-driven signals read
 
     @field_validator("num_experts", "top_k", "r")
     @classmethod
@@ -231,7 +237,7 @@ class Recipe(_Section):
 
     def molora_config_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``molora.MoLoRAConfig`` (task_type CAUSAL_LM)."""
-        kw = self.allocation.model_dump()
+        kw = {k: v for k, v in self.allocation.model_dump().items() if not k.startswith("auto_")}
         kw["task_type"] = "CAUSAL_LM"
         return kw
 
@@ -239,26 +245,35 @@ class Recipe(_Section):
 # ----------------------------------------------------------------------------------------------------- allocation
 
 
-def _allocation_module():
-    """molora.allocation without importing the molora package (whose __init__ imports torch and peft)."""
-    if "molora.allocation" in sys.modules:
-        return sys.modules["molora.allocation"]
-    cached = sys.modules.get("_molora_recipe_allocation")
-    if cached is not None:
-        return cached
-    path = Path(__file__).with_name("allocation.py")
-    spec = importlib.util.spec_from_file_location("_molora_recipe_allocation", path)
+def _pure_module(name: str):
+    """A torch-free module of molora.allocation (``specs``, ``methods``) without importing the molora package
+    (whose __init__ imports torch and peft): loaded from its file when the package is not imported yet."""
+    full = f"molora.allocation.{name}"
+    if full in sys.modules:
+        return sys.modules[full]
+    alias = f"_molora_recipe_{name}"
+    if alias in sys.modules:
+        return sys.modules[alias]
+    path = Path(__file__).with_name("allocation") / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(alias, path)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["_molora_recipe_allocation"] = mod
+    sys.modules[alias] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def _allocation_module():
+    """molora.allocation.specs, torch-free (see :func:`_pure_module`)."""
+    return _pure_module("specs")
 
 
 def _validate_allocation_spec(value: Any, field: str) -> None:
     alloc = _allocation_module()
     try:
         alloc.validate_spec(value, field, allow_preset=(field == "num_experts"))
-    except ValueError as e:  # AllocationError
+        if alloc.is_auto(value):
+            _pure_module("methods").get_method(alloc.auto_method(value))
+    except ValueError as e:  # AllocationError, unknown method
         raise ValueError(str(e)) from None
 
 
@@ -303,6 +318,14 @@ def resolve_recipe_allocation(recipe: "Recipe") -> Optional[list]:
         return None
     a = recipe.allocation
     alloc = _allocation_module()
+    if alloc.is_auto(a.num_experts):
+        if a.expert_budget is None:
+            raise RecipeError(f"allocation.num_experts={a.num_experts!r} needs allocation.expert_budget (the total "
+                              f"experts to distribute)")
+        if a.expert_budget < layers:
+            raise RecipeError(f"allocation.expert_budget={a.expert_budget} is below one expert per layer "
+                              f"({recipe.model.name_or_path}: {layers} layers)")
+        return None  # computed from the model before injection
     try:
         return alloc.resolve_allocation(a.num_experts, a.top_k, a.r, layers, expert_budget=a.expert_budget,
                                         router=a.router)

@@ -765,7 +765,8 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
 
         from . import checkpoint as ckpt_mod
         from . import resume as resume_mod
-        from .allocation import AllocationError
+        from .allocation import AllocationError, auto_method, is_auto
+        from .allocation.auto import resolve_recipe_auto
         from .compat import enable_activation_checkpointing, peft_wrap
         from .data import DataCollator, PromptTemplate, build_dataset
         from .host_memory import peak_resident_bytes, release_free_memory, resident_bytes
@@ -868,6 +869,18 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
         # it too: without it the first block's input needs no grad, DeepSpeed's post-backward bookkeeping of
         # the leaf goes wrong and backward fails on a released (size-0) parameter
         base.enable_input_require_grads()
+    auto = None
+    if is_auto(recipe.allocation.num_experts):
+        if zero_stage == 3:
+            raise RunError(f"allocation.num_experts={recipe.allocation.num_experts!r} is computed on the whole "
+                           f"model, which ZeRO-3 partitions: run `molora allocate {recipe.source or 'RECIPE'} "
+                           f"--method {auto_method(recipe.allocation.num_experts)} --budget "
+                           f"{recipe.allocation.expert_budget} --write alloc.yaml` first and use its num_experts list")
+        with _timer(timings, "auto_allocation_s"):
+            auto = resolve_recipe_auto(recipe, base, tokenizer, train_rows, is_main=is_main,
+                                       log=lambda m: print(m, flush=True))
+        mcfg = molora.MoLoRAConfig(**{**recipe.molora_config_kwargs(), "num_experts": auto["num_experts"],
+                                      "expert_budget": None})
     set_seed(recipe.train.seed)  # the adapter's initialisation is part of the run (same on every rank)
     model = peft_wrap(lambda: get_peft_model(base, mcfg), base)
     cfg = model.peft_config[model.active_adapter]
@@ -915,7 +928,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
         print(str(table), flush=True)
         print(f"molora: precision: {precision}", flush=True)
         metrics.write({"type": "run", "recipe": recipe.to_dict(), "allocation": cfg.allocation,
-                       "precision": precision,
+                       "precision": precision, "auto_allocation": auto,
                        "num_layers": cfg.num_layers, "trainable_params": trainable, "total_params": total,
                        "world_size": world, "zero_stage": zero_stage, "train_examples": len(train_ds),
                        "truncation": train_ds.truncation.as_dict(),

@@ -30,7 +30,23 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+__all__ = ["AllocationSpec", "PRESETS", "PRESET_ALIASES", "AUTO_PREFIX", "AllocationError", "AllocationWarning",
+           "LayerAllocation", "preset_name", "parse_blocks", "validate_spec", "group_sizes", "expand_groups",
+           "distribute_budget", "resolve", "resolve_allocation", "is_auto", "auto_method"]
+
 AllocationSpec = Union[int, Sequence[int], str]
+#: ``num_experts: "auto:block-influence"``: computed from the model (and data) before injection (molora.allocation.auto)
+AUTO_PREFIX = "auto:"
+
+
+def is_auto(spec: object) -> bool:
+    """True for a data-driven spec ``"auto:METHOD"``."""
+    return isinstance(spec, str) and spec.strip().lower().startswith(AUTO_PREFIX)
+
+
+def auto_method(spec: str) -> str:
+    """``"auto:Block-Influence"`` -> ``"block-influence"``."""
+    return spec.strip()[len(AUTO_PREFIX):].strip().lower()
 
 PRESETS: dict[str, tuple[int, ...]] = {
     "uniform": (5, 5, 5, 5),
@@ -84,6 +100,14 @@ def validate_spec(spec: AllocationSpec, field: str, allow_preset: bool) -> None:
     if isinstance(spec, int):
         values = [spec]
     elif isinstance(spec, str):
+        if is_auto(spec):
+            if field != "num_experts":
+                raise AllocationError(f"{field}={spec!r}: data-driven allocations ({AUTO_PREFIX}METHOD) are for "
+                                      f"num_experts only")
+            if not auto_method(spec):
+                raise AllocationError(f"{field}={spec!r}: name the method after {AUTO_PREFIX!r}, e.g. "
+                                      f"'auto:block-influence'")
+            return  # the method name is checked against molora.allocation.methods by the caller
         if preset_name(spec) is not None:
             if not allow_preset:
                 raise AllocationError(f"{field}={spec!r}: presets are shapes for num_experts only; "
@@ -214,6 +238,9 @@ def resolve(spec: AllocationSpec, num_layers: Optional[int], field: str,
         list of length ``num_layers`` (or 1 when ``num_layers`` is None).
     """
     validate_spec(spec, field, allow_preset=(field == "num_experts"))
+    if is_auto(spec):
+        raise AllocationError(f"{field}={spec!r} is computed from the model before injection: resolve it with "
+                              f"molora.allocation.auto.resolve_auto (molora train does) and pass the per-layer list")
     if num_layers is None:
         if isinstance(spec, int) and budget is None:
             return [spec]

@@ -1,0 +1,45 @@
+"""The registry of data-driven allocation methods (``molora allocate --method NAME``, ``auto:NAME`` in recipes).
+
+Pure Python (no torch), so recipes are checked before anything heavy loads; each entry names the function in
+:mod:`molora.allocation.signals` that computes the per-layer scores, which way a score points (more experts for
+higher scores, or for lower), whether it needs calibration data, and a default exponent ``beta``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["AllocationMethod", "METHODS", "get_method", "method_names"]
+
+
+@dataclass(frozen=True)
+class AllocationMethod:
+    name: str
+    function: str            # attribute of molora.allocation.signals: fn(model, batches, targets) -> LayerScores
+    higher_gets_more: bool   # True: E_l grows with the score; False: E_l grows as the score falls
+    needs_data: bool
+    default_beta: float
+    summary: str
+
+
+METHODS: dict[str, AllocationMethod] = {m.name: m for m in (
+    AllocationMethod("block-influence", "block_influence", True, True, 1.0,
+                     "ShortGPT block influence 1 - cos(h_in, h_out) on calibration rows: blocks that change the "
+                     "hidden state more get more experts"),
+    AllocationMethod("alpha-hill", "alpha_hill", True, False, 2.5,
+                     "AlphaLoRA: PL alpha-Hill of each targeted weight's eigenvalue spectrum (mean per layer); "
+                     "less heavy-tailed (higher alpha, less trained) layers get more experts; no data"),
+    AllocationMethod("grad-norm", "grad_norm", True, True, 1.0,
+                     "gradient norm of a rank-4 LoRA probe per layer on calibration batches: layers the task "
+                     "pulls on harder get more experts"),
+)}
+
+
+def method_names() -> list[str]:
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> AllocationMethod:
+    key = name.strip().lower()
+    if key not in METHODS:
+        raise ValueError(f"unknown allocation method {name!r}; known: {', '.join(method_names())}")
+    return METHODS[key]

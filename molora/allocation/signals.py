@@ -1,0 +1,199 @@
+"""Per-layer importance signals for data-driven expert allocation (registered in :mod:`.methods`).
+
+Each signal takes the frozen base model (a Hugging Face model with numbered blocks, see
+:mod:`molora.injection`) and, where it needs data, calibration batches (dicts of ``input_ids``,
+``attention_mask`` [B, T] and, for ``grad_norm``, ``labels``), and returns a :class:`LayerScores`: one float per
+block, in block order. Nothing here changes the model: hooks and probes are removed before returning.
+
+* :func:`block_influence` -- ShortGPT (Men et al., 2024, "ShortGPT: Layers in Large Language Models are More
+  Redundant Than You Expect", in ../shared/seeds/001): ``BI_l = 1 - E_t[cos(h_in_t, h_out_t)]`` of block l,
+  the mean over non-padding tokens of the calibration rows. A block that barely changes the residual stream
+  (BI near 0) is redundant; one that changes it a lot is where the work happens.
+* :func:`alpha_hill` -- AlphaLoRA (Qing et al., EMNLP 2024), from heavy-tailed self-regularisation (Martin &
+  Mahoney): the power-law exponent of the empirical spectral density of each targeted weight matrix, estimated
+  with the Hill estimator at ``xmin`` = the median non-zero eigenvalue (TempBalance's ``xmin_mid``, the code path
+  AlphaLoRA uses): with the non-zero eigenvalues of W^T W sorted ascending, ``i = N // 2``, ``n = N - i``::
+
+      alpha = 1 + n / (sum_{j >= i} ln(lambda_j) - n ln(lambda_i))
+
+  averaged over the layer's targeted matrices. A heavier tail (smaller alpha) means a better-trained layer;
+  AlphaLoRA gives layers with larger alpha more experts (E_l ∝ alpha_l^2.5). No data needed.
+* :func:`grad_norm` -- the gradient norm a small LoRA probe (rank 4, B = 0 so the model's function is
+  unchanged; one molora expert per targeted projection, which is exactly a LoRA) receives per layer on the
+  calibration batches' causal-LM loss: ``sqrt(sum over the layer's probes of ||dL/dB||^2)``, averaged over
+  batches. Layers the task pulls on harder get more experts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..injection import LINEAR_TYPES, block_containers, block_position
+
+__all__ = ["LayerScores", "blocks_of", "block_influence", "alpha_hill", "alpha_hill_of", "grad_norm"]
+
+
+@dataclass
+class LayerScores:
+    """``scores[l]``: the signal of block l; ``detail``: per-module values or counts behind it."""
+
+    method: str
+    scores: list[float]
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's block container (the ``nn.ModuleList`` the allocation is per layer of)."""
+    found = block_containers(model)
+    if not found:
+        raise ValueError("the model has no numbered blocks (no nn.ModuleList of layers around linear layers); "
+                         "data-driven allocation is per layer")
+    name = max(found, key=found.get)  # the longest list (a decoder's layers, not a 2-entry helper list)
+    return name, model.get_submodule(name)
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _batches(batches: Optional[Iterable[dict]], method: str) -> list[dict]:
+    out = list(batches or [])
+    if not out:
+        raise ValueError(f"{method} needs calibration batches (rows of the recipe's training data)")
+    return out
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(p.device for p in model.parameters())
+
+
+@torch.no_grad()
+def block_influence(model: nn.Module, batches: Iterable[dict], **_: Any) -> LayerScores:
+    """ShortGPT block influence per block (see the module doc). [B, T] batches; padding excluded."""
+    batches = _batches(batches, "block-influence")
+    _, blocks = blocks_of(model)
+    n = len(blocks)
+    sums = torch.zeros(n, dtype=torch.float64)
+    counts = torch.zeros(n, dtype=torch.float64)
+    mask_now: dict[str, torch.Tensor] = {}
+
+    def make_hook(idx: int):
+        def hook(module, args, kwargs, output):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = _first(output)
+            cos = F.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # [B, T]
+            m = mask_now["m"].to(cos.device, torch.float64)
+            sums[idx] += (cos.double() * m).sum().cpu()
+            counts[idx] += m.sum().cpu()
+        return hook
+
+    handles = [blk.register_forward_hook(make_hook(i), with_kwargs=True) for i, blk in enumerate(blocks)]
+    was_training = model.training
+    model.eval()
+    dev = _device(model)
+    try:
+        for b in batches:
+            ids = b["input_ids"].to(dev)
+            att = b.get("attention_mask")
+            att = torch.ones_like(ids) if att is None else att.to(dev)
+            mask_now["m"] = att
+            model(input_ids=ids, attention_mask=att)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    scores = (1.0 - sums / counts.clamp_min(1)).tolist()
+    return LayerScores("block-influence", scores, {"tokens": int(counts[0].item())})
+
+
+def alpha_hill_of(weight: torch.Tensor, evals_thresh: float = 1e-5) -> float:
+    """PL alpha-Hill of one weight matrix (TempBalance/AlphaLoRA ``xmin_mid``; see the module doc)."""
+    w = weight.detach().float()
+    eigs = torch.linalg.svdvals(w).double() ** 2
+    eigs, _ = torch.sort(eigs)
+    nz = eigs[eigs > evals_thresh]
+    n_all = int(nz.numel())
+    if n_all < 2:
+        raise ValueError(f"a {tuple(weight.shape)} weight has {n_all} eigenvalues above {evals_thresh}: alpha-Hill "
+                         f"needs at least 2")
+    i = n_all // 2
+    n = float(n_all - i)
+    logs = torch.log(nz)
+    return float(1.0 + n / (logs[i:].sum() - n * logs[i]))
+
+
+@torch.no_grad()
+def alpha_hill(model: nn.Module, batches: Optional[Iterable[dict]] = None, *,
+               target_modules: Optional[Iterable[str]] = None, **_: Any) -> LayerScores:
+    """Mean alpha-Hill of the targeted weights of each block (no data used). ``target_modules``: leaf names to
+    include (default: every linear layer inside the blocks)."""
+    container, blocks = blocks_of(model)
+    wanted = set(target_modules) if target_modules else None
+    per_layer: list[list[float]] = [[] for _ in blocks]
+    detail: dict[str, float] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, LINEAR_TYPES):
+            continue
+        pos = block_position(model, name)
+        if pos is None or pos.container != container:
+            continue
+        if wanted is not None and name.rsplit(".", 1)[-1] not in wanted and pos.rest not in wanted:
+            continue
+        a = alpha_hill_of(mod.weight)
+        per_layer[pos.index].append(a)
+        detail[name] = a
+    empty = [i for i, v in enumerate(per_layer) if not v]
+    if empty:
+        raise ValueError(f"alpha-hill: no targeted weight in layer(s) {empty[:5]} (target_modules="
+                         f"{sorted(wanted) if wanted else 'all'})")
+    return LayerScores("alpha-hill", [sum(v) / len(v) for v in per_layer], {"alpha": detail})
+
+
+def grad_norm(model: nn.Module, batches: Iterable[dict], *, target_modules: Optional[Iterable[str]] = None,
+              rank: int = 4, seed: int = 0, **_: Any) -> LayerScores:
+    """Per-block gradient norm of a rank-``rank`` LoRA probe on the batches' loss (see the module doc). The
+    batches need ``labels``. The probe is injected with molora itself (one expert per projection) and removed."""
+    from peft import get_peft_model
+
+    from ..compat import peft_wrap
+    from ..config import MoLoRAConfig
+
+    batches = _batches(batches, "grad-norm")
+    if any("labels" not in b for b in batches):
+        raise ValueError("grad-norm needs labelled calibration batches (input_ids, attention_mask, labels)")
+    _, blocks = blocks_of(model)
+    n = len(blocks)
+    saved_grad = {p: p.requires_grad for p in model.parameters()}
+    cfg = MoLoRAConfig(num_experts=1, top_k=1, r=rank, lora_alpha=rank, lora_dropout=0.0, aux_loss_coef=0.0,
+                       target_modules=list(target_modules) if target_modules else None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = peft_wrap(lambda: get_peft_model(model, cfg, adapter_name="_molora_probe"), model)
+    was_training = model.training
+    peft_model.eval()  # no dropout: the same numbers every time
+    dev = _device(model)
+    totals = torch.zeros(n, dtype=torch.float64)
+    try:
+        probes = [(m.layer_index, m.molora_B["_molora_probe"]) for m in peft_model.modules()
+                  if hasattr(m, "molora_B") and "_molora_probe" in getattr(m, "molora_B", {})]
+        for b in batches:
+            peft_model.zero_grad(set_to_none=True)
+            out = peft_model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
+                             labels=b["labels"].to(dev))
+            out.loss.backward()
+            sq = torch.zeros(n, dtype=torch.float64)
+            for layer, param in probes:
+                if param.grad is not None:
+                    sq[layer] += param.grad.double().pow(2).sum().cpu()
+            totals += sq.sqrt()
+    finally:
+        base = peft_model.unload()  # the original modules back, probe gone
+        for p, g in saved_grad.items():
+            p.requires_grad_(g)
+            p.grad = None
+        base.train(was_training)
+    return LayerScores("grad-norm", (totals / len(batches)).tolist(), {"rank": rank, "batches": len(batches)})
