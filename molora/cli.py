@@ -229,6 +229,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "convert-mola": "import a checkpoint of the original MoLA code",
         "allocation": "print the resolved per-layer allocation for a model",
         "allocate": "data-driven allocation: per-layer scores -> experts per layer (table, PNG, YAML)",
+        "sweep": "equal-budget allocation study: one training run per allocation x seed, merged table",
     }
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: molora COMMAND [args]\n\ncommands:")
@@ -256,6 +257,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _allocation(rest)
     if cmd == "allocate":
         return _allocate(rest)
+    if cmd == "sweep":
+        from .sweep import main as sweep_main
+
+        return sweep_main(rest)
     print(f"molora: unknown command {cmd!r}; commands: {', '.join(commands)}", file=sys.stderr)
     return 2
 
