@@ -159,8 +159,12 @@ def grad_norm(model: nn.Module, batches: Iterable[dict], *, target_modules: Opti
     batches need ``labels``. The probe is injected with molora itself (one expert per projection) and removed."""
     from peft import get_peft_model
 
+    import molora
+
     from ..compat import peft_wrap
     from ..config import MoLoRAConfig
+
+    molora.register()  # under the `molora` command the package is imported without registering with PEFT
 
     batches = _batches(batches, "grad-norm")
     if any("labels" not in b for b in batches):
