@@ -130,7 +130,7 @@ def _load_matrix(routers: list[dict]):
     return layers, max_e, np.ma.array(mean, mask=mask), np.ma.array(lastm, mask=mask), n_exp
 
 
-def _plot_expert_load(run, out: Path, title: str) -> Optional[Path]:
+def _plot_expert_load(run, out: Path, title: str, diags=None) -> Optional[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -140,7 +140,8 @@ def _plot_expert_load(run, out: Path, title: str) -> Optional[Path]:
     layers, max_e, mean, lastm, n_exp = _load_matrix(routers)
     vmax = float(max(mean.max(), lastm.max(), 1e-6))
     height = max(3.5, 0.22 * len(layers) + 1.8)
-    fig, axes = plt.subplots(1, 2, figsize=(3.2 + 1.1 * max_e, height), squeeze=False)
+    fig, axes = plt.subplots(1, 3, figsize=(5.6 + 1.1 * max_e, height), squeeze=False,
+                             gridspec_kw={"width_ratios": [max_e, max_e, 2.2]})
     cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     labels = ["-" if l is None else str(l) for l in layers]
     im = None
@@ -166,12 +167,46 @@ def _plot_expert_load(run, out: Path, title: str) -> Optional[Path]:
                     v = float(mat[i, e])
                     ax.text(e, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                             color="white" if v < 0.6 * vmax else "black")
+        if diags and ax is axes[0][1]:  # the diagnostics' verdict on the end of training: x dead, ^ dominant
+            by_layer = {d.layer: d for d in diags}
+            for i, layer in enumerate(layers):
+                d = by_layer.get(layer)
+                for e in (d.dead if d else []):
+                    ax.plot(e, i, marker="x", color="red", ms=8, mew=2)
+                for e in (d.dominant if d else []):
+                    ax.plot(e, i, marker="^", color="orange", ms=7)
     fig.colorbar(im, ax=[axes[0][0], axes[0][1]], label="fraction of the layer's top-k selections", shrink=0.9)
+    _plot_diagnosis_panel(axes[0][2], layers, diags or [])
     fig.suptitle("expert load per layer (uniform = 1/E)  —  " + title, fontsize=9)
     path = out / "expert_load.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _plot_diagnosis_panel(ax, layers, diags) -> None:
+    """Suggested change of experts per layer (bars) with each layer's state (see molora.diagnostics)."""
+    colors = {"dead": "tab:red", "dominant": "tab:orange", "near-uniform": "tab:gray", "all-used": "#bbbbbb",
+              "single": "#dddddd", "ok": "tab:green"}
+    by_layer = {d.layer: d for d in diags}
+    span = 1.5 + max([abs(d.suggested_experts - d.num_experts) for d in diags] or [0])
+    for i, layer in enumerate(layers):
+        d = by_layer.get(layer)
+        if d is None:
+            continue
+        change = d.suggested_experts - d.num_experts
+        color = colors.get(d.state, "tab:blue")
+        if change:
+            ax.barh(i, change, color=color, height=0.8)
+        else:
+            ax.plot(0, i, marker="s", color=color, ms=5)
+        ax.text(0.02, i, d.state, transform=ax.get_yaxis_transform(), va="center", fontsize=6)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlim(-span, span)
+    ax.set_ylim(-0.5, len(layers) - 0.5)
+    ax.set_yticks([])
+    ax.set_xlabel("suggested Δ experts")
+    ax.set_title("router diagnostics\n(x dead, ^ dominant)", fontsize=8)
 
 
 def _plot_router(run, out: Path, title: str) -> Optional[Path]:
@@ -235,8 +270,17 @@ def render(output_dir: Path | str, out_dir: Optional[Path | str] = None) -> list
     out = Path(out_dir) if out_dir is not None else output_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     title = _title(run, output_dir)
-    paths = [p for p in (_plot_loss(run, out, title), _plot_expert_load(run, out, title),
+    from .diagnostics import as_json, diagnose, diagnosis_text
+
+    diags = diagnose(run)
+    paths = [p for p in (_plot_loss(run, out, title), _plot_expert_load(run, out, title, diags),
                          _plot_router(run, out, title)) if p is not None]
+    if diags:
+        import json
+
+        (out / "router_diagnostics.json").write_text(json.dumps(as_json(diags), indent=1), encoding="utf-8")
+        (out / "router_diagnostics.txt").write_text(diagnosis_text(diags) + "\n", encoding="utf-8")
+        paths += [out / "router_diagnostics.json", out / "router_diagnostics.txt"]
     return paths
 
 
@@ -253,6 +297,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     for path in paths:
         print(path)
+    text = next((p for p in paths if p.name == "router_diagnostics.txt"), None)
+    if text is not None:
+        print(text.read_text(encoding="utf-8"), end="")
     return 0
 
 
