@@ -174,3 +174,32 @@ def test_non_finite_loss_on_one_rank_stops_every_rank(assets, tmp_path):
     assert errors and all("checkpoint-2" in e for e in errors), text[-3000:]
     assert all("the training loss is nan" in e or "another rank saw" in e for e in errors), errors
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_auto_allocation_is_the_same_on_every_rank(assets, tmp_path):
+    """`auto:block-influence` under ZeRO-2 on 2 ranks: rank 0 computes, every rank injects the same allocation,
+    and it equals the single-process one (each run with its own empty cache)."""
+    from molora.train import main
+
+    alloc = {**ALLOC, "num_experts": "auto:block-influence", "expert_budget": 10, "auto_calib_examples": 8}
+    ev = {"before": False, "after": False}
+    one = write_recipe(tmp_path / "one.yaml", assets, tmp_path / "one", train={**TRAIN, "max_steps": 2},
+                       allocation=alloc, eval=ev)
+    saved = dict(os.environ)
+    try:
+        os.environ["MOLORA_CACHE"] = str(tmp_path / "cache-one")
+        assert main([str(one)]) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    two = write_recipe(tmp_path / "two.yaml", assets, tmp_path / "two",
+                       train={**TRAIN, "max_steps": 2, "gradient_accumulation_steps": 1}, allocation=alloc, eval=ev)
+    os.environ["MOLORA_CACHE"] = str(tmp_path / "cache-two")
+    try:
+        _launch(two, 2, ["--deepspeed", str(ROOT / "recipes" / "deepspeed" / "zero2.json")], tmp_path / "launch.log")
+    finally:
+        del os.environ["MOLORA_CACHE"]
+    a = json.loads((tmp_path / "one" / "adapter" / "adapter_config.json").read_text())["allocation"]
+    b = json.loads((tmp_path / "two" / "adapter" / "adapter_config.json").read_text())["allocation"]
+    assert a == b and sum(row["num_experts"] for row in a) == 10
+    assert len(list((tmp_path / "cache-two" / "allocations").glob("block-influence-*.json"))) == 1  # rank 0 only
