@@ -257,3 +257,20 @@ def test_auto_recipe_errors_before_loading(assets, tmp_path, capsys):
     assert "unknown allocation method 'nope'" in capsys.readouterr().err
     assert main([str(recipe), "--allocation.expert_budget", "3"]) == 2
     assert "expert_budget=3 is below one expert per layer" in capsys.readouterr().err
+
+
+def test_allocate_through_the_light_command_entry_point(assets, tmp_path):
+    """The installed `molora` command imports the package without registering it with PEFT; grad-norm's probe
+    must register it (bug found running `molora allocate --method grad-norm`)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run", allocation={"top_k": 1})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "kernels")]))
+    code = "import sys, molora_cli; sys.argv = ['molora'] + sys.argv[1:]; sys.exit(molora_cli.main())"
+    proc = subprocess.run([sys.executable, "-c", code, "allocate", str(recipe), "--method", "grad-norm", "--budget",
+                           "8", "--calib-examples", "8", "--out", str(tmp_path / "a")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sum(json.loads((tmp_path / "a" / "grad-norm-budget8.json").read_text())["experts"]) == 8
