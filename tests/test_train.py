@@ -159,9 +159,12 @@ def test_train_evaluates_saves_and_reports(assets, tmp_path, capsys):
     assert {p.name for p in (out / "plots").glob("*.png")} == {"loss.png", "expert_load.png", "router.png"}
     shutil.rmtree(out / "plots")
     assert report_main([str(out), "--out", str(tmp_path / "plots")]) == 0
-    printed = capsys.readouterr().out.split()
-    assert sorted(Path(p).name for p in printed) == ["expert_load.png", "loss.png", "router.png"]
-    assert all(Path(p).stat().st_size > 5000 for p in printed)
+    printed = capsys.readouterr().out
+    paths = [Path(line) for line in printed.splitlines() if line.startswith(str(tmp_path / "plots"))]
+    assert sorted(p.name for p in paths) == ["expert_load.png", "loss.png", "router.png", "router_diagnostics.json",
+                                            "router_diagnostics.txt"]
+    assert all(p.stat().st_size > 5000 for p in paths if p.suffix == ".png")
+    assert "router diagnostics (end of training" in printed and "layer 3: E=4 k=1" in printed
 
 
 def test_resume_after_crash_matches_uninterrupted(assets, tmp_path, capsys, monkeypatch):
