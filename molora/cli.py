@@ -137,9 +137,8 @@ def _run_allocate(a, method, recipe) -> int:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .allocation.auto import allocate, calibration_batches, layer_params, result_table, yaml_fragment
+    from .allocation.auto import allocate_for_recipe, layer_params, result_table, yaml_fragment
     from .allocation.mapping import MappingError
-    from .data import PromptTemplate
     from .train import _load_rows, _write_json_atomic, load_base_model
 
     out = Path(a.out) if a.out else Path(recipe.train.output_dir) / "allocation"
@@ -147,16 +146,10 @@ def _run_allocate(a, method, recipe) -> int:
         train_rows, _, _ = _load_rows(recipe, Path(recipe.train.output_dir), is_main=True)
         model, tokenizer = load_base_model(recipe)
         al = recipe.allocation
-        min_e = a.min_experts if a.min_experts is not None else (
-            al.top_k if isinstance(al.top_k, int) and al.router == "topk" else 1)
-        batches = None
-        if method.needs_data:
-            batches = calibration_batches(train_rows, tokenizer, PromptTemplate(recipe.data.prompt_template),
-                                          recipe.data.cutoff_len, a.calib_examples, seed=recipe.train.seed,
-                                          train_on_inputs=recipe.data.train_on_inputs)
+        res = allocate_for_recipe(recipe, model, tokenizer, train_rows, method.name, a.budget, beta=a.beta,
+                                  min_experts=a.min_experts, max_experts=a.max_experts, groups=a.groups,
+                                  calib_examples=a.calib_examples)
         targets = al.target_modules if isinstance(al.target_modules, list) else None
-        res = allocate(model, method.name, a.budget, batches=batches, beta=a.beta, min_experts=min_e,
-                       max_experts=a.max_experts, groups=a.groups, target_modules=targets)
     except (MappingError, ValueError) as e:
         print(f"molora allocate: error: {e}", file=sys.stderr)
         return 2

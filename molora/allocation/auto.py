@@ -19,7 +19,8 @@ from .mapping import scores_to_experts
 from .methods import AllocationMethod, get_method
 from .specs import auto_method, is_auto
 
-__all__ = ["AllocationResult", "allocate", "calibration_batches", "resolve_recipe_auto", "cache_dir",
+__all__ = ["AllocationResult", "allocate", "allocate_for_recipe", "calibration_batches", "resolve_recipe_auto",
+           "cache_dir",
            "layer_params", "result_table", "yaml_fragment"]
 
 
@@ -85,25 +86,16 @@ def allocate(model, method: str, budget: int, *, batches: Optional[Sequence[dict
 def layer_params(model, experts: Sequence[int], r: Sequence[int] | int,
                  target_modules: Optional[Sequence[str]] = None) -> list[int]:
     """Trainable parameters per layer for these expert counts: per targeted projection E·r·(d_in + d_out) + E·d_in."""
-    from ..injection import LINEAR_TYPES, block_position
-    from .signals import blocks_of
+    from .signals import blocks_of, targeted_linears
 
-    container, blocks = blocks_of(model)
+    _, blocks = blocks_of(model)
     ranks = [r] * len(blocks) if isinstance(r, int) else list(r)
-    wanted = set(target_modules) if target_modules else None
     out = [0] * len(blocks)
-    for name, mod in model.named_modules():
-        if not isinstance(mod, LINEAR_TYPES):
-            continue
-        pos = block_position(model, name)
-        if pos is None or pos.container != container:
-            continue
-        if wanted is not None and name.rsplit(".", 1)[-1] not in wanted:
-            continue
+    for _, mod, index in targeted_linears(model, target_modules):
         w = mod.weight
         d_out, d_in = (w.shape if not hasattr(mod, "nf") else (w.shape[1], w.shape[0]))
-        e, rk = experts[pos.index], ranks[pos.index]
-        out[pos.index] += e * rk * (d_in + d_out) + e * d_in
+        e, rk = experts[index], ranks[index]
+        out[index] += e * rk * (d_in + d_out) + e * d_in
     return out
 
 
@@ -156,7 +148,6 @@ def resolve_recipe_auto(recipe, model, tokenizer, train_rows: Sequence[dict], *,
     a = recipe.allocation
     if not is_auto(a.num_experts):
         return None
-    from ..data import PromptTemplate
     from ..resume import rows_sha256
 
     method = get_method(auto_method(a.num_experts))
@@ -181,15 +172,9 @@ def resolve_recipe_auto(recipe, model, tokenizer, train_rows: Sequence[dict], *,
             except (OSError, ValueError):
                 payload = None
         if payload is None:
-            batches = None
-            if method.needs_data:
-                batches = calibration_batches(train_rows, tokenizer, PromptTemplate(recipe.data.prompt_template),
-                                              recipe.data.cutoff_len, a.auto_calib_examples, seed=recipe.train.seed,
-                                              train_on_inputs=recipe.data.train_on_inputs)
-            targets = a.target_modules if isinstance(a.target_modules, list) else None
-            res = allocate(model, method.name, a.expert_budget, batches=batches, beta=a.auto_beta,
-                           min_experts=min_experts, max_experts=a.auto_max, groups=a.auto_groups,
-                           target_modules=targets)
+            res = allocate_for_recipe(recipe, model, tokenizer, train_rows, method.name, a.expert_budget,
+                                      beta=a.auto_beta, min_experts=min_experts, max_experts=a.auto_max,
+                                      groups=a.auto_groups, calib_examples=a.auto_calib_examples)
             payload = {"num_experts": res.experts, "result": res.to_dict(), "settings": settings, "key": key,
                        "cached": False}
             _write_atomic(path, payload)
@@ -199,6 +184,26 @@ def resolve_recipe_auto(recipe, model, tokenizer, train_rows: Sequence[dict], *,
         log(f"molora: allocation {a.num_experts} with budget {a.expert_budget} ({src}): "
             f"{payload['num_experts']}")
     return payload
+
+
+def allocate_for_recipe(recipe, model, tokenizer, train_rows: Sequence[dict], method: str, budget: int, *,
+                        beta: Optional[float], min_experts: Optional[int], max_experts: Optional[int],
+                        groups: Optional[int], calib_examples: int) -> AllocationResult:
+    """:func:`allocate` with the recipe's calibration rows (prompt template, cutoff, seed), target modules and
+    default minimum (``min_experts=None``: top-k, see :func:`auto_min_experts`); shared by ``molora allocate``
+    and ``auto:`` recipes."""
+    from ..data import PromptTemplate
+
+    a = recipe.allocation
+    batches = None
+    if get_method(method).needs_data:
+        batches = calibration_batches(train_rows, tokenizer, PromptTemplate(recipe.data.prompt_template),
+                                      recipe.data.cutoff_len, calib_examples, seed=recipe.train.seed,
+                                      train_on_inputs=recipe.data.train_on_inputs)
+    targets = a.target_modules if isinstance(a.target_modules, list) else None
+    lo = min_experts if min_experts is not None else auto_min_experts(a)
+    return allocate(model, method, budget, batches=batches, beta=beta, min_experts=lo, max_experts=max_experts,
+                    groups=groups, target_modules=targets)
 
 
 def auto_min_experts(a) -> int:

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from ..injection import LINEAR_TYPES, block_containers, block_position
 
-__all__ = ["LayerScores", "blocks_of", "block_influence", "alpha_hill", "alpha_hill_of", "grad_norm"]
+__all__ = ["LayerScores", "blocks_of", "targeted_linears", "block_influence", "alpha_hill", "alpha_hill_of",
+           "grad_norm"]
 
 
 @dataclass
@@ -54,6 +55,22 @@ def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
                          "data-driven allocation is per layer")
     name = max(found, key=found.get)  # the longest list (a decoder's layers, not a 2-entry helper list)
     return name, model.get_submodule(name)
+
+
+def targeted_linears(model: nn.Module, target_modules: Optional[Iterable[str]] = None):
+    """``(name, module, block index)`` of the linear layers inside the model's blocks, optionally only those whose
+    leaf name (``q_proj``) or name inside the block (``self_attn.q_proj``) is in ``target_modules``."""
+    container, _ = blocks_of(model)
+    wanted = set(target_modules) if target_modules else None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, LINEAR_TYPES):
+            continue
+        pos = block_position(model, name)
+        if pos is None or pos.container != container:
+            continue
+        if wanted is not None and name.rsplit(".", 1)[-1] not in wanted and pos.rest not in wanted:
+            continue
+        yield name, mod, pos.index
 
 
 def _first(x):
@@ -131,20 +148,13 @@ def alpha_hill(model: nn.Module, batches: Optional[Iterable[dict]] = None, *,
                target_modules: Optional[Iterable[str]] = None, **_: Any) -> LayerScores:
     """Mean alpha-Hill of the targeted weights of each block (no data used). ``target_modules``: leaf names to
     include (default: every linear layer inside the blocks)."""
-    container, blocks = blocks_of(model)
+    _, blocks = blocks_of(model)
     wanted = set(target_modules) if target_modules else None
     per_layer: list[list[float]] = [[] for _ in blocks]
     detail: dict[str, float] = {}
-    for name, mod in model.named_modules():
-        if not isinstance(mod, LINEAR_TYPES):
-            continue
-        pos = block_position(model, name)
-        if pos is None or pos.container != container:
-            continue
-        if wanted is not None and name.rsplit(".", 1)[-1] not in wanted and pos.rest not in wanted:
-            continue
+    for name, mod, index in targeted_linears(model, wanted):
         a = alpha_hill_of(mod.weight)
-        per_layer[pos.index].append(a)
+        per_layer[index].append(a)
         detail[name] = a
     empty = [i for i, v in enumerate(per_layer) if not v]
     if empty:
