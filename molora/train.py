@@ -321,7 +321,7 @@ def _build_trainer_class():
             """Raise NonFiniteError on every rank (all ranks call this in the same step)."""
             from .checkpoint import find_latest
 
-            step = self.state.global_step + (0 if applied and self.molora.step_done else 1)
+            step = self.state.global_step + (0 if applied else 1)  # applied: called after the step was counted
             what = what or "another rank saw a non-finite loss, gradient or weight"
             last = find_latest(self.args.output_dir)
             where = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written yet"
@@ -360,7 +360,6 @@ def _build_trainer_class():
 
         def _pre_optimizer_step(self) -> None:
             """Stop, or drop this step, on every rank when any rank saw a non-finite loss or gradient."""
-            self.molora.step_done = False
             if self.is_deepspeed_enabled:
                 return  # the engine has stepped already: handled in _post_step
             self._check_grads()
@@ -386,7 +385,6 @@ def _build_trainer_class():
 
         def _post_step(self) -> None:
             """After the optimizer step (global_step already counts it): weights finite on every rank."""
-            self.molora.step_done = True
             if self.molora.skipped_this_step:
                 self.molora.skipped_this_step = False
             else:
@@ -569,7 +567,6 @@ class _RunContext:
     logits_at_labels_only: bool = False
     tuner: Any = None
     skipped_this_step: bool = False
-    step_done: bool = False
     setup: Any = None
     fingerprint: Any = None
     checkpoint_bytes: int = 0
