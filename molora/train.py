@@ -193,17 +193,12 @@ def _check_allocation_early(recipe: Recipe, show_warnings: bool) -> Optional[lis
 
 
 def _allocation_runs(layers: list) -> str:
-    """``layers 0-7: 2 experts, top_k 2, r 8; ...`` for a resolved allocation."""
-    runs, start = [], 0
-    key = [(a.num_experts, a.top_k, a.r) for a in layers]
-    for i in range(1, len(key) + 1):
-        if i == len(key) or key[i] != key[start]:
-            e, k, r = key[start]
-            runs.append(f"layers {start}-{i - 1}: {e} experts, top_k {k}, r {r}" if i - 1 > start
-                        else f"layer {start}: {e} experts, top_k {k}, r {r}")
-            start = i
-    total = sum(a.num_experts for a in layers)
-    return "; ".join(runs) + f" (total {total} experts)"
+    """``layers 0-7: 2 experts, top_k 2, r 8; ... (total N experts)`` for a resolved allocation."""
+    from .recipe import _allocation_module
+
+    runs = _allocation_module().describe_runs([a.num_experts for a in layers], [a.top_k for a in layers],
+                                              [a.r for a in layers])
+    return f"{runs} (total {sum(a.num_experts for a in layers)} experts)"
 
 
 def _is_user_error(e: BaseException) -> bool:

@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Union
 
 __all__ = ["AllocationSpec", "PRESETS", "PRESET_ALIASES", "AUTO_PREFIX", "AllocationError", "AllocationWarning",
            "LayerAllocation", "preset_name", "parse_blocks", "validate_spec", "group_sizes", "expand_groups",
-           "distribute_budget", "resolve", "resolve_allocation", "is_auto", "auto_method"]
+           "distribute_budget", "resolve", "resolve_allocation", "is_auto", "auto_method", "describe_runs"]
 
 AllocationSpec = Union[int, Sequence[int], str]
 #: ``num_experts: "auto:block-influence"``: computed from the model (and data) before injection (molora.allocation.auto)
@@ -283,14 +283,15 @@ def _boundaries(spec: AllocationSpec, num_layers: int) -> Optional[set[int]]:
     return starts
 
 
-def _runs_table(experts: Sequence[int], ks: Sequence[int], ranks: Sequence[int]) -> str:
+def describe_runs(experts: Sequence[int], ks: Sequence[int], ranks: Sequence[int]) -> str:
+    """``layers 0-7: 2 experts, top_k 2, r 8; layer 8: ...`` (runs of equal rows of a resolved allocation)."""
     rows, start = [], 0
     triples = list(zip(experts, ks, ranks))
     for i in range(1, len(triples) + 1):
         if i == len(triples) or triples[i] != triples[start]:
             e, k, rk = triples[start]
-            span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
-            rows.append(f"layers {span}: {e} experts, top_k {k}, r {rk}")
+            span = f"layer {start}" if i - 1 == start else f"layers {start}-{i - 1}"
+            rows.append(f"{span}: {e} experts, top_k {k}, r {rk}")
             start = i
     return "; ".join(rows)
 
@@ -308,7 +309,7 @@ def _warn_misaligned_groups(num_experts: AllocationSpec, others: dict[str, Alloc
         if mine is not None and not mine <= base:
             warnings.warn(f"{field}={spec!r} splits the {num_layers} layers into groups that do not line up with "
                           f"num_experts={num_experts!r} (group starts {sorted(mine)} vs {sorted(base)}); resolved: "
-                          f"{_runs_table(experts, ks, ranks)}", AllocationWarning, stacklevel=3)
+                          f"{describe_runs(experts, ks, ranks)}", AllocationWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
