@@ -357,14 +357,16 @@ def read_adapter_tensors(adapter_dir: Union[str, os.PathLike]) -> tuple[Path, di
     return weights, state
 
 
-def load_adapter_checked(base_model, adapter_dir: Union[str, os.PathLike], is_trainable: bool = False):
-    """``PeftModel.from_pretrained(base_model, adapter_dir)`` after :func:`read_adapter_tensors`, and an error
-    (not PEFT's warning) when the file lacks a tensor the model's adapter needs."""
+def load_adapter_checked(base_model, adapter_dir: Union[str, os.PathLike], is_trainable: bool = False,
+                         checked: Optional[tuple[Path, dict]] = None):
+    """``PeftModel.from_pretrained(base_model, adapter_dir)`` after :func:`read_adapter_tensors` (or with its
+    result ``checked`` when the caller already ran it), and an error (not PEFT's warning) when the file lacks a
+    tensor the model's adapter needs."""
     from peft import PeftModel
 
     from .compat import peft_wrap
 
-    weights, state = read_adapter_tensors(adapter_dir)
+    weights, state = checked if checked is not None else read_adapter_tensors(adapter_dir)
     model = peft_wrap(lambda: PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable),
                       base_model)
     name = _adapter_name(model)

@@ -65,7 +65,7 @@ def evaluate_adapter(recipe, adapter: Optional[Path], progress: bool = True) -> 
     if adapter is not None:
         from .checkpoint import read_adapter_tensors
 
-        read_adapter_tensors(adapter)  # a broken or non-finite adapter fails before the model loads
+        checked = read_adapter_tensors(adapter)  # a broken or non-finite adapter fails before the model loads
     model, tokenizer = load_base_model(recipe)
     if adapter is not None:
         import molora
@@ -73,7 +73,7 @@ def evaluate_adapter(recipe, adapter: Optional[Path], progress: bool = True) -> 
         from .checkpoint import load_adapter_checked
 
         molora.register()  # under the `molora` command the package was imported without registering
-        model = load_adapter_checked(model, adapter)
+        model = load_adapter_checked(model, adapter, checked=checked)
     model.eval()
     return recipe_accuracy(model, tokenizer, rows, PromptTemplate(recipe.data.prompt_template), recipe, progress)
 
