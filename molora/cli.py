@@ -189,10 +189,9 @@ def _plot_allocation(res, path: Path):
     ax2.set_ylabel("experts")
     ax2.set_xlabel("layer")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    from .report import save_figure
+
+    save_figure(fig, path)
     return path
 
 

@@ -20,7 +20,19 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["main", "render", "load_run"]
+__all__ = ["main", "render", "load_run", "save_figure"]
+
+
+def save_figure(fig, path: Path, dpi: int = 100, **kwargs) -> Path:
+    """Write a matplotlib figure atomically (temporary file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=dpi, **kwargs)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 def load_run(path: Path) -> dict[str, Any]:

@@ -365,10 +365,9 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
         ax.set_title(m)
         ax.set_ylabel("accuracy (95 % CI)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    from .report import save_figure
+
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ command
