@@ -23,7 +23,9 @@ Function from the global RNG exactly as ``F.dropout(x)`` draws it (same stream p
 outputs equal the reference's bit for bit. Only the RNG state before the draw is saved, not ``xd``
 ([T, d_in] per module: a quarter of SmolLM2-135M's activation memory with seven adapted projections);
 backward redraws ``m`` from that state inside ``torch.random.fork_rng`` (the run's RNG stream is not
-moved) — two cheap elementwise passes instead of T·d_in saved floats.
+moved) — a few elementwise passes instead of T·d_in saved floats. Measured on CPU (T=2048, d=1024, E=8,
+r=8, fwd+bwd of the op alone, p=0.05): 1.32x the time of saving dropout(x); the frozen GEMM around it is not
+in that figure. Forward draws with ``F.dropout(x)`` itself (one pass).
 
 The scaling is folded into the [T, E] gate (never a pass over [T, d_out]); the output can be
 accumulated into the frozen layer's output by ``addmm`` (``base=``), which saves the add pass.
@@ -109,7 +111,7 @@ class DenseGatedMoLoRA(torch.autograd.Function):
         rng = None
         if xd is None and dropout > 0.0:
             rng = _rng_state(x.device)
-            xd = x * _dropout_scale(x, dropout)
+            xd = torch.nn.functional.dropout(x, p=dropout, training=True)  # one pass; == x * replayed scale
         if xd is None:
             wcat = torch.cat([a_all, router_weight], dim=0)
             hl = torch.mm(x, wcat.t())                      # [T, R + E]
