@@ -153,7 +153,8 @@ def _run_allocate(a, method, recipe) -> int:
     except (MappingError, ValueError) as e:
         print(f"molora allocate: error: {e}", file=sys.stderr)
         return 2
-    params = layer_params(model, res.experts, al.r if isinstance(al.r, int) else 8, targets)
+    ranks = al.r if isinstance(al.r, int) else [x.r for x in _resolve_ranks(al.r, len(res.experts))]
+    params = layer_params(model, res.experts, ranks, targets, experts_mlp=res.experts_mlp)
     table = result_table(res, params)
     print(table)
     frag = yaml_fragment(res, recipe.model.name_or_path)
@@ -171,6 +172,12 @@ def _run_allocate(a, method, recipe) -> int:
     return 0
 
 
+def _resolve_ranks(r, num_layers: int):
+    from .allocation.specs import resolve_allocation
+
+    return resolve_allocation(1, 1, r, num_layers)
+
+
 def _plot_allocation(res, path: Path):
     """Score and experts per layer (two panels); returns the path or None without matplotlib."""
     try:
@@ -182,10 +189,18 @@ def _plot_allocation(res, path: Path):
         return None
     layers = list(range(len(res.scores)))
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
-    ax1.plot(layers, res.scores, marker="o")
+    if res.experts_mlp is None:
+        ax1.plot(layers, res.scores, marker="o")
+        ax2.bar(layers, res.experts)
+    else:  # attention and MLP side by side
+        ax1.plot(layers, res.scores, marker="o", label="attention")
+        ax1.plot(layers, res.scores_mlp, marker="s", label="MLP")
+        ax1.legend(fontsize=8)
+        ax2.bar([x - 0.2 for x in layers], res.experts, width=0.4, label="attention")
+        ax2.bar([x + 0.2 for x in layers], res.experts_mlp, width=0.4, label="MLP")
+        ax2.legend(fontsize=8)
     ax1.set_ylabel(f"{res.method} score")
     ax1.set_title(f"{res.method}: budget {res.budget}, E ∝ score^{res.beta:g}")
-    ax2.bar(layers, res.experts)
     ax2.set_ylabel("experts")
     ax2.set_xlabel("layer")
     fig.tight_layout()

@@ -29,6 +29,10 @@ class MoLoRAConfig(PeftConfig):
         top_k: experts each token is routed to (MoLA router). Must be <= the experts of its layer.
         r: rank of every expert of a layer.
         expert_budget: total experts over all layers; scales ``num_experts``' shape to that sum.
+        num_experts_mlp: experts of the MLP (feed-forward) projections of each layer, when they should differ
+            from the attention projections (``num_experts`` then holds for attention); same forms as
+            ``num_experts`` (no ``auto:``; ``auto:attn-mlp`` fills both). Each layer's attention modules and its
+            MLP modules then have separate routers' aux-loss groups. None: one count per layer.
         lora_alpha: LoRA alpha; the scaling of a layer is ``lora_alpha / r_l``.
         lora_dropout: dropout on the experts' input (the router sees the input without dropout).
         target_modules: module names (suffix match) or a regex (full match). None: every linear projection of
@@ -53,6 +57,8 @@ class MoLoRAConfig(PeftConfig):
     top_k: AllocationSpec = field(default=2, metadata={"help": "experts per token"})
     r: AllocationSpec = field(default=8, metadata={"help": "rank of each expert"})
     expert_budget: Optional[int] = field(default=None, metadata={"help": "total experts over all layers"})
+    num_experts_mlp: Optional[AllocationSpec] = field(default=None,
+                                                      metadata={"help": "experts of the MLP projections per layer"})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the experts' input"})
     target_modules: Optional[Union[list[str], str]] = field(default=None)
@@ -87,6 +93,14 @@ class MoLoRAConfig(PeftConfig):
                 get_method(auto_method(self.num_experts))
             except ValueError as e:
                 raise AllocationError(f"num_experts={self.num_experts!r}: {e}") from None
+        if isinstance(self.num_experts_mlp, tuple):
+            self.num_experts_mlp = list(self.num_experts_mlp)
+        if self.num_experts_mlp is not None:
+            validate_spec(self.num_experts_mlp, "num_experts_mlp", allow_preset=True)
+            if is_auto(self.num_experts):
+                raise AllocationError(f"num_experts_mlp={self.num_experts_mlp!r} with num_experts="
+                                      f"{self.num_experts!r}: an auto: allocation sets the counts itself "
+                                      f"(auto:attn-mlp sets both); drop num_experts_mlp")
         validate_spec(self.top_k, "top_k", allow_preset=False)
         validate_spec(self.r, "r", allow_preset=False)
         if self.expert_budget is not None and (isinstance(self.expert_budget, bool)

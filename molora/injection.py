@@ -66,3 +66,26 @@ def default_target_regex(model: nn.Module) -> Optional[str]:
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the linear layers of a model (for error messages)."""
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)})
+
+
+#: name components of a block's attention sub-block (checked first: BERT's ``attention.output.dense`` is attention)
+_ATTN_PARTS = re.compile(r"^(self_?attn|self_attention|attn|attention|mixer|crossattention|encdecattention)$", re.I)
+#: name components of a block's MLP (feed-forward) sub-block
+_MLP_PARTS = re.compile(r"^(mlp|ffn|feed_forward|feedforward|ff|intermediate|output|block_sparse_moe|moe)$", re.I)
+MODULE_KINDS = ("attn", "mlp")
+
+
+def module_kind(rest: str) -> Optional[str]:
+    """``"attn"`` or ``"mlp"`` for a module's name inside its block (``self_attn.q_proj``, ``mlp.down_proj``,
+    ``attention.output.dense``, ``intermediate.dense``), or None when the name says neither.
+
+    Used when attention and MLP projections of one layer get different expert counts (``num_experts_mlp``).
+    The sub-block is read from the name's components: an attention component anywhere wins (so BERT's
+    ``attention.output.dense`` is attention and its ``output.dense`` MLP).
+    """
+    parts = rest.split(".")[:-1]
+    if any(_ATTN_PARTS.match(p) for p in parts):
+        return "attn"
+    if any(_MLP_PARTS.match(p) for p in parts):
+        return "mlp"
+    return None

@@ -45,6 +45,9 @@ class MoLoRALayer(BaseTunerLayer):
         self.aux_loss_coef: dict[str, float] = {}
         self.aux_loss_mode: dict[str, str] = {}
         self.backend: dict[str, str] = {}
+        #: where this module's router statistics and aux loss are grouped: the layer index, or "3.attn" / "3.mlp"
+        #: when the layer's attention and MLP projections have separate expert counts
+        self.router_group: dict[str, Any] = {}
         self.layer_index: Optional[int] = None
         self.module_name: str = ""
         self._disable_adapters = False
@@ -64,8 +67,11 @@ class MoLoRALayer(BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, num_experts: int, top_k: int, r: int, lora_alpha: float,
                      lora_dropout: float, router: str, aux_loss_coef: float, aux_loss_mode: str, backend: str,
-                     init_weights: bool = True, inference_mode: bool = False) -> None:
-        """Create (or re-create) the experts and router of ``adapter_name`` for this layer."""
+                     init_weights: bool = True, inference_mode: bool = False, router_group: Any = None) -> None:
+        """Create (or re-create) the experts and router of ``adapter_name`` for this layer.
+
+        ``router_group``: the key this module's router statistics and aux loss are grouped under (None: the
+        layer index, as the original MoLA code groups all modules of a decoder layer)."""
         if num_experts < 1 or r < 1 or not 1 <= top_k <= num_experts:
             raise ValueError(f"invalid allocation for {self.module_name}: num_experts={num_experts}, "
                              f"top_k={top_k}, r={r}")
@@ -78,6 +84,7 @@ class MoLoRALayer(BaseTunerLayer):
         self.aux_loss_coef[adapter_name] = float(aux_loss_coef)
         self.aux_loss_mode[adapter_name] = aux_loss_mode
         self.backend[adapter_name] = backend
+        self.router_group[adapter_name] = self.layer_index if router_group is None else router_group
         er = num_experts * r
         self.molora_A[adapter_name] = nn.Parameter(torch.empty(er, self.in_features))
         self.molora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, er))
@@ -186,12 +193,12 @@ class Linear(nn.Module, MoLoRALayer):
             if want_stats:
                 record = collector.current
                 if not in_backward():
-                    record.record(self.layer_index, self.module_name, out.stats, self.num_experts[name],
+                    record.record(self.router_group[name], self.module_name, out.stats, self.num_experts[name],
                                   self.top_k[name])
                 coef = self.aux_loss_coef[name]
                 if (coef > 0 and self.router_type[name] == "topk" and self.num_experts[name] > 1
                         and torch.is_grad_enabled() and out.stats.prob_sum.requires_grad):
-                    delta = AuxLossGrad.apply(delta, out.stats.prob_sum, record, self.layer_index, coef)
+                    delta = AuxLossGrad.apply(delta, out.stats.prob_sum, record, self.router_group[name], coef)
             result = result + delta.to(result.dtype)
         return result
 

@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 
 from .allocation import AllocationError, LayerAllocation, resolve_allocation
 from .config import MoLoRAConfig
-from .injection import block_containers, block_position, default_target_regex, linear_module_names
+from .injection import block_containers, block_position, default_target_regex, linear_module_names, module_kind
 from .layer import Linear, MoLoRALayer, RoutedMergeError
 from .router_state import LossGradProbe, RouterCollector, summarize
 
@@ -72,9 +72,18 @@ class MoLoRAModel(BaseTuner):
                 f"{', '.join(per_layer)} is per layer, but target modules {outside[:3]} lie outside the "
                 f"numbered blocks; exclude them or give num_experts, top_k and r as ints (and no expert_budget)"
             )
+        if config.num_experts_mlp is not None:
+            kinds = {n: module_kind(block_position(model, n).rest) for n, i in indices.items() if i is not None}
+            unknown = [n for n, k in kinds.items() if k is None]
+            if unknown:
+                raise AllocationError(
+                    f"num_experts_mlp={config.num_experts_mlp!r} gives attention and MLP projections their own expert "
+                    f"counts, but {len(unknown)} target module(s) are in neither an attention nor an MLP sub-block by "
+                    f"name, e.g. {unknown[:3]}; exclude them or drop num_experts_mlp")
         alloc = resolve_allocation(config.num_experts, config.top_k, config.r, num_layers,
-                                   expert_budget=config.expert_budget, router=config.router)
-        table = [{"layer": a.layer, "num_experts": a.num_experts, "top_k": a.top_k, "r": a.r} for a in alloc]
+                                   expert_budget=config.expert_budget, router=config.router,
+                                   num_experts_mlp=config.num_experts_mlp)
+        table = [a.row() for a in alloc]
         if config.allocation is not None and (config.allocation != table or config.num_layers != num_layers):
             raise AllocationError(_allocation_mismatch(config.allocation, table, config.num_layers, num_layers))
         config.allocation = table
@@ -90,7 +99,12 @@ class MoLoRAModel(BaseTuner):
         layer = self._layer_index(self.model, current_key)
         alloc: list[LayerAllocation] = self._allocations[adapter_name]
         a = alloc[layer] if (layer is not None and len(alloc) > 1) else alloc[0]
-        kwargs = dict(num_experts=a.num_experts, top_k=a.top_k, r=a.r, lora_alpha=config.lora_alpha,
+        group = layer
+        kind = None
+        if a.num_experts_mlp is not None:  # attention and MLP of this layer: separate counts and aux-loss groups
+            kind = module_kind(block_position(self.model, current_key).rest)
+            group = f"{layer}.{kind}"
+        kwargs = dict(num_experts=a.experts_for(kind), top_k=a.top_k, router_group=group, r=a.r, lora_alpha=config.lora_alpha,
                       lora_dropout=config.lora_dropout, router=config.router, aux_loss_coef=config.aux_loss_coef,
                       aux_loss_mode=config.aux_loss_mode, backend=config.backend, init_weights=config.init_weights,
                       inference_mode=config.inference_mode)
@@ -193,7 +207,11 @@ def _allocation_mismatch(saved: list[dict], now: list[dict], saved_layers, now_l
     if saved_layers != now_layers:
         return (f"this checkpoint's allocation was made for a model with {saved_layers} layers, but this model has "
                 f"{now_layers}; load it into the same architecture")
-    diffs = [f"layer {s.get('layer')}: checkpoint {s['num_experts']} experts/top-{s['top_k']}/r{s['r']} vs "
-             f"config {n['num_experts']}/top-{n['top_k']}/r{n['r']}" for s, n in zip(saved, now) if s != n]
+    def show(row: dict) -> str:
+        mlp = f" (MLP {row['num_experts_mlp']})" if row.get("num_experts_mlp") is not None else ""
+        return f"{row['num_experts']}{mlp} experts/top-{row['top_k']}/r{row['r']}"
+
+    diffs = [f"layer {s.get('layer')}: checkpoint {show(s)} vs config {show(n)}"
+             for s, n in zip(saved, now) if s != n]
     return ("the checkpoint's allocation differs from the config's: " + "; ".join(diffs[:5])
             + (f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""))

@@ -96,6 +96,7 @@ class AllocationSection(_Section):
     top_k: Spec = 2
     r: Spec = 8
     expert_budget: Optional[int] = Field(None, ge=1)
+    num_experts_mlp: Optional[Spec] = None                 # MLP projections' own experts per layer (None: num_experts)
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Optional[Union[list[str], str]] = None
@@ -112,11 +113,20 @@ class AllocationSection(_Section):
     auto_groups: Optional[int] = Field(None, ge=1)         # average the scores over G contiguous groups first
     auto_calib_examples: int = Field(64, ge=1)             # training rows the data-driven signals read
 
-    @field_validator("num_experts", "top_k", "r")
+    @field_validator("num_experts", "top_k", "r", "num_experts_mlp")
     @classmethod
     def _spec(cls, v, info):
-        _validate_allocation_spec(v, info.field_name)
+        if v is not None or info.field_name != "num_experts_mlp":
+            _validate_allocation_spec(v, info.field_name)
         return v
+
+    @model_validator(mode="after")
+    def _mlp_with_auto(self):
+        if self.num_experts_mlp is not None and _allocation_module().is_auto(self.num_experts):
+            raise ValueError(f"num_experts_mlp={self.num_experts_mlp!r} with num_experts={self.num_experts!r}: an "
+                             f"auto: allocation sets the counts itself (auto:attn-mlp sets both); drop "
+                             f"num_experts_mlp")
+        return self
 
 
 class TrainSection(_Section):
@@ -270,7 +280,7 @@ def _allocation_module():
 def _validate_allocation_spec(value: Any, field: str) -> None:
     alloc = _allocation_module()
     try:
-        alloc.validate_spec(value, field, allow_preset=(field == "num_experts"))
+        alloc.validate_spec(value, field, allow_preset=field.startswith("num_experts"))
         if alloc.is_auto(value):
             _pure_module("methods").get_method(alloc.auto_method(value))
     except ValueError as e:  # AllocationError, unknown method
@@ -328,7 +338,7 @@ def resolve_recipe_allocation(recipe: "Recipe") -> Optional[list]:
         return None  # computed from the model before injection
     try:
         return alloc.resolve_allocation(a.num_experts, a.top_k, a.r, layers, expert_budget=a.expert_budget,
-                                        router=a.router)
+                                        router=a.router, num_experts_mlp=a.num_experts_mlp)
     except ValueError as e:  # AllocationError
         raise RecipeError(f"allocation ({recipe.model.name_or_path}, {layers} layers): {e}") from None
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -50,10 +50,12 @@ class LayerEntry:
 
 
 class ForwardRecord:
-    """Router statistics of one forward pass, grouped by layer index (None: a model without numbered layers)."""
+    """Router statistics of one forward pass, grouped by router group: the layer index (None: a model without
+    numbered layers), or ``"3.attn"`` / ``"3.mlp"`` when a layer's attention and MLP projections have separate
+    expert counts (each kind then is its own aux-loss group)."""
 
     def __init__(self) -> None:
-        self.layers: dict[Optional[int], LayerEntry] = {}
+        self.layers: dict[Any, LayerEntry] = {}
         #: d(objective)/d(returned loss), recorded by LossGradProbe in backward (None: loss not used)
         self.loss_grad: Optional[torch.Tensor] = None
         #: extra factor on the injected aux gradient (e.g. 1 / gradient-accumulation steps)
@@ -64,14 +66,14 @@ class ForwardRecord:
         scale = self.grad_multiplier
         return scale if self.loss_grad is None else self.loss_grad * scale
 
-    def record(self, layer: Optional[int], module: str, stats: RouterStats, num_experts: int, top_k: int) -> None:
+    def record(self, layer: Any, module: str, stats: RouterStats, num_experts: int, top_k: int) -> None:
         entry = self.layers.get(layer)
         if entry is None:
             entry = self.layers[layer] = LayerEntry(num_experts=num_experts, top_k=top_k)
         entry.stats.append(stats)
         entry.modules.append(module)
 
-    def merged(self, layer: Optional[int]) -> RouterStats:
+    def merged(self, layer: Any) -> RouterStats:
         return merge_stats(self.layers[layer].stats)
 
     def aux_loss(self, differentiable: bool = False) -> Optional[torch.Tensor]:
@@ -92,7 +94,7 @@ class ForwardRecord:
             total = term if total is None else total + term
         return total
 
-    def aux_grad(self, layer: Optional[int]) -> torch.Tensor:
+    def aux_grad(self, layer: Any) -> torch.Tensor:
         """d aux / d prob_sum of any module of ``layer``: ``E * f_e / n`` ([E] float32)."""
         entry = self.layers[layer]
         m = merge_stats(entry.stats)

@@ -17,10 +17,18 @@ class AllocationRow:
     r: int
     modules: int
     params: int
+    #: "attn" / "mlp" when the layer's attention and MLP projections have their own expert counts, else None
+    kind: Optional[str] = None
+
+    @property
+    def key(self):
+        """The router group of the row: the layer index, or ``"3.mlp"`` for one kind of a split layer."""
+        return self.layer if self.kind is None else f"{self.layer}.{self.kind}"
 
 
 class AllocationTable(list):
-    """A list of :class:`AllocationRow` (one per layer) that prints as a table."""
+    """A list of :class:`AllocationRow` (one per layer, or per layer and kind when attention and MLP projections
+    have their own expert counts) that prints as a table."""
 
     @property
     def total_params(self) -> int:
@@ -34,7 +42,7 @@ class AllocationTable(list):
         head = f"{'layer':>5}  {'experts':>7}  {'top_k':>5}  {'rank':>4}  {'modules':>7}  {'trainable params':>16}"
         lines = [head, "-" * len(head)]
         for r in self:
-            layer = "-" if r.layer is None else str(r.layer)
+            layer = "-" if r.layer is None else str(r.key)
             lines.append(f"{layer:>5}  {r.num_experts:>7}  {r.top_k:>5}  {r.r:>4}  {r.modules:>7}  {r.params:>16,}")
         lines.append("-" * len(head))
         lines.append(f"{'total':>5}  {self.total_experts:>7}  {'':>5}  {'':>4}  "
@@ -48,7 +56,7 @@ def _layers(model: nn.Module) -> list[MoLoRALayer]:
 
 def allocation_table(model: nn.Module, adapter_name: Optional[str] = None) -> AllocationTable:
     """Per-layer table (layer, experts, top-k, rank, MoLoRA modules, trainable adapter parameters)."""
-    rows: dict[Optional[int], AllocationRow] = {}
+    rows: dict[object, AllocationRow] = {}
     layers = _layers(model)
     if not layers:
         raise ValueError("this model has no MoLoRA layers; wrap it with peft.get_peft_model(model, MoLoRAConfig(...))")
@@ -57,12 +65,15 @@ def allocation_table(model: nn.Module, adapter_name: Optional[str] = None) -> Al
         if name not in m.molora_A:
             continue
         n = sum(p.numel() for p in (m.molora_A[name], m.molora_B[name], m.molora_router[name]))
-        row = rows.get(m.layer_index)
+        group = m.router_group.get(name, m.layer_index)
+        row = rows.get(group)
         if row is None:
-            row = rows[m.layer_index] = AllocationRow(m.layer_index, m.num_experts[name], m.top_k[name], m.r[name], 0, 0)
+            kind = group.rsplit(".", 1)[1] if isinstance(group, str) else None
+            row = rows[group] = AllocationRow(m.layer_index, m.num_experts[name], m.top_k[name], m.r[name], 0, 0,
+                                              kind)
         row.modules += 1
         row.params += n
-    return AllocationTable(sorted(rows.values(), key=lambda r: -1 if r.layer is None else r.layer))
+    return AllocationTable(sorted(rows.values(), key=lambda r: (-1 if r.layer is None else r.layer, r.kind or "")))
 
 
 def _tuner(model: nn.Module):

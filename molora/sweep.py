@@ -264,7 +264,9 @@ def _cell_metrics(cell_dir: Path) -> dict[str, float]:
 
         run = next(r for r in read_metrics(cell_dir / "metrics.jsonl") if r.get("type") == "run")
         out["trainable params"] = run.get("trainable_params")
-        out["experts"] = sum(x["num_experts"] for x in run.get("allocation") or [])
+        # per layer; a layer whose attention and MLP have their own counts counts their mean (as the budget does)
+        out["experts"] = sum((x["num_experts"] + x["num_experts_mlp"]) / 2 if x.get("num_experts_mlp") is not None
+                             else x["num_experts"] for x in run.get("allocation") or [])
     except (OSError, StopIteration, ValueError):
         pass
     return out

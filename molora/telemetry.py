@@ -50,7 +50,7 @@ class RouterTelemetry:
         self.tuner = _tuner(model)
         self.soft_router = soft_router
         table = allocation_table(model)
-        self.layers = [row.layer for row in table]
+        self.layers = [row.key for row in table]  # router groups: layer index, or "3.attn"/"3.mlp" when split
         self.num_experts = [row.num_experts for row in table]
         self.top_k = [row.top_k for row in table]
         self.modules = [max(1, row.modules) for row in table]  # router_summary counts tokens once per module
@@ -128,7 +128,8 @@ def flat_router_scalars(router: dict[str, Any], prefix: str = "router") -> dict[
     """wandb-friendly scalars: ``router/L03/entropy_norm``, ``router/L03/imbalance``, ``router/L03/load_e2``."""
     out: dict[str, float] = {}
     for i, layer in enumerate(router["layers"]):
-        tag = "all" if layer is None else f"L{layer:02d}"
+        tag = "all" if layer is None else (f"L{layer:02d}" if isinstance(layer, int) else
+                                           f"L{int(str(layer).split('.')[0]):02d}.{str(layer).split('.')[1]}")
         out[f"{prefix}/{tag}/entropy_norm"] = router["entropy_norm"][i]
         out[f"{prefix}/{tag}/imbalance"] = router["imbalance"][i]
         for e, v in enumerate(router["load"][i]):

@@ -196,8 +196,13 @@ def _allocation_runs(layers: list) -> str:
     """``layers 0-7: 2 experts, top_k 2, r 8; ... (total N experts)`` for a resolved allocation."""
     from .recipe import _allocation_module
 
+    split = any(a.num_experts_mlp is not None for a in layers)
     runs = _allocation_module().describe_runs([a.num_experts for a in layers], [a.top_k for a in layers],
-                                              [a.r for a in layers])
+                                              [a.r for a in layers],
+                                              [a.num_experts_mlp for a in layers] if split else None)
+    if split:
+        return (f"{runs} (total {sum(a.num_experts for a in layers)} attention + "
+                f"{sum(a.num_experts_mlp for a in layers)} MLP experts)")
     return f"{runs} (total {sum(a.num_experts for a in layers)} experts)"
 
 
@@ -872,7 +877,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
             auto = resolve_recipe_auto(recipe, base, tokenizer, train_rows, is_main=is_main,
                                        log=lambda m: print(m, flush=True))
         mcfg = molora.MoLoRAConfig(**{**recipe.molora_config_kwargs(), "num_experts": auto["num_experts"],
-                                      "expert_budget": None})
+                                      "num_experts_mlp": auto.get("num_experts_mlp"), "expert_budget": None})
     set_seed(recipe.train.seed)  # the adapter's initialisation is part of the run (same on every rank)
     model = peft_wrap(lambda: get_peft_model(base, mcfg), base)
     cfg = model.peft_config[model.active_adapter]
@@ -915,7 +920,12 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
     if is_main:  # room for one checkpoint and the final adapter, before the first step
         check_free_space(out, ctx.checkpoint_bytes + trainable * 4, "a checkpoint and the final adapter")
     if is_main:
-        print(f"molora: {recipe.model.name_or_path}: {len(table)} layers, {table.total_experts} experts, "
+        n_layers = len({row.layer for row in table})
+        split = any(row.kind for row in table)
+        experts = (f"{sum(r.num_experts for r in table if r.kind == 'attn')} attention + "
+                   f"{sum(r.num_experts for r in table if r.kind == 'mlp')} MLP experts" if split
+                   else f"{table.total_experts} experts")
+        print(f"molora: {recipe.model.name_or_path}: {n_layers} layers, {experts}, "
               f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)", flush=True)
         print(str(table), flush=True)
         print(f"molora: precision: {precision}", flush=True)

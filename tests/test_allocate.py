@@ -214,7 +214,7 @@ def test_allocate_command_prints_table_png_and_a_fragment_a_recipe_accepts(asset
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--method", "nope", "--budget", "10"], "unknown allocation method 'nope'; known: alpha-hill, block-influence"),
+    (["--method", "nope", "--budget", "10"], "unknown allocation method 'nope'; known: alpha-hill, attn-mlp, block-influence"),
     (["--method", "alpha-hill", "--budget", "3"], "--budget=3 is below one expert per layer"),
     (["--method", "alpha-hill", "--budget", "10", "--min", "3"], "budget=10 is below 4 layers x min 3"),
 ])

@@ -40,6 +40,10 @@ class AllocationResult:
     groups: Optional[int] = None
     calib_examples: int = 0
     detail: dict[str, Any] = field(default_factory=dict)
+    #: per-kind methods (attn-mlp): ``scores``/``experts`` are the attention sub-blocks', these the MLP ones'
+    #: (``experts`` + ``experts_mlp`` then sum to 2 x ``budget``)
+    scores_mlp: Optional[list[float]] = None
+    experts_mlp: Optional[list[int]] = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -75,37 +79,62 @@ def allocate(model, method: str, budget: int, *, batches: Optional[Sequence[dict
     fn = getattr(signals, m.function)
     ls = fn(model, batches, target_modules=target_modules)
     b = m.default_beta if beta is None else float(beta)
-    experts = scores_to_experts(ls.scores, budget, beta=b, higher_gets_more=m.higher_gets_more,
-                                min_experts=min_experts, max_experts=max_experts, groups=groups)
+    experts_mlp = None
+    if m.per_kind:  # attention and MLP scores compete for 2 x budget experts (as many as an unsplit allocation)
+        n = len(ls.scores)
+        both = scores_to_experts(list(ls.scores) + list(ls.scores_mlp), 2 * budget, beta=b,
+                                 higher_gets_more=m.higher_gets_more, min_experts=min_experts,
+                                 max_experts=max_experts, groups=groups, segments=[n, n])
+        experts, experts_mlp = both[:n], both[n:]
+    else:
+        experts = scores_to_experts(ls.scores, budget, beta=b, higher_gets_more=m.higher_gets_more,
+                                    min_experts=min_experts, max_experts=max_experts, groups=groups)
     n_calib = sum(int(x["input_ids"].shape[0]) for x in batches) if (batches and m.needs_data) else 0
     return AllocationResult(method=m.name, scores=[float(s) for s in ls.scores], experts=experts, budget=budget,
                             beta=b, higher_gets_more=m.higher_gets_more, min_experts=min_experts,
-                            max_experts=max_experts, groups=groups, calib_examples=n_calib, detail=ls.detail)
+                            max_experts=max_experts, groups=groups, calib_examples=n_calib, detail=ls.detail,
+                            scores_mlp=None if ls.scores_mlp is None else [float(x) for x in ls.scores_mlp],
+                            experts_mlp=experts_mlp)
 
 
 def layer_params(model, experts: Sequence[int], r: Sequence[int] | int,
-                 target_modules: Optional[Sequence[str]] = None) -> list[int]:
-    """Trainable parameters per layer for these expert counts: per targeted projection E·r·(d_in + d_out) + E·d_in."""
+                 target_modules: Optional[Sequence[str]] = None,
+                 experts_mlp: Optional[Sequence[int]] = None) -> list[int]:
+    """Trainable parameters per layer for these expert counts: per targeted projection E·r·(d_in + d_out) + E·d_in
+    (``experts_mlp``: the count of the layer's MLP projections, when they have their own)."""
+    from ..injection import block_position, module_kind
     from .signals import blocks_of, targeted_linears
 
     _, blocks = blocks_of(model)
     ranks = [r] * len(blocks) if isinstance(r, int) else list(r)
     out = [0] * len(blocks)
-    for _, mod, index in targeted_linears(model, target_modules):
+    for name, mod, index in targeted_linears(model, target_modules):
         w = mod.weight
         d_out, d_in = (w.shape if not hasattr(mod, "nf") else (w.shape[1], w.shape[0]))
         e, rk = experts[index], ranks[index]
+        if experts_mlp is not None and module_kind(block_position(model, name).rest) == "mlp":
+            e = experts_mlp[index]
         out[index] += e * rk * (d_in + d_out) + e * d_in
     return out
 
 
 def result_table(res: AllocationResult, params: Sequence[int]) -> str:
-    lines = [f"{'layer':>5}  {res.method + ' score':>22}  {'experts':>7}  {'trainable params':>16}",
-             "-" * 57]
-    for i, (s, e, p) in enumerate(zip(res.scores, res.experts, params)):
-        lines.append(f"{i:>5}  {s:>22.6g}  {e:>7}  {p:>16,}")
-    lines.append("-" * 57)
-    lines.append(f"{'total':>5}  {'':>22}  {sum(res.experts):>7}  {sum(params):>16,}")
+    if res.experts_mlp is not None:
+        head = (f"{'layer':>5}  {'attn score':>11}  {'MLP score':>11}  {'attn experts':>12}  {'MLP experts':>11}  "
+                f"{'trainable params':>16}")
+        lines = [head, "-" * len(head)]
+        for i, (s, sm, e, em, p) in enumerate(zip(res.scores, res.scores_mlp, res.experts, res.experts_mlp, params)):
+            lines.append(f"{i:>5}  {s:>11.5g}  {sm:>11.5g}  {e:>12}  {em:>11}  {p:>16,}")
+        lines.append("-" * len(head))
+        lines.append(f"{'total':>5}  {'':>11}  {'':>11}  {sum(res.experts):>12}  {sum(res.experts_mlp):>11}  "
+                     f"{sum(params):>16,}")
+    else:
+        lines = [f"{'layer':>5}  {res.method + ' score':>22}  {'experts':>7}  {'trainable params':>16}",
+                 "-" * 57]
+        for i, (s, e, p) in enumerate(zip(res.scores, res.experts, params)):
+            lines.append(f"{i:>5}  {s:>22.6g}  {e:>7}  {p:>16,}")
+        lines.append("-" * 57)
+        lines.append(f"{'total':>5}  {'':>22}  {sum(res.experts):>7}  {sum(params):>16,}")
     direction = "higher score -> more experts" if res.higher_gets_more else "lower score -> more experts"
     lines.append(f"E_l ∝ score^{res.beta:g} ({direction}), budget {res.budget}, min {res.min_experts}, max "
                  f"{res.max_experts or '-'}{f', {res.groups} groups' if res.groups else ''}")
@@ -117,6 +146,10 @@ def yaml_fragment(res: AllocationResult, model_name: str) -> str:
     head = (f"# molora allocate --method {res.method} --budget {res.budget} (beta {res.beta:g}, min "
             f"{res.min_experts}, max {res.max_experts or '-'}{f', groups {res.groups}' if res.groups else ''}) on "
             f"{model_name}; scores: " + ", ".join(f"{s:.4g}" for s in res.scores))
+    if res.experts_mlp is not None:
+        head += "; MLP scores: " + ", ".join(f"{s:.4g}" for s in res.scores_mlp)
+        return (f"{head}\nallocation:\n  num_experts: [{', '.join(str(e) for e in res.experts)}]\n"
+                f"  num_experts_mlp: [{', '.join(str(e) for e in res.experts_mlp)}]\n")
     return f"{head}\nallocation:\n  num_experts: [{', '.join(str(e) for e in res.experts)}]\n"
 
 
@@ -175,14 +208,16 @@ def resolve_recipe_auto(recipe, model, tokenizer, train_rows: Sequence[dict], *,
             res = allocate_for_recipe(recipe, model, tokenizer, train_rows, method.name, a.expert_budget,
                                       beta=a.auto_beta, min_experts=min_experts, max_experts=a.auto_max,
                                       groups=a.auto_groups, calib_examples=a.auto_calib_examples)
-            payload = {"num_experts": res.experts, "result": res.to_dict(), "settings": settings, "key": key,
-                       "cached": False}
+            payload = {"num_experts": res.experts, "num_experts_mlp": res.experts_mlp, "result": res.to_dict(),
+                       "settings": settings, "key": key, "cached": False}
             _write_atomic(path, payload)
     payload = _broadcast(payload)
     if is_main:
         src = f"cache {path}" if payload.get("cached") else f"computed, cached in {path}"
+        mlp = payload.get("num_experts_mlp")
         log(f"molora: allocation {a.num_experts} with budget {a.expert_budget} ({src}): "
-            f"{payload['num_experts']}")
+            + (f"{payload['num_experts']}" if mlp is None else
+               f"attention {payload['num_experts']}, MLP {mlp}"))
     return payload
 
 

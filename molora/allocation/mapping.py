@@ -87,7 +87,7 @@ def _water_fill(weights: Sequence[float], budget: int, lo: int, hi: float) -> li
 
 def scores_to_experts(scores: Sequence[float], budget: int, *, beta: float = 1.0, higher_gets_more: bool = True,
                       min_experts: int = 1, max_experts: Optional[int] = None,
-                      groups: Optional[int] = None) -> list[int]:
+                      groups: Optional[int] = None, segments: Optional[Sequence[int]] = None) -> list[int]:
     """Integer experts per layer from per-layer scores (see the module doc).
 
     Args:
@@ -97,6 +97,8 @@ def scores_to_experts(scores: Sequence[float], budget: int, *, beta: float = 1.0
         higher_gets_more: the method's direction.
         min_experts, max_experts: bounds per layer (``max_experts=None``: no upper bound).
         groups: average the scores over this many contiguous groups first (None: per layer).
+        segments: the scores are several per-layer series one after the other (attn-mlp: ``[L, L]``, attention
+            then MLP); ``groups`` then applies inside each series (G groups each), the budget to all together.
     Returns:
         list of ints, one per layer, summing to ``budget`` (with ``groups``: as near as the group sizes allow).
     Raises:
@@ -118,12 +120,22 @@ def scores_to_experts(scores: Sequence[float], budget: int, *, beta: float = 1.0
         raise MappingError(f"budget={budget} is above {n} layers x max {max_experts} = {n * max_experts} experts; "
                            f"lower the budget or raise --max")
     w = _weights(scores, beta, higher_gets_more)
+    if segments is not None and (sum(segments) != n or any(s < 1 for s in segments)):
+        raise MappingError(f"segments={list(segments)} must be positive and sum to the {n} scores")
     if groups is not None:
-        if not isinstance(groups, int) or not 1 <= groups <= n:
-            raise MappingError(f"groups={groups!r} must be an int between 1 and the number of layers ({n})")
-        gw = group_means(w, groups)
-        shape = [gw[sum(group_sizes(n, groups)[:g])] for g in range(groups)]
-        alloc = distribute_budget(shape, n, budget)
+        per = min(segments) if segments is not None else n
+        if not isinstance(groups, int) or not 1 <= groups <= per:
+            raise MappingError(f"groups={groups!r} must be an int between 1 and the number of layers ({per})")
+        if segments is not None:  # G groups in each series, one water level over all of them
+            gw, start = [], 0
+            for length in segments:
+                gw.extend(group_means(w[start:start + length], groups))
+                start += length
+            alloc = distribute_budget(gw, n, budget)  # per-unit weights: runs of equal values are the groups
+        else:
+            gw = group_means(w, groups)
+            shape = [gw[sum(group_sizes(n, groups)[:g])] for g in range(groups)]
+            alloc = distribute_budget(shape, n, budget)
         off = [(i, e) for i, e in enumerate(alloc) if e < min_experts or (max_experts and e > max_experts)]
         if off:
             raise MappingError(f"with groups={groups} layer {off[0][0]} gets {off[0][1]} experts, outside "

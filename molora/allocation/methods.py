@@ -19,12 +19,19 @@ class AllocationMethod:
     needs_data: bool
     default_beta: float
     summary: str
+    #: True: one score per layer *and* sub-block kind (attention, MLP); the allocation sets num_experts (attention)
+    #: and num_experts_mlp, and the budget counts per layer as for the others (2 x budget experts in all)
+    per_kind: bool = False
 
 
 METHODS: dict[str, AllocationMethod] = {m.name: m for m in (
     AllocationMethod("block-influence", "block_influence", True, True, 1.0,
                      "ShortGPT block influence 1 - cos(h_in, h_out) on calibration rows: blocks that change the "
                      "hidden state more get more experts"),
+    AllocationMethod("attn-mlp", "attn_mlp", True, True, 1.0,
+                     "block influence measured separately for the attention and the MLP sub-block of each layer "
+                     "(He et al. 2024): attention and MLP projections get their own expert counts",
+                     per_kind=True),
     AllocationMethod("alpha-hill", "alpha_hill", True, False, 2.5,
                      "AlphaLoRA: PL alpha-Hill of each targeted weight's eigenvalue spectrum (mean per layer); "
                      "less heavy-tailed (higher alpha, less trained) layers get more experts; no data"),

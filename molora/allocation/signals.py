@@ -9,6 +9,12 @@ block, in block order. Nothing here changes the model: hooks and probes are remo
   Redundant Than You Expect", in ../shared/seeds/001): ``BI_l = 1 - E_t[cos(h_in_t, h_out_t)]`` of block l,
   the mean over non-padding tokens of the calibration rows. A block that barely changes the residual stream
   (BI near 0) is redundant; one that changes it a lot is where the work happens.
+* :func:`attn_mlp` -- the same similarity per sub-block (the attention-vs-MLP redundancy line of work: He et
+  al., 2024, "What Matters in Transformers? Not All Attention Is Needed", in ../shared/seeds/001): in a pre-norm
+  residual block ``h_mid = h_in + Attn(.)``, ``h_out = h_mid + MLP(.)``, so
+  ``BI_attn = 1 - E_t[cos(h_in, h_mid)]`` and ``BI_mlp = 1 - E_t[cos(h_mid, h_out)]`` (parallel blocks,
+  ``h_out = h_in + Attn(.) + MLP(.)``: the MLP's is ``1 - E_t[cos(h_in, h_in + MLP(.))]``). Attention and MLP
+  projections of one layer then get their own expert counts.
 * :func:`alpha_hill` -- AlphaLoRA (Qing et al., EMNLP 2024), from heavy-tailed self-regularisation (Martin &
   Mahoney): the power-law exponent of the empirical spectral density of each targeted weight matrix, estimated
   with the Hill estimator at ``xmin`` = the median non-zero eigenvalue (TempBalance's ``xmin_mid``, the code path
@@ -32,10 +38,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..injection import LINEAR_TYPES, block_containers, block_position
+from ..injection import LINEAR_TYPES, block_containers, block_position, module_kind
 
-__all__ = ["LayerScores", "blocks_of", "targeted_linears", "block_influence", "alpha_hill", "alpha_hill_of",
-           "grad_norm"]
+__all__ = ["LayerScores", "blocks_of", "targeted_linears", "block_influence", "attn_mlp", "sub_blocks",
+           "alpha_hill", "alpha_hill_of", "grad_norm"]
 
 
 @dataclass
@@ -45,6 +51,8 @@ class LayerScores:
     method: str
     scores: list[float]
     detail: dict[str, Any] = field(default_factory=dict)
+    #: per-kind methods (attn-mlp): ``scores`` are the attention sub-blocks', these the MLP sub-blocks'
+    scores_mlp: Optional[list[float]] = None
 
 
 def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -125,6 +133,106 @@ def block_influence(model: nn.Module, batches: Iterable[dict], **_: Any) -> Laye
         model.train(was_training)
     scores = (1.0 - sums / counts.clamp_min(1)).tolist()
     return LayerScores("block-influence", scores, {"tokens": int(counts[0].item())})
+
+
+#: config flags of blocks whose attention and MLP both read the block input (``h_out = h_in + Attn + MLP``)
+_PARALLEL_FLAGS = ("use_parallel_residual", "parallel_attn", "parallel_residual")
+_PARALLEL_TYPES = ("phi", "gptj", "cohere", "cohere2")
+
+
+def sub_blocks(block: nn.Module, index: int = 0) -> tuple[nn.Module, nn.Module]:
+    """The attention and MLP children of a block (by name, see :func:`molora.injection.module_kind`)."""
+    found: dict[str, nn.Module] = {}
+    for name, child in block.named_children():
+        kind = module_kind(f"{name}.x")
+        if kind is not None and kind not in found:
+            found[kind] = child
+    missing = [k for k in ("attn", "mlp") if k not in found]
+    if missing:
+        raise ValueError(f"attn-mlp: block {index} ({type(block).__name__}) has no {' and no '.join(missing)} "
+                         f"sub-module by name (children: {', '.join(n for n, _ in block.named_children())}); "
+                         f"use block-influence for this architecture")
+    return found["attn"], found["mlp"]
+
+
+def _is_parallel(model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return False
+    if getattr(cfg, "model_type", None) in _PARALLEL_TYPES:
+        return True
+    return any(bool(getattr(cfg, f, False)) for f in _PARALLEL_FLAGS)
+
+
+@torch.no_grad()
+def attn_mlp(model: nn.Module, batches: Iterable[dict], *, tolerance: float = 1e-3, **_: Any) -> LayerScores:
+    """Block influence of each block's attention and MLP sub-block (see the module doc). [B, T] batches, padding
+    excluded. Each block must be a residual block ``h_out = h_in + Attn(.) + MLP(.)`` (pre-norm, sequential or
+    parallel); that identity is checked on every batch (relative error above ``tolerance`` in fp32 -- 3e-2 for
+    16-bit models -- raises naming the block: post-norm blocks like BERT's or extra norms after the sub-blocks
+    like Gemma's do not fit this measurement)."""
+    batches = _batches(batches, "attn-mlp")
+    _, blocks = blocks_of(model)
+    n = len(blocks)
+    parallel = _is_parallel(model)
+    subs = [sub_blocks(blk, i) for i, blk in enumerate(blocks)]
+    sums = torch.zeros(2, n, dtype=torch.float64)
+    counts = torch.zeros(n, dtype=torch.float64)
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    mask_now: dict[str, torch.Tensor] = {}
+    tol = tolerance if next(model.parameters()).dtype == torch.float32 else max(tolerance, 3e-2)
+
+    def keep(idx: int, kind: str):
+        def hook(module, args, output):
+            seen[(idx, kind)] = _first(output)
+        return hook
+
+    def on_block(idx: int):
+        def hook(module, args, kwargs, output):
+            h_in = (args[0] if args else kwargs["hidden_states"]).float()
+            h_out = _first(output).float()
+            a, m = seen.pop((idx, "attn")).float(), seen.pop((idx, "mlp")).float()
+            mask = mask_now["m"].to(h_out.device).bool()
+            if a.shape == h_in.shape == m.shape == h_out.shape:
+                h_mid = h_in + a
+                err = float((h_mid + m - h_out)[mask].norm() / h_out[mask].norm().clamp_min(1e-30))
+            else:  # a sub-module that is not a whole sub-block (BERT's `intermediate` is the MLP's first half)
+                err = float("inf")
+            if not err <= tol:
+                raise ValueError(
+                    f"attn-mlp: block {idx} ({type(module).__name__}) is not a residual block h_out = h_in + "
+                    f"attention + MLP (relative error {err:.2g} > {tol:g}): post-norm blocks (BERT) or norms after "
+                    f"the sub-blocks (Gemma 2/3) do not fit this measurement; use block-influence")
+            w = mask.to(torch.float64)
+            mlp_in = h_in if parallel else h_mid
+            for j, (x, y) in enumerate(((h_in, h_mid), (mlp_in, mlp_in + m))):
+                cos = F.cosine_similarity(x, y, dim=-1)  # [B, T]
+                sums[j, idx] += (cos.double() * w).sum().cpu()
+            counts[idx] += w.sum().cpu()
+        return hook
+
+    handles = []
+    for i, (blk, (att, mlp)) in enumerate(zip(blocks, subs)):
+        handles.append(att.register_forward_hook(keep(i, "attn")))
+        handles.append(mlp.register_forward_hook(keep(i, "mlp")))
+        handles.append(blk.register_forward_hook(on_block(i), with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    dev = _device(model)
+    try:
+        for b in batches:
+            ids = b["input_ids"].to(dev)
+            att = b.get("attention_mask")
+            att = torch.ones_like(ids) if att is None else att.to(dev)
+            mask_now["m"] = att
+            model(input_ids=ids, attention_mask=att)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    scores = (1.0 - sums / counts.clamp_min(1)).tolist()
+    return LayerScores("attn-mlp", scores[0], {"tokens": int(counts[0].item()), "parallel": parallel},
+                       scores_mlp=scores[1])
 
 
 def alpha_hill_of(weight: torch.Tensor, evals_thresh: float = 1e-5) -> float:

@@ -237,7 +237,7 @@ def resolve(spec: AllocationSpec, num_layers: Optional[int], field: str,
     Returns:
         list of length ``num_layers`` (or 1 when ``num_layers`` is None).
     """
-    validate_spec(spec, field, allow_preset=(field == "num_experts"))
+    validate_spec(spec, field, allow_preset=field.startswith("num_experts"))
     if is_auto(spec):
         raise AllocationError(f"{field}={spec!r} is computed from the model before injection: resolve it with "
                               f"molora.allocation.auto.resolve_auto (molora train does) and pass the per-layer list")
@@ -283,15 +283,19 @@ def _boundaries(spec: AllocationSpec, num_layers: int) -> Optional[set[int]]:
     return starts
 
 
-def describe_runs(experts: Sequence[int], ks: Sequence[int], ranks: Sequence[int]) -> str:
-    """``layers 0-7: 2 experts, top_k 2, r 8; layer 8: ...`` (runs of equal rows of a resolved allocation)."""
+def describe_runs(experts: Sequence[int], ks: Sequence[int], ranks: Sequence[int],
+                  experts_mlp: Optional[Sequence[Optional[int]]] = None) -> str:
+    """``layers 0-7: 2 experts, top_k 2, r 8; layer 8: ...`` (runs of equal rows of a resolved allocation);
+    with ``experts_mlp``: ``layers 0-3: 2 attention / 3 MLP experts, ...``."""
     rows, start = [], 0
-    triples = list(zip(experts, ks, ranks))
-    for i in range(1, len(triples) + 1):
-        if i == len(triples) or triples[i] != triples[start]:
-            e, k, rk = triples[start]
+    mlp = list(experts_mlp) if experts_mlp is not None else [None] * len(experts)
+    rows_in = list(zip(experts, ks, ranks, mlp))
+    for i in range(1, len(rows_in) + 1):
+        if i == len(rows_in) or rows_in[i] != rows_in[start]:
+            e, k, rk, em = rows_in[start]
             span = f"layer {start}" if i - 1 == start else f"layers {start}-{i - 1}"
-            rows.append(f"{span}: {e} experts, top_k {k}, r {rk}")
+            count = f"{e} experts" if em is None else f"{e} attention / {em} MLP experts"
+            rows.append(f"{span}: {count}, top_k {k}, r {rk}")
             start = i
     return "; ".join(rows)
 
@@ -320,22 +324,51 @@ class LayerAllocation:
     num_experts: int
     top_k: int
     r: int
+    #: experts of the layer's MLP projections when they differ from its attention projections (``num_experts``
+    #: then holds for attention); None: every projection of the layer has ``num_experts``
+    num_experts_mlp: Optional[int] = None
+
+    def experts_for(self, kind: Optional[str]) -> int:
+        """The expert count of a projection of this layer of module kind ``kind`` ("attn", "mlp" or None)."""
+        return self.num_experts_mlp if (kind == "mlp" and self.num_experts_mlp is not None) else self.num_experts
+
+    def row(self) -> dict:
+        """The adapter config's allocation row (``num_experts_mlp`` only when split, so old tables still match)."""
+        d = {"layer": self.layer, "num_experts": self.num_experts, "top_k": self.top_k, "r": self.r}
+        if self.num_experts_mlp is not None:
+            d["num_experts_mlp"] = self.num_experts_mlp
+        return d
 
 
 def resolve_allocation(num_experts: AllocationSpec, top_k: AllocationSpec, r: AllocationSpec,
                        num_layers: Optional[int], expert_budget: Optional[int] = None,
-                       router: str = "topk") -> list[LayerAllocation]:
-    """Resolve the three per-layer specs and check them against each other (top-k <= experts)."""
+                       router: str = "topk",
+                       num_experts_mlp: Optional[AllocationSpec] = None) -> list[LayerAllocation]:
+    """Resolve the per-layer specs and check them against each other (top-k <= experts).
+
+    ``num_experts_mlp`` (optional) gives the MLP projections of each layer their own expert count; ``num_experts``
+    then holds for the attention projections. With ``expert_budget`` both are scaled to it, so attention and MLP
+    together hold 2 x ``expert_budget`` experts -- as many as an unsplit allocation with that budget.
+    """
     experts = resolve(num_experts, num_layers, "num_experts", budget=expert_budget)
     ks = resolve(top_k, num_layers, "top_k")
     ranks = resolve(r, num_layers, "r")
+    mlp: list[Optional[int]] = [None] * len(experts)
+    if num_experts_mlp is not None:
+        if num_layers is None:
+            raise AllocationError(f"num_experts_mlp={num_experts_mlp!r} is per layer (attention and MLP of each "
+                                  f"numbered block), but the model has no numbered layers; drop num_experts_mlp")
+        mlp = resolve(num_experts_mlp, num_layers, "num_experts_mlp", budget=expert_budget)
     if num_layers is not None:
         _warn_misaligned_groups(num_experts, {"top_k": top_k, "r": r}, num_layers, experts, ks, ranks)
     out = []
-    for i, (e, k, rank) in enumerate(zip(experts, ks, ranks)):
-        if router == "topk" and k > e:
-            where = f"layer {i}" if num_layers is not None else "the model"
-            raise AllocationError(f"top_k={k} is larger than num_experts={e} in {where}; top_k must be between 1 "
-                                  f"and the number of experts of that layer (num_experts resolves to {experts})")
-        out.append(LayerAllocation(layer=i if num_layers is not None else None, num_experts=e, top_k=min(k, e), r=rank))
+    for i, (e, k, rank, em) in enumerate(zip(experts, ks, ranks, mlp)):
+        for field, count, all_counts in (("num_experts", e, experts), ("num_experts_mlp", em, mlp)):
+            if router == "topk" and count is not None and k > count:
+                where = f"layer {i}" if num_layers is not None else "the model"
+                raise AllocationError(f"top_k={k} is larger than {field}={count} in {where}; top_k must be between 1 "
+                                      f"and the number of experts of that layer ({field} resolves to {all_counts})")
+        k_eff = min(k, e) if em is None else min(k, e, em)
+        out.append(LayerAllocation(layer=i if num_layers is not None else None, num_experts=e, top_k=k_eff, r=rank,
+                                   num_experts_mlp=em))
     return out
