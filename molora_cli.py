@@ -1,5 +1,5 @@
 """Entry point of the ``molora`` command: imports the package without registering it with PEFT yet (no torch
-import), so that recipes and arguments are checked in well under a second; see :mod:`molora.cli`."""
+import), so that recipes and arguments are checked in well under a second; see :mod:`molora.run.cli`."""
 import os
 import sys
 
@@ -9,7 +9,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["MOLORA_DEFER_IMPORT"] = "1"
     try:
-        from molora.cli import main as cli_main
+        from molora.run.cli import main as cli_main
     finally:
         os.environ.pop("MOLORA_DEFER_IMPORT", None)  # never leaks into processes the command starts
     return cli_main()

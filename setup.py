@@ -10,12 +10,12 @@ from setuptools import setup
 
 setup(
     name="molora",
-    version="0.1.0",
+    version="0.2.0",
     description="Mixtures of LoRA experts with layer-wise expert allocation (MoLA) for Hugging Face models",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["molora", "molora.allocation", "molora_kernels"],
+    packages=["molora", "molora.tuner", "molora.allocation", "molora.run", "molora_kernels"],
     package_dir={"molora": "molora", "molora_kernels": "kernels/molora_kernels"},
     py_modules=["molora_cli"],  # the `molora` command (light import: fast errors)
     # Ranges the test suite has run against (CI installs the newest inside each). The libraries whose APIs molora

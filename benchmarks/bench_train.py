@@ -40,7 +40,7 @@ def build_base(random_init: bool, model_name: str):
                           num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                           tie_word_embeddings=True)
         return LlamaForCausalLM(cfg)
-    from molora.assets import load_model_and_tokenizer
+    from molora.run.assets import load_model_and_tokenizer
 
     return load_model_and_tokenizer(model_name)[0]
 

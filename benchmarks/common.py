@@ -1,6 +1,6 @@
 """Shared helpers of the molora benchmarks: side-by-side timing, environment record, JSON + PNG output.
 
-How we time (DESIGN.md §7): the machines are shared and noisy, so every variant of one measurement
+How we time (docs/design.md §5): the machines are shared and noisy, so every variant of one measurement
 point is timed in the same run, alternated A B C A B C ..., after a warm-up, many repetitions, and
 reported by its median; conclusions come from ratios between variants of the same point, never from
 a lone absolute time. On CUDA each call is bracketed by ``torch.cuda.synchronize`` (events would hide

@@ -11,7 +11,11 @@ command line fails in well under a second; the first use of any name below then 
 """
 import os as _os
 
-__version__ = "0.1.0"
+from ._moved import install as _install_moved_paths
+
+_install_moved_paths()  # the flat 0.1 import paths (molora.config, molora.train, ...) keep working until 0.3
+
+__version__ = "0.2.0"
 __all__ = ["MoLoRAConfig", "MoLoRAModel", "MoLoRALayer", "MoLoRALinear", "AllocationError", "RoutedMergeError",
            "PRESETS", "resolve_allocation", "allocation_table", "router_summary"]
 
@@ -19,11 +23,11 @@ __all__ = ["MoLoRAConfig", "MoLoRAModel", "MoLoRALayer", "MoLoRALinear", "Alloca
 def _load() -> None:
     """Register the PEFT method and bind the public names (idempotent)."""
     from .allocation import PRESETS, AllocationError, resolve_allocation
-    from .config import MoLoRAConfig
-    from .layer import Linear as MoLoRALinear, MoLoRALayer, RoutedMergeError
-    from .model import MoLoRAModel
-    from .registry import register
-    from .summary import allocation_table, router_summary
+    from .tuner.config import MoLoRAConfig
+    from .tuner.layer import Linear as MoLoRALinear, MoLoRALayer, RoutedMergeError
+    from .tuner.model import MoLoRAModel
+    from .tuner.registry import register
+    from .tuner.summary import allocation_table, router_summary
 
     register()
     globals().update(PRESETS=PRESETS, AllocationError=AllocationError, resolve_allocation=resolve_allocation,

@@ -185,13 +185,13 @@ def test_grad_norm_equals_the_direct_computation(tiny_model):
 
 # ------------------------------------------------------------------------------------------ molora allocate, auto:
 def _cli(argv):
-    from molora.cli import main
+    from molora.run.cli import main
 
     return main([str(a) for a in argv])
 
 
 def test_allocate_command_prints_table_png_and_a_fragment_a_recipe_accepts(assets, tmp_path, capsys):
-    from molora.recipe import load_recipe
+    from molora.run.recipe import load_recipe
 
     recipe = write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run")
     frag = tmp_path / "alloc.yaml"
@@ -225,7 +225,7 @@ def test_allocate_command_errors(assets, tmp_path, capsys, argv, match):
 
 
 def test_auto_in_a_recipe_resolves_identically_twice_and_is_stored(assets, tmp_path, capsys, monkeypatch):
-    from molora.train import main
+    from molora.run.train import main
 
     monkeypatch.setenv("MOLORA_CACHE", str(tmp_path / "cache"))
     alloc = {"num_experts": "auto:block-influence", "expert_budget": 10, "top_k": 1, "auto_calib_examples": 8}
@@ -247,7 +247,7 @@ def test_auto_in_a_recipe_resolves_identically_twice_and_is_stored(assets, tmp_p
 
 
 def test_auto_recipe_errors_before_loading(assets, tmp_path, capsys):
-    from molora.train import main
+    from molora.run.train import main
 
     recipe = write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run",
                           allocation={"num_experts": "auto:block-influence", "top_k": 1})

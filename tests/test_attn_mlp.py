@@ -16,7 +16,7 @@ from peft import PeftModel, get_peft_model
 
 from molora import AllocationError, MoLoRAConfig, MoLoRALinear, allocation_table
 from molora.allocation.mapping import MappingError, scores_to_experts
-from molora.injection import module_kind
+from molora.tuner.injection import module_kind
 
 from test_allocate import _batches, _cli
 from test_layer import batch, capture_inputs, causal_lm_loss
@@ -261,8 +261,8 @@ def test_split_without_numbered_layers_is_refused():
 
 # ------------------------------------------------------------------------------------------ end to end
 def test_allocate_attn_mlp_and_auto_attn_mlp_in_a_recipe(assets, tmp_path, capsys, monkeypatch):
-    from molora.recipe import load_recipe
-    from molora.train import main
+    from molora.run.recipe import load_recipe
+    from molora.run.train import main
 
     recipe = write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run", allocation={"top_k": 1})
     frag = tmp_path / "alloc.yaml"

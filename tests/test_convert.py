@@ -10,8 +10,8 @@ from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import molora  # noqa: F401  (registers the PEFT method)
-from molora.cli import main as cli_main
-from molora.convert import ConversionError, convert_mola
+from molora.run.cli import main as cli_main
+from molora.tuner.convert import ConversionError, convert_mola
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

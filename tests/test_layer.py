@@ -1,4 +1,4 @@
-"""The MoLoRA layer against the math of DESIGN.md §2, written out naively here; E = 1 against PEFT's LoRA;
+"""The MoLoRA layer against the math of docs/design.md §2, written out naively here; E = 1 against PEFT's LoRA;
 the MoLA aux loss (value and gradient) against a direct computation, with and without gradient checkpointing."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 
 import molora
 from molora import MoLoRAConfig, MoLoRALinear
-from molora.router_state import RouterCollector
+from molora.tuner.router_state import RouterCollector
 from molora_kernels import available_backends
 
 D_IN, D_OUT, ALPHA, COEF = 16, 12, 6.0, 10.0  # a large coef makes the aux gradient visible
@@ -23,7 +23,7 @@ BACKENDS = sorted({"auto", *available_backends("cpu")} - {b for b in available_b
 
 # --------------------------------------------------------------------------- the reference
 def reference(x, weight, bias, a_all, b_all, w_router, *, num_experts, top_k, r, alpha, router, mask=None):
-    """Naive MoLoRA of DESIGN.md §2, token by token and expert by expert, in float32.
+    """Naive MoLoRA of docs/design.md §2, token by token and expert by expert, in float32.
 
     Returns (y, aux): y = base + alpha/r * sum_j g_j * B_j (A_j x) per token, and the MoLA aux loss of this single
     module, E * sum_e f_e * mean_t P[t, e], over the tokens where ``mask`` is true.

@@ -1,4 +1,4 @@
-"""The MoE-LoRA op: every backend against a naive per-token, per-expert reference of DESIGN.md §2.
+"""The MoE-LoRA op: every backend against a naive per-token, per-expert reference of docs/design.md §2.
 
 The naive reference loops over tokens and their chosen experts in float64; it checks the output and the
 gradients of x, A_all, B_all and the router weight, with a loss on the output and on the statistics'
@@ -29,7 +29,7 @@ CONFIGS = [(8, 2, 4), (4, 4, 3), (1, 1, 5), (6, 1, 8), (16, 3, 2)]        # (E, 
 
 def naive_moe_lora(x2, xd2, a_all, b_all, w_router, *, top_k, scaling, router, forced_idx=None,
                    logits_dtype=None):
-    """Per-token loop of DESIGN.md §2 in float64. Returns (y [T, d_out], probs [T, E]).
+    """Per-token loop of docs/design.md §2 in float64. Returns (y [T, d_out], probs [T, E]).
 
     forced_idx: use these top-k experts (bf16: the backend's selection, since bf16 logits can reorder
     near-ties); logits_dtype: round the logits to this dtype first (what a bf16 GEMM returns).

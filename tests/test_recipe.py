@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from molora.recipe import Recipe, RecipeError, load_recipe, parse_overrides, recipe_from_dict
+from molora.run.recipe import Recipe, RecipeError, load_recipe, parse_overrides, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -113,7 +113,7 @@ def test_bad_overrides_fail_with_the_key(tmp_path, data_file):
 
 
 def test_parse_cli_drops_launcher_args_and_reads_resume():
-    from molora.train import parse_cli
+    from molora.run.train import parse_cli
 
     o = parse_cli(["--local_rank=1", "r.yaml", "--resume", "latest", "--train.max_steps", "5", "--local_rank", "0"])
     assert o.recipe == "r.yaml" and o.resume == "latest" and o.overrides == [("train.max_steps", 5)]
@@ -121,13 +121,13 @@ def test_parse_cli_drops_launcher_args_and_reads_resume():
 
 
 def test_main_reports_recipe_errors_fast_without_loading_a_model(tmp_path, data_file, capsys, monkeypatch):
-    import molora.assets
-    from molora.train import main
+    import molora.run.assets
+    from molora.run.train import main
 
     def boom(*a, **k):  # pragma: no cover - must not be reached
         raise AssertionError("a model was loaded before the recipe was validated")
 
-    monkeypatch.setattr(molora.assets, "load_model_and_tokenizer", boom)
+    monkeypatch.setattr(molora.run.assets, "load_model_and_tokenizer", boom)
     p = _write(tmp_path, f"data: {{train_file: {data_file}}}\ntrain: {{warmup_steps: -1}}\n")
     t0 = time.perf_counter()
     assert main([str(p)]) == 2
@@ -142,7 +142,7 @@ def test_recipe_module_needs_no_torch():
     """The recipe schema validates with pydantic + PyYAML only (loaded standalone, torch is never imported)."""
     code = textwrap.dedent(f"""
         import importlib.util, sys
-        spec = importlib.util.spec_from_file_location("r", {str(ROOT / 'molora' / 'recipe.py')!r})
+        spec = importlib.util.spec_from_file_location("r", {str(ROOT / 'molora' / 'run' / 'recipe.py')!r})
         m = importlib.util.module_from_spec(spec); sys.modules["r"] = m; spec.loader.exec_module(m)
         try:
             m.recipe_from_dict({{"data": {{"packaged": "bbc-news"}}, "allocation": {{"num_experts": "9,x"}}}})

@@ -14,7 +14,7 @@ from test_train import _adapter, _isolated_env, _records, assets, write_recipe  
 
 
 def _train(argv):
-    from molora.train import main
+    from molora.run.train import main
 
     return main([str(a) for a in argv])
 
@@ -25,7 +25,7 @@ def _all_finite_dir(path: Path) -> bool:
 
 def _nan_loss_at(monkeypatch, steps: set[int]):
     """Make the training loss NaN in the given (1-based) optimizer steps, through the Trainer subclass."""
-    import molora.train as train_mod
+    import molora.run.train as train_mod
 
     build = train_mod._build_trainer_class
 
@@ -104,8 +104,8 @@ def test_save_adapter_refuses_non_finite_weights(tiny_model, tmp_path):
     from peft import get_peft_model
 
     from molora import MoLoRAConfig
-    from molora.checkpoint import save_adapter
-    from molora.nonfinite import NonFiniteError
+    from molora.run.checkpoint import save_adapter
+    from molora.run.nonfinite import NonFiniteError
 
     model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(num_experts=2, top_k=1, r=2))
     name, p = next((n, p) for n, p in model.named_parameters() if p.requires_grad)
@@ -117,7 +117,7 @@ def test_save_adapter_refuses_non_finite_weights(tiny_model, tmp_path):
 
 
 def test_eval_refuses_non_finite_adapter(assets, tmp_path, capsys):
-    from molora.eval_run import main as eval_main
+    from molora.run.eval_run import main as eval_main
 
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", assets, out, eval={"before": False, "after": False},
@@ -136,7 +136,7 @@ def test_eval_refuses_non_finite_adapter(assets, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ resume (items 4-7, 10, 16)
 def _crash_after(monkeypatch, recipe, step, *extra):
-    from molora.train import SimulatedCrash, main
+    from molora.run.train import SimulatedCrash, main
 
     monkeypatch.setenv("MOLORA_TEST_CRASH_AFTER_CHECKPOINT", str(step))
     with pytest.raises(SimulatedCrash):
@@ -196,7 +196,7 @@ def test_resume_refuses_a_changed_recipe_or_data_naming_the_keys(assets, tmp_pat
 def test_resume_refuses_another_deepspeed_setup(assets, tmp_path, capsys, monkeypatch):
     """A checkpoint written under ZeRO-3 with 2 processes, resumed without DeepSpeed: refused with the reason
     (its optimizer state is in DeepSpeed's partitioned layout)."""
-    from molora.checkpoint import MARKER
+    from molora.run.checkpoint import MARKER
 
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", assets, out, eval={"before": False, "after": False},
@@ -327,7 +327,7 @@ def test_a_run_prints_no_deprecation_warnings(assets, tmp_path):
                           eval={"loglik_max_examples": 4, "generation_max_examples": 2})
     env = dict(os.environ, PYTHONWARNINGS="always", WANDB_MODE="offline")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "kernels"), env.get("PYTHONPATH", "")])
-    for cmd in (["-m", "molora.train", str(recipe)], ["-m", "molora.eval_run", str(recipe)]):
+    for cmd in (["-m", "molora.run.train", str(recipe)], ["-m", "molora.run.eval_run", str(recipe)]):
         proc = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         text = proc.stdout + proc.stderr
@@ -344,7 +344,7 @@ def trained(assets, tmp_path_factory):
     recipe = write_recipe(root / "r.yaml", assets, out, eval={"before": False, "after": False,
                                                               "generation_max_examples": 2, "loglik_max_examples": 4},
                           train={"max_steps": 2}, report={"wandb": False, "plots": False})
-    from molora.train import main
+    from molora.run.train import main
 
     saved = dict(os.environ)
     try:
@@ -367,7 +367,7 @@ def _broken_copy(trained, tmp_path, name):
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "no-weights", "missing-tensor"])
 def test_eval_names_the_broken_adapter_file(trained, tmp_path, capsys, monkeypatch, damage):
-    from molora.eval_run import main as eval_main
+    from molora.run.eval_run import main as eval_main
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     recipe, dst = _broken_copy(trained, tmp_path, damage)
@@ -414,7 +414,7 @@ def test_unwritable_output_dir_fails_before_anything_loads(assets, tmp_path, cap
 def test_not_enough_space_is_refused_before_training(assets, tmp_path, capsys, monkeypatch):
     import shutil as sh
 
-    from molora import storage
+    from molora.run import storage
 
     real = sh.disk_usage
     monkeypatch.setattr(storage.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
@@ -448,7 +448,7 @@ def test_disk_full_while_saving_names_path_and_bytes(assets, tmp_path, capsys, m
 
 # ------------------------------------------------------------------------------------------ item 14: cut rows
 def test_cut_rows_are_counted_and_reported(tiny_tokenizer):
-    from molora.data import build_dataset
+    from molora.run.data import build_dataset
 
     long_words = " ".join(["cat"] * 3000)
     rows = [{"id": "short", "input": "a dog", "choices": ["cat", "dog"], "label": 1},
@@ -520,14 +520,14 @@ def test_validate_prints_the_resolved_allocation_and_warns_on_misaligned_groups(
 
 
 def test_packaged_model_layer_count_matches_the_table():
-    from molora.recipe import PACKAGED_MODEL_LAYERS, PACKAGED_MODEL_NAMES
+    from molora.run.recipe import PACKAGED_MODEL_LAYERS, PACKAGED_MODEL_NAMES
 
     assert set(PACKAGED_MODEL_LAYERS) == set(PACKAGED_MODEL_NAMES)
-    assert PACKAGED_MODEL_LAYERS["smollm2-135m"] == 30  # SmolLM2-135M: 30 decoder layers (DESIGN §6)
+    assert PACKAGED_MODEL_LAYERS["smollm2-135m"] == 30  # SmolLM2-135M: 30 decoder layers (the packaged SmolLM2-135M-Instruct)
 
 
 def test_allocation_command_prints_one_line_errors(assets, capsys):
-    from molora.cli import main as cli_main
+    from molora.run.cli import main as cli_main
 
     assert cli_main(["allocation", str(assets["model"]), "--num-experts", "1,2", "--top-k", "3"]) == 2
     err = capsys.readouterr().err.strip()

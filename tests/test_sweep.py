@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from molora.sweep import SweepError, parse_cells_spec, plan_cells, summary_markdown
+from molora.run.sweep import SweepError, parse_cells_spec, plan_cells, summary_markdown
 
 from test_train import _isolated_env, assets, write_recipe  # noqa: F401 (fixtures)
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sweep(argv, env_extra=None, capsys=None):
-    from molora.sweep import main
+    from molora.run.sweep import main
 
     saved = dict(os.environ)
     os.environ.update(env_extra or {})
@@ -96,7 +96,7 @@ def test_sweep_killed_mid_cell_resumes_to_the_same_table(assets, tmp_path, capsy
 
 def test_summary_statistics():
     """mean, sample std and the 95 % t half-width over seeds; paired differences."""
-    from molora.sweep import _ci
+    from molora.run.sweep import _ci
 
     mean, sd, half = _ci([0.5, 0.6, 0.7])
     assert mean == pytest.approx(0.6) and sd == pytest.approx(0.1) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5)

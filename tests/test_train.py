@@ -92,9 +92,9 @@ def _records(out: Path, kind: str) -> list[dict]:
 def test_train_evaluates_saves_and_reports(assets, tmp_path, capsys):
     """One run: accuracy before/after, eval loss, checkpoints with markers, adapter loadable by PEFT, router
     telemetry accumulated over every micro-batch of each logging interval, wandb offline, `molora report` PNGs."""
-    from molora.checkpoint import MARKER, is_complete
-    from molora.report import main as report_main
-    from molora.train import main
+    from molora.run.checkpoint import MARKER, is_complete
+    from molora.run.report import main as report_main
+    from molora.run.train import main
 
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", assets, out,
@@ -171,7 +171,7 @@ def test_resume_after_crash_matches_uninterrupted(assets, tmp_path, capsys, monk
     """Killed right after checkpoint 4 of 6 (linear LR schedule, dropout on, so RNG, optimizer, scheduler and
     data position all matter), a half-written checkpoint-5 left behind: --resume latest skips checkpoint-5,
     continues from 4 and ends with the same adapter as an uninterrupted run."""
-    from molora.train import SimulatedCrash, main
+    from molora.run.train import SimulatedCrash, main
 
     common = {"max_steps": 6, "save_steps": 2, "logging_steps": 1}
     alloc = {"lora_dropout": 0.1}
@@ -202,7 +202,7 @@ def test_resume_after_crash_matches_uninterrupted(assets, tmp_path, capsys, monk
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
     # the stitched log has each step once, and the resumed steps equal the uninterrupted ones
-    from molora.report import load_run
+    from molora.run.report import load_run
 
     stitched = {r["step"]: r["loss"] for r in load_run(part / "metrics.jsonl")["train"]}
     reference = {r["step"]: r["loss"] for r in load_run(full / "metrics.jsonl")["train"]}
@@ -215,7 +215,7 @@ def test_resume_after_crash_matches_uninterrupted(assets, tmp_path, capsys, monk
 
 
 def test_resume_with_another_allocation_fails_clearly(assets, tmp_path, capsys):
-    from molora.train import main
+    from molora.run.train import main
 
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", assets, out, train={"max_steps": 2},
@@ -234,7 +234,7 @@ def test_resume_with_another_allocation_fails_clearly(assets, tmp_path, capsys):
 
 
 def test_fresh_run_refuses_to_mix_with_a_previous_one(assets, tmp_path, capsys):
-    from molora.train import main
+    from molora.run.train import main
 
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", assets, out, train={"max_steps": 2},
@@ -251,8 +251,8 @@ def test_fresh_run_refuses_to_mix_with_a_previous_one(assets, tmp_path, capsys):
 def test_lm_head_at_labels_only_trains_the_same_adapter(assets, tmp_path, monkeypatch):
     """train.logits_at_labels_only (default on) changes the work, not the result: same adapter and losses as the
     full LM head, with gradient accumulation (the Trainer's num_items_in_batch path) and the aux loss on."""
-    import molora.label_logits as ll
-    from molora.train import main
+    import molora.run.label_logits as ll
+    from molora.run.train import main
 
     sliced = []
     real = ll.label_positions
@@ -286,8 +286,8 @@ def test_lm_head_at_labels_only_trains_the_same_adapter(assets, tmp_path, monkey
 def test_eval_command_scores_saved_adapters_like_training_did(assets, tmp_path, capsys):
     """`molora eval` on the final adapter reproduces the run's "after" accuracy, `--adapter none` its "before",
     a checkpoint directory is accepted, and a missing adapter fails before any model is loaded."""
-    from molora.cli import main as cli_main
-    from molora.train import main
+    from molora.run.cli import main as cli_main
+    from molora.run.train import main
 
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", assets, out)

@@ -14,7 +14,7 @@ statistics the aux loss and telemetry need. ``backend`` selects the implementati
   and triton import and ``is_triton_available(device)`` says so).
 * ``"auto"``: the cheapest available for the device and the sizes (``cost_model.choose_backend``).
 
-All backends compute exactly DESIGN.md §2: fp32 softmax, top-k, renormalise; dropout only on the
+All backends compute exactly docs/design.md §2: fp32 softmax, top-k, renormalise; dropout only on the
 experts' input (the router sees x); gradients reach the router through the gates and, via
 ``stats.prob_sum`` / ``Routing.probs``, through the full softmax for the aux loss.
 """
@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 
 from . import cost_model, torch_dense
-from .routing import ROUTERS, Routing, RouterStats, route, routing_stats
+from .routers import get_router
+from .routing import Routing, RouterStats, route, routing_stats
 from .sparse import moe_lora_sparse
 from .torch_fused import moe_lora_fused
 
@@ -106,13 +107,20 @@ def resolve_backend(backend: str, x2: torch.Tensor, a_all: torch.Tensor, b_all: 
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
     device = x2.device
+    r = get_router(router)
     if backend == "auto":
         num_experts = router_weight.shape[0]
-        return cost_model.choose_backend(
+        choice = cost_model.choose_backend(
             tokens=x2.shape[0], d_in=x2.shape[1], d_out=b_all.shape[0], num_experts=num_experts,
-            top_k=num_experts if router == "soft" else top_k, rank=a_all.shape[0] // num_experts,
+            top_k=r.effective_top_k(top_k, num_experts), rank=a_all.shape[0] // num_experts,
             device=device, dtype=x2.dtype, backward=needs_backward,
-            triton=device.type == "cuda" and _triton_available(device))
+            triton=device.type == "cuda" and _triton_available(device) and "triton" in r.backends)
+        if choice not in r.backends:  # the router is not implemented there: the first of its own that runs here
+            choice = next(b for b in ("torch", "sparse", "reference") if b in r.backends)
+        return choice
+    if backend not in r.backends:
+        raise ValueError(f"backend {backend!r} does not implement router {router!r}; backends for it: "
+                         f"{', '.join(r.backends)} (or 'auto')")
     if backend == "triton" and not _triton_available(device):
         raise _unavailable(backend, device)
     return backend
@@ -126,8 +134,7 @@ def _check(x, a_all, b_all, router_weight, top_k, router, backend):
         raise ValueError(f"a_all {tuple(a_all.shape)} must be [E·r, d_in] with E={num_experts}, d_in={d_in}")
     if b_all.shape[1] != a_all.shape[0]:
         raise ValueError(f"b_all {tuple(b_all.shape)} must be [d_out, E·r={a_all.shape[0]}]")
-    if router not in ROUTERS:
-        raise ValueError(f"router={router!r}; allowed: {', '.join(ROUTERS)}")
+    get_router(router)  # ValueError naming the registered routers
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
     if backend not in BACKENDS:

@@ -2,6 +2,8 @@
 
 Shapes: T tokens (any leading dims flattened), E experts of one layer, k = top-k.
 
+The routers are registered in :mod:`molora_kernels.routers` (what each may be assumed to do); their math is here.
+
 MoLA router ("topk", the default)::
 
     p      = softmax(float32(logits))          # [T, E]
@@ -20,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-ROUTERS = ("topk", "soft")
+from .routers import get_router
 
 
 @dataclass
@@ -65,28 +67,75 @@ def route(logits: torch.Tensor, top_k: int, router: str = "topk") -> Routing:
 
     Args:
         logits: [T, E] router logits, any float dtype (cast to float32 here).
-        top_k: experts per token for the "topk" router, 1 <= top_k <= E.
-        router: "topk" (MoLA: softmax, top-k, renormalise) or "soft" (all experts, softmax weights).
+        top_k: experts per token for routers that select top-k, 1 <= top_k <= E.
+        router: a registered router name (:mod:`molora_kernels.routers`): "topk" (MoLA: softmax, top-k,
+            renormalise) or "soft" (all experts, softmax weights), ...
     Returns:
         Routing with float32 ``gates`` and ``probs`` [T, E] and ``topk_idx`` [T, k].
     """
-    if router not in ROUTERS:
-        raise ValueError(f"router={router!r} is not a known router; allowed: {', '.join(ROUTERS)}")
+    r = get_router(router)
     num_experts = logits.shape[-1]
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
+    return r.route(logits, top_k)
+
+
+def _all_experts(logits: torch.Tensor) -> torch.Tensor:
+    num_experts = logits.shape[-1]
+    return torch.arange(num_experts, device=logits.device).expand(*logits.shape[:-1], num_experts)
+
+
+def route_soft(logits: torch.Tensor, top_k: int) -> Routing:
+    """Soft router: ``gates = probs = softmax(float32(logits))``, every expert (``top_k`` unused)."""
     probs = torch.softmax(logits.float(), dim=-1)
-    if router == "soft":
-        idx = torch.arange(num_experts, device=logits.device).expand(*logits.shape[:-1], num_experts)
-        return Routing(gates=probs, probs=probs, topk_idx=idx)
-    if top_k == num_experts:
+    return Routing(gates=probs, probs=probs, topk_idx=_all_experts(logits))
+
+
+def route_topk(logits: torch.Tensor, top_k: int) -> Routing:
+    """MoLA router: softmax, top-k, renormalise (see the module doc)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    if top_k == logits.shape[-1]:
         # Renormalising all E weights gives back the softmax; skip the top-k and the scatter.
-        idx = torch.arange(num_experts, device=logits.device).expand(*logits.shape[:-1], num_experts)
-        return Routing(gates=probs, probs=probs, topk_idx=idx)
+        return Routing(gates=probs, probs=probs, topk_idx=_all_experts(logits))
     vals, idx = torch.topk(probs, top_k, dim=-1)
     weights = vals / vals.sum(dim=-1, keepdim=True)
     gates = torch.zeros_like(probs).scatter(-1, idx, weights)
     return Routing(gates=gates, probs=probs, topk_idx=idx)
+
+
+def _softmax_backward(dp: Optional[torch.Tensor], probs: torch.Tensor) -> torch.Tensor:
+    if dp is None:
+        return torch.zeros_like(probs)
+    return probs * (dp - (dp * probs).sum(-1, keepdim=True))
+
+
+def soft_logits_grad(dgates: Optional[torch.Tensor], dprobs: Optional[torch.Tensor], probs: torch.Tensor,
+                     idx: torch.Tensor, top_k: int) -> torch.Tensor:
+    """d loss / d logits [T, E] (fp32) when the gates are the softmax: both gradients go through it."""
+    if dgates is None:
+        dp = dprobs
+    elif dprobs is None:
+        dp = dgates
+    else:
+        dp = dgates + dprobs
+    return _softmax_backward(dp, probs)
+
+
+def topk_logits_grad(dgates: Optional[torch.Tensor], dprobs: Optional[torch.Tensor], probs: torch.Tensor,
+                     idx: torch.Tensor, top_k: int) -> torch.Tensor:
+    """d loss / d logits [T, E] (fp32) of :func:`route_topk`: the renormalisation's Jacobian on the chosen
+    experts, then the softmax's."""
+    if top_k >= probs.shape[-1]:
+        return soft_logits_grad(dgates, dprobs, probs, idx, top_k)
+    dp = torch.zeros_like(probs) if dprobs is None else dprobs.clone()
+    if dgates is not None:
+        dw = dgates.gather(1, idx)
+        vals = probs.gather(1, idx)
+        ssum = vals.sum(-1, keepdim=True)
+        w = vals / ssum
+        dvals = (dw - (dw * w).sum(-1, keepdim=True)) / ssum
+        dp.scatter_add_(1, idx, dvals)
+    return _softmax_backward(dp, probs)
 
 
 def routing_stats(routing: Routing, token_mask: Optional[torch.Tensor] = None) -> RouterStats:

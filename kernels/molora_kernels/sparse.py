@@ -16,7 +16,7 @@ and the backward mirrors it (grouped weight-gradients ``grouped_mm(hs.T, dys, of
 all experts in the stacked layout). Outputs and gradients equal the dense path (same routing code,
 same dropout mask: ``F.dropout`` is applied to x outside, before the gather).
 
-Every expert takes part in every step, also with zero tokens (DESIGN.md §5: under DeepSpeed
+Every expert takes part in every step, also with zero tokens (docs/design.md §4: under DeepSpeed
 ZeRO-1/2 a skipped expert gives silently wrong gradients): the grouped GEMMs take all E groups,
 empty groups produce zero gradient rows, and the stacked A_all / B_all receive a full gradient.
 
@@ -44,7 +44,8 @@ from typing import Iterator, Optional
 import torch
 
 from .routing import Routing, route
-from .torch_fused import _route_backward, prepare_operands
+from .routers import get_router
+from .torch_fused import prepare_operands
 
 _GMM_BROKEN: set[tuple[str, torch.dtype, int]] = set()
 
@@ -242,14 +243,15 @@ class SparseGroupedMoLoRA(torch.autograd.Function):
         out = torch.zeros(tokens, d_out, dtype=x.dtype, device=x.device) if base is None else base.clone()
         out.index_add_(0, tok, ys)
         ctx.save_for_backward(x, xd, a_all, b_all, router_weight, probs, idx, order, tok, offs, hs, gsort)
-        ctx.meta = (num_experts, base is not None, router == "soft" or top_k == num_experts, scaling, impl)
+        r = get_router(router)
+        ctx.meta = (num_experts, base is not None, r, top_k, r.gates_are_probs(top_k, num_experts), scaling, impl)
         ctx.mark_non_differentiable(gates, idx)
         return out, probs, gates, idx
 
     @staticmethod
     def backward(ctx, dout, dprobs, _dgates, _didx):
         x, xd, a_all, b_all, router_weight, probs, idx, order, tok, offs, hs, gsort = ctx.saved_tensors
-        num_experts, has_base, gates_are_probs, scaling, impl = ctx.meta
+        num_experts, has_base, router, top_k, gates_are_probs, scaling, impl = ctx.meta
         need_x, need_xd, need_a, need_b, need_w, need_base = ctx.needs_input_grad[:6]
         tokens, d_in = x.shape
         d_out = b_all.shape[0]
@@ -276,7 +278,7 @@ class SparseGroupedMoLoRA(torch.autograd.Function):
             dgates = dweights                                           # idx is arange: slot j = expert j
         else:
             dgates = torch.zeros_like(probs).scatter_(1, idx, dweights)
-        dlogits = _route_backward(dgates, dprobs, probs, idx, gates_are_probs).to(x.dtype)
+        dlogits = router.logits_grad(dgates, dprobs, probs, idx, top_k).to(x.dtype)
         dhs = dhgs * gsort[:, None]                                     # [N, r]
         xin = x if xd is None else xd
         if need_a:

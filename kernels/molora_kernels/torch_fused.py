@@ -38,31 +38,8 @@ from typing import Optional
 
 import torch
 
+from .routers import get_router
 from .routing import Routing, route
-
-
-def _route_backward(dgates: Optional[torch.Tensor], dprobs: Optional[torch.Tensor], probs: torch.Tensor,
-                    idx: torch.Tensor, gates_are_probs: bool) -> torch.Tensor:
-    """d loss / d logits (fp32) from the gradients of the gates and of the full softmax."""
-    if gates_are_probs:
-        if dgates is None:
-            dp = dprobs
-        elif dprobs is None:
-            dp = dgates
-        else:
-            dp = dgates + dprobs
-    else:
-        dp = torch.zeros_like(probs) if dprobs is None else dprobs.clone()
-        if dgates is not None:
-            dw = dgates.gather(1, idx)
-            vals = probs.gather(1, idx)
-            ssum = vals.sum(-1, keepdim=True)
-            w = vals / ssum
-            dvals = (dw - (dw * w).sum(-1, keepdim=True)) / ssum
-            dp.scatter_add_(1, idx, dvals)
-    if dp is None:
-        return torch.zeros_like(probs)
-    return probs * (dp - (dp * probs).sum(-1, keepdim=True))
 
 
 def _rng_state(device: torch.device) -> Optional[torch.Tensor]:
@@ -134,7 +111,7 @@ class DenseGatedMoLoRA(torch.autograd.Function):
         replay = rng is not None
         ctx.save_for_backward(x, None if replay else xd, a_all, b_all, router_weight, wcat, hl, hgs, gs, probs, idx,
                               rng)
-        ctx.meta = (num_experts, rank, base is not None, router == "soft" or top_k == num_experts, scaling)
+        ctx.meta = (num_experts, rank, base is not None, get_router(router), top_k, scaling)
         ctx.dropout = dropout if replay else 0.0
         ctx.device_type = x.device.type
         ctx.mark_non_differentiable(gates, idx)
@@ -149,7 +126,7 @@ class DenseGatedMoLoRA(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dout, dprobs):
         x, xd, a_all, b_all, router_weight, wcat, hl, hgs, gs, probs, idx, rng = ctx.saved_tensors
-        num_experts, rank, has_base, gates_are_probs, scaling = ctx.meta
+        num_experts, rank, has_base, router, top_k, scaling = ctx.meta
         need_x, need_xd, need_a, need_b, need_w, need_base = ctx.needs_input_grad[:6]
         scale = None
         if rng is not None:  # the dropout was drawn here: replay it (x's gradient also flows through it)
@@ -172,7 +149,7 @@ class DenseGatedMoLoRA(torch.autograd.Function):
         dhgs = torch.mm(dout, b_all).view(tokens, num_experts, rank)       # d loss / d hgs
         h = hl[:, :rank_all].view(tokens, num_experts, rank)
         dgates = torch.linalg.vecdot(dhgs, h).float().mul_(scaling)      # [T, E] (real dtypes: no conj)
-        dlogits = _route_backward(dgates, dprobs, probs, idx, gates_are_probs).to(x.dtype)
+        dlogits = router.logits_grad(dgates, dprobs, probs, idx, top_k).to(x.dtype)
         if xd is None:
             # Shrink and router share one GEMM forward and one per gradient.
             dcat = torch.empty(tokens, rank_all + num_experts, dtype=x.dtype, device=x.device)

@@ -36,12 +36,17 @@ Choices worth knowing:
   results are reproducible run to run for a given autotune choice.
 - Under the Triton interpreter (``TRITON_INTERPRET=1``) bf16 operands are upcast to fp32 inside the
   kernels (the interpreter's bf16 arithmetic is wrong) and autotuning has one config.
+
+Over 400 lines because the forward and backward kernels, their launch code and the autograd Function
+share block sizes, constexpr switches and the interpreter workarounds; ScatterMoE keeps its op in one file for
+the same reason.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .routers import get_router
 from .routing import Routing
 from .triton_routing import (
     HAS_TRITON,
@@ -566,7 +571,7 @@ def moe_lora_triton(
     _check_route_args(num_experts, top_k, router)
     if not HAS_TRITON:
         raise RuntimeError("moe_lora_triton needs triton (pip install triton)")
-    soft = router == "soft" or top_k == num_experts
+    soft = get_router(router).gates_are_probs(top_k, num_experts)
     xd = F.dropout(x2, p=dropout, training=True) if dropout > 0.0 and training else None
     delta, gates, probs, idx = MoELoRAFunction.apply(x2, xd, a_all, b_all, router_weight, top_k, scaling, soft)
     if idx is None:

@@ -31,7 +31,8 @@ import os
 
 import torch
 
-from .routing import ROUTERS, Routing
+from .routers import get_router
+from .routing import Routing
 
 try:  # Triton is optional: importing this module must work without it.
     import triton
@@ -123,8 +124,9 @@ def num_sms(device: torch.device) -> int:
 
 
 def _check_route_args(num_experts: int, top_k: int, router: str) -> None:
-    if router not in ROUTERS:
-        raise ValueError(f"router={router!r} is not a known router; allowed: {', '.join(ROUTERS)}")
+    r = get_router(router)  # ValueError naming the registered routers
+    if "triton" not in r.backends:
+        raise ValueError(f"router {router!r} has no Triton kernel; backends for it: {', '.join(r.backends)}")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
 
@@ -322,7 +324,7 @@ def route_triton(logits: torch.Tensor, top_k: int, router: str = "topk") -> Rout
     """
     num_experts = logits.shape[-1]
     _check_route_args(num_experts, top_k, router)
-    soft = router == "soft" or top_k == num_experts
+    soft = get_router(router).gates_are_probs(top_k, num_experts)
     lead = logits.shape[:-1]
     logits2 = logits.reshape(-1, num_experts)
     gates, probs, idx = RouteFunction.apply(logits2, top_k, soft)

@@ -1,7 +1,7 @@
 """Per-layer importance signals for data-driven expert allocation (registered in :mod:`.methods`).
 
 Each signal takes the frozen base model (a Hugging Face model with numbered blocks, see
-:mod:`molora.injection`) and, where it needs data, calibration batches (dicts of ``input_ids``,
+:mod:`molora.tuner.injection`) and, where it needs data, calibration batches (dicts of ``input_ids``,
 ``attention_mask`` [B, T] and, for ``grad_norm``, ``labels``), and returns a :class:`LayerScores`: one float per
 block, in block order. Nothing here changes the model: hooks and probes are removed before returning.
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..injection import LINEAR_TYPES, block_containers, block_position, module_kind
+from ..tuner.injection import LINEAR_TYPES, block_containers, block_position, module_kind
 
 __all__ = ["LayerScores", "blocks_of", "targeted_linears", "block_influence", "attn_mlp", "sub_blocks",
            "alpha_hill", "alpha_hill_of", "grad_norm"]
@@ -141,7 +141,7 @@ _PARALLEL_TYPES = ("phi", "gptj", "cohere", "cohere2")
 
 
 def sub_blocks(block: nn.Module, index: int = 0) -> tuple[nn.Module, nn.Module]:
-    """The attention and MLP children of a block (by name, see :func:`molora.injection.module_kind`)."""
+    """The attention and MLP children of a block (by name, see :func:`molora.tuner.injection.module_kind`)."""
     found: dict[str, nn.Module] = {}
     for name, child in block.named_children():
         kind = module_kind(f"{name}.x")
@@ -279,8 +279,8 @@ def grad_norm(model: nn.Module, batches: Iterable[dict], *, target_modules: Opti
 
     import molora
 
-    from ..compat import peft_wrap
-    from ..config import MoLoRAConfig
+    from ..tuner.compat import peft_wrap
+    from ..tuner.config import MoLoRAConfig
 
     molora.register()  # under the `molora` command the package is imported without registering with PEFT
 

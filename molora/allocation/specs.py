@@ -23,6 +23,9 @@ A per-layer value (``num_experts``, ``top_k`` or ``r``) is given as one of:
   Presets are for ``num_experts``. With ``expert_budget=N`` the shape is scaled so that the experts of all
   layers sum to N, or as near as the shape allows with equal counts inside each group (see
   :func:`distribute_budget`; a warning says when the total differs).
+
+Over 400 lines because recipes load this module standalone by file path (no torch, no package import), so
+it cannot import siblings; it holds every spec form, budgets, resolution and their messages.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ __all__ = ["AllocationSpec", "PRESETS", "PRESET_ALIASES", "AUTO_PREFIX", "Alloca
            "distribute_budget", "resolve", "resolve_allocation", "is_auto", "auto_method", "describe_runs"]
 
 AllocationSpec = Union[int, Sequence[int], str]
-#: ``num_experts: "auto:block-influence"``: computed from the model (and data) before injection (molora.allocation.auto)
+#: ``num_experts: "auto:block-influence"``: computed from the model (and data) before injection (molora.run.allocate)
 AUTO_PREFIX = "auto:"
 
 
@@ -62,6 +65,36 @@ PRESET_ALIASES: dict[str, str] = {
     "⋈": "hourglass",
     "◇": "diamond",
 }
+
+
+def router_registry():
+    """The router registry (:mod:`molora_kernels.routers`) without importing torch: the module itself when the
+    kernels package is imported already, else the file loaded on its own (it is pure Python)."""
+    import importlib.util
+    import sys
+
+    mod = sys.modules.get("molora_kernels.routers") or sys.modules.get("_molora_routers")
+    if mod is not None:
+        return mod
+    spec = importlib.util.find_spec("molora_kernels")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("molora_kernels is not installed (pip install -e . from the repository)")
+    import os
+
+    path = os.path.join(list(spec.submodule_search_locations)[0], "routers.py")
+    rspec = importlib.util.spec_from_file_location("_molora_routers", path)
+    mod = importlib.util.module_from_spec(rspec)
+    sys.modules["_molora_routers"] = mod
+    rspec.loader.exec_module(mod)
+    return mod
+
+
+def selects_top_k(router: str) -> bool:
+    """Whether ``router`` picks top-k experts per token (then top_k must be <= a layer's experts)."""
+    try:
+        return router_registry().get_router(router).selects_top_k
+    except ValueError as e:
+        raise AllocationError(str(e)) from None
 
 
 class AllocationError(ValueError):
@@ -240,7 +273,7 @@ def resolve(spec: AllocationSpec, num_layers: Optional[int], field: str,
     validate_spec(spec, field, allow_preset=field.startswith("num_experts"))
     if is_auto(spec):
         raise AllocationError(f"{field}={spec!r} is computed from the model before injection: resolve it with "
-                              f"molora.allocation.auto.resolve_auto (molora train does) and pass the per-layer list")
+                              f"molora.run.allocate.resolve_recipe_auto (molora train does) and pass the per-layer list")
     if num_layers is None:
         if isinstance(spec, int) and budget is None:
             return [spec]
@@ -353,6 +386,7 @@ def resolve_allocation(num_experts: AllocationSpec, top_k: AllocationSpec, r: Al
     experts = resolve(num_experts, num_layers, "num_experts", budget=expert_budget)
     ks = resolve(top_k, num_layers, "top_k")
     ranks = resolve(r, num_layers, "r")
+    bounded = selects_top_k(router)
     mlp: list[Optional[int]] = [None] * len(experts)
     if num_experts_mlp is not None:
         if num_layers is None:
@@ -364,7 +398,7 @@ def resolve_allocation(num_experts: AllocationSpec, top_k: AllocationSpec, r: Al
     out = []
     for i, (e, k, rank, em) in enumerate(zip(experts, ks, ranks, mlp)):
         for field, count, all_counts in (("num_experts", e, experts), ("num_experts_mlp", em, mlp)):
-            if router == "topk" and count is not None and k > count:
+            if bounded and count is not None and k > count:
                 where = f"layer {i}" if num_layers is not None else "the model"
                 raise AllocationError(f"top_k={k} is larger than {field}={count} in {where}; top_k must be between 1 "
                                       f"and the number of experts of that layer ({field} resolves to {all_counts})")

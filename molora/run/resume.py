@@ -1,6 +1,6 @@
 """What a checkpoint was made with, and whether a run may resume from it.
 
-Every checkpoint's completion marker (:mod:`molora.checkpoint`) records:
+Every checkpoint's completion marker (:mod:`molora.run.checkpoint`) records:
 
 * the **setup**: whether DeepSpeed ran, its ZeRO stage and the world size. The optimizer state is stored in
   that layout (one ``optimizer.pt``, or DeepSpeed's per-rank partitions under ``global_step<N>/``): a resume

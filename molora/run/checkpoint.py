@@ -285,8 +285,8 @@ def check_allocation(checkpoint: Union[str, os.PathLike], model) -> None:
     The allocation table is stored in ``adapter_config.json`` (``allocation``, ``num_layers``) by the core; the
     message lists the layers that differ.
     """
-    from .allocation import AllocationError
-    from .model import _allocation_mismatch
+    from ..allocation import AllocationError
+    from ..tuner.model import _allocation_mismatch
 
     path = Path(checkpoint) / "adapter_config.json"
     try:
@@ -318,7 +318,7 @@ def read_adapter_tensors(adapter_dir: Union[str, os.PathLike]) -> tuple[Path, di
 
     Raises :class:`CheckpointError` naming the file when the directory, its ``adapter_config.json`` or its
     weights are missing, unreadable or truncated, or when its completion marker lists hashes that the files no
-    longer match; :class:`molora.nonfinite.NonFiniteError` when a tensor holds nan/inf. Nothing is ever looked
+    longer match; :class:`molora.run.nonfinite.NonFiniteError` when a tensor holds nan/inf. Nothing is ever looked
     up on a hub: a directory without weights is an error here, not a repository id.
     """
     d = Path(adapter_dir)
@@ -364,7 +364,7 @@ def load_adapter_checked(base_model, adapter_dir: Union[str, os.PathLike], is_tr
     tensor the model's adapter needs."""
     from peft import PeftModel
 
-    from .compat import peft_wrap
+    from ..tuner.compat import peft_wrap
 
     weights, state = checked if checked is not None else read_adapter_tensors(adapter_dir)
     model = peft_wrap(lambda: PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable),

@@ -1,4 +1,4 @@
-"""Registration of the ``molora`` method with PEFT (``peft.utils.register_peft_method``).
+"""The PEFT type of the ``molora`` method.
 
 PEFT keys methods by members of its ``PeftType`` enum; a method from outside PEFT needs a member there, so we
 add ``PeftType.MOLORA`` once (the enum is a ``str`` enum: the member's value is the string "MOLORA").
@@ -25,16 +25,3 @@ def _ensure_peft_type() -> PeftType:
 
 
 PEFT_TYPE = _ensure_peft_type()
-
-
-def register() -> None:
-    """Register config, tuner and prefix with PEFT (idempotent)."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-    from peft.utils import register_peft_method
-
-    if PEFT_TYPE in PEFT_TYPE_TO_CONFIG_MAPPING:
-        return
-    from .config import MoLoRAConfig
-    from .model import MoLoRAModel
-
-    register_peft_method(name=NAME, config_cls=MoLoRAConfig, model_cls=MoLoRAModel, prefix="molora_")

@@ -17,7 +17,7 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
-from molora_kernels import moe_lora
+from molora_kernels import get_router, moe_lora
 
 from .router_state import AuxLossGrad, RouterCollector, in_backward
 
@@ -196,7 +196,7 @@ class Linear(nn.Module, MoLoRALayer):
                     record.record(self.router_group[name], self.module_name, out.stats, self.num_experts[name],
                                   self.top_k[name])
                 coef = self.aux_loss_coef[name]
-                if (coef > 0 and self.router_type[name] == "topk" and self.num_experts[name] > 1
+                if (coef > 0 and get_router(self.router_type[name]).aux_loss is not None and self.num_experts[name] > 1
                         and torch.is_grad_enabled() and out.stats.prob_sum.requires_grad):
                     delta = AuxLossGrad.apply(delta, out.stats.prob_sum, record, self.router_group[name], coef)
             result = result + delta.to(result.dtype)

@@ -13,13 +13,16 @@ schedule; the same ``--section.key value`` overrides as ``molora train``) except
   (``round(P_mix / sum(d_in + d_out))`` over the targeted projections): the comparison is at equal parameters;
 * ``train.seed`` = the cell's seed, ``train.output_dir`` = ``<output_dir>/sweep/<allocation>-seed<seed>``.
 
-Cells run as ``python -m molora.train`` subprocesses, one at a time. Resumable: a cell with ``results.json`` is
+Cells run as ``python -m molora.run.train`` subprocesses, one at a time. Resumable: a cell with ``results.json`` is
 skipped; one that was killed is resumed (``--resume latest``: from its newest checkpoint, or from scratch when it
 died before one). ``--cells i/N`` runs only the cells with ``index % N == i - 1`` (several machines, one output
 directory or copies merged later). ``--eval-file`` scores every finished cell on extra choices-format files with
 ``molora eval``. At the end (and with ``--report`` alone) the results found are merged into
 ``sweep/summary.json``, ``sweep/summary.md`` and ``sweep/summary.png``: mean ± std and a 95 % t-interval per
 allocation and metric, and paired per-seed differences of each allocation against ▽ and against LoRA.
+
+Over 400 lines because one command plans cells, runs them resumably and merges their results into the
+statistics table; each part is small and they share the cell naming.
 """
 from __future__ import annotations
 
@@ -74,7 +77,7 @@ class Cell:
 
 
 def _slug(alloc: str) -> str:
-    from .allocation.specs import is_auto, preset_name
+    from ..allocation.specs import is_auto, preset_name
 
     if alloc == "lora":
         return "lora"
@@ -88,8 +91,8 @@ def _slug(alloc: str) -> str:
 
 def _check_allocation_name(alloc: str) -> str:
     """Canonical form of one ``--allocations`` entry, or SweepError naming it."""
-    from .allocation.methods import get_method
-    from .allocation.specs import auto_method, is_auto, preset_name
+    from ..allocation.methods import get_method
+    from ..allocation.specs import auto_method, is_auto, preset_name
 
     a = alloc.strip()
     if a.lower() == "lora":
@@ -154,9 +157,9 @@ def _meta_model(recipe: Recipe):
 
 def budget_and_lora_rank(recipe: Recipe) -> tuple[int, int, int, int]:
     """(expert budget, LoRA rank matching the mixtures' trainable parameters, mixture params, LoRA params)."""
-    from .allocation.auto import layer_params
-    from .allocation.specs import resolve_allocation
-    from .allocation.signals import blocks_of
+    from ..allocation.auto import layer_params
+    from ..allocation.specs import resolve_allocation
+    from ..allocation.signals import blocks_of
 
     a = recipe.allocation
     model = _meta_model(recipe)
@@ -198,7 +201,7 @@ def _cell_overrides(cell: Cell, budget: int, lora_rank: int, out: Path) -> list[
 
 def _run(cmd: list[str], log: Path) -> int:
     env = dict(os.environ)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), str(root / "kernels"), env.get("PYTHONPATH")) if p)
     with open(log, "a", encoding="utf-8") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n")
@@ -213,7 +216,7 @@ def run_cell(recipe_path: str, cell: Cell, overrides: list[str], budget: int, lo
     log = out / f"{cell.name}.log"
     status = "skipped (finished)"
     if not (cell_dir / "results.json").is_file():
-        cmd = [sys.executable, "-m", "molora.train", recipe_path, *overrides,
+        cmd = [sys.executable, "-m", "molora.run.train", recipe_path, *overrides,
                *_cell_overrides(cell, budget, lora_rank, out)]
         if cell_dir.exists():
             cmd += ["--resume", "latest"]
@@ -227,7 +230,7 @@ def run_cell(recipe_path: str, cell: Cell, overrides: list[str], budget: int, lo
         target = cell_dir / f"eval-{Path(ef).stem}.json"
         if target.is_file():
             continue
-        cmd = [sys.executable, "-m", "molora.eval_run", recipe_path, *overrides,
+        cmd = [sys.executable, "-m", "molora.run.eval_run", recipe_path, *overrides,
                *_cell_overrides(cell, budget, lora_rank, out), "--data.eval_file", str(Path(ef).resolve()),
                "--adapter", str(cell_dir / "adapter"), "--output", str(target)]
         rc = _run(cmd, log)
@@ -308,7 +311,7 @@ def summarise(out: Path, cells: Sequence[Cell]) -> dict[str, Any]:
                      "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs)})
     summary = {"cells_done": sum(len(r) for r in by_alloc.values()), "cells_planned": len(cells),
                "metrics": metrics, "rows": rows, "paired": paired}
-    from .train import _write_json_atomic
+    from .common import write_json_atomic as _write_json_atomic
 
     _write_json_atomic(out / "summary.json", summary)
     (out / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
@@ -453,7 +456,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{[old.get(k) for k in diff]} there, {[plan.get(k) for k in diff]} now); use another "
                   f"train.output_dir", file=sys.stderr)
             return 2
-    from .train import _write_json_atomic
+    from .common import write_json_atomic as _write_json_atomic
 
     _write_json_atomic(plan_path, plan)
     mine = [c for c in cells if c.index % parts == part - 1]

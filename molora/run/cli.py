@@ -27,8 +27,8 @@ def _convert(argv: Sequence[str]) -> int:
     p.add_argument("--num-layers", type=int, default=None, help="layers of the base model (default: from the keys)")
     p.add_argument("--base-model", default=None, help="base model name/path to record in adapter_config.json")
     a = p.parse_args(argv)
-    from .allocation import AllocationError
-    from .convert import ConversionError, convert_mola
+    from ..allocation import AllocationError
+    from ..tuner.convert import ConversionError, convert_mola
 
     try:
         dst = convert_mola(a.src, a.dst, _cli_spec(a.num_experts), _cli_spec(a.top_k), num_layers=a.num_layers,
@@ -61,7 +61,7 @@ def _allocation(argv: Sequence[str]) -> int:
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from . import MoLoRAConfig, allocation_table
+    from .. import MoLoRAConfig, allocation_table
     from .assets import PACKAGED_MODELS, load_model_and_tokenizer
 
     if a.model in PACKAGED_MODELS:
@@ -75,8 +75,8 @@ def _allocation(argv: Sequence[str]) -> int:
             return 2
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
-    from .allocation import AllocationError
-    from .compat import peft_wrap
+    from ..allocation import AllocationError
+    from ..tuner.compat import peft_wrap
 
     targets = a.target_modules.split(",") if a.target_modules else None
     try:
@@ -92,7 +92,7 @@ def _allocation(argv: Sequence[str]) -> int:
 
 
 def _allocate(argv: Sequence[str]) -> int:
-    from .allocation.methods import METHODS, method_names
+    from ..allocation.methods import METHODS, method_names
     from .recipe import RecipeError, load_recipe, parse_overrides
 
     p = argparse.ArgumentParser(
@@ -114,7 +114,7 @@ def _allocate(argv: Sequence[str]) -> int:
                                                "<train.output_dir>/allocation)")
     a, rest = p.parse_known_args(argv)
     try:
-        from .allocation.methods import get_method
+        from ..allocation.methods import get_method
 
         method = get_method(a.method)
         recipe = load_recipe(a.recipe, parse_overrides(rest))
@@ -137,9 +137,10 @@ def _run_allocate(a, method, recipe) -> int:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .allocation.auto import allocate_for_recipe, layer_params, result_table, yaml_fragment
-    from .allocation.mapping import MappingError
-    from .train import _load_rows, _write_json_atomic, load_base_model
+    from ..allocation.auto import layer_params, result_table, yaml_fragment
+    from .allocate import allocate_for_recipe
+    from ..allocation.mapping import MappingError
+    from .common import load_base_model, load_recipe_rows as _load_rows, write_json_atomic as _write_json_atomic
 
     out = Path(a.out) if a.out else Path(recipe.train.output_dir) / "allocation"
     try:
@@ -173,7 +174,7 @@ def _run_allocate(a, method, recipe) -> int:
 
 
 def _resolve_ranks(r, num_layers: int):
-    from .allocation.specs import resolve_allocation
+    from ..allocation.specs import resolve_allocation
 
     return resolve_allocation(1, 1, r, num_layers)
 
@@ -216,7 +217,7 @@ def _bench(argv: Sequence[str]) -> int:
         print(f"usage: molora bench {{{'|'.join(names)}}} [options]  (--help for the benchmark's options)",
               file=sys.stderr)
         return 2
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / names[argv[0]]
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / names[argv[0]]
     if not script.exists():
         print(f"molora bench: {script} not found; benchmarks ship with the source repository "
               f"(pip install -e . from a clone)", file=sys.stderr)

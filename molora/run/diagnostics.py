@@ -49,7 +49,7 @@ def _window(routers: list[dict]) -> list[dict]:
 
 
 def diagnose(run: dict[str, Any]) -> list[LayerDiagnosis]:
-    """Diagnoses per layer from a run loaded with :func:`molora.report.load_run` (empty without telemetry)."""
+    """Diagnoses per layer from a run loaded with :func:`molora.run.report.load_run` (empty without telemetry)."""
     routers = [r["router"] for r in run["train"] if r.get("router") and r["router"].get("layers")]
     if not routers:
         return []

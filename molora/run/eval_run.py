@@ -56,7 +56,7 @@ def _parse(argv: Sequence[str]) -> tuple[Optional[str], Optional[str], Optional[
 def evaluate_adapter(recipe, adapter: Optional[Path], progress: bool = True) -> dict[str, Any]:
     """Accuracy of ``adapter`` (None: the untuned model) under ``recipe``: ``{"loglik": ..., "generation": ...}``."""
     from .data import PromptTemplate
-    from .train import RunError, _load_rows, load_base_model
+    from .common import RunError, load_base_model, load_recipe_rows as _load_rows
 
     out = Path(recipe.train.output_dir)
     _, rows, _ = _load_rows(recipe, out, is_main=True)
@@ -123,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     output = Path(output_arg) if output_arg else (adapter / "eval_results.json" if adapter else out / "eval_base.json")
 
-    from .train import _is_user_error, _write_json_atomic
+    from .common import is_user_error as _is_user_error, write_json_atomic as _write_json_atomic
 
     try:
         result = evaluate_adapter(recipe, adapter)

@@ -27,8 +27,11 @@ Tokenisation (:func:`encode_prompt_target`) encodes the prompt and prompt+target
 the prompt's tokens, so the target tokens are those the model sees after the prompt; training
 features (:func:`tokenize_row`) are ``input_ids`` / ``attention_mask`` / ``labels`` with an eos
 appended to the target, truncation to ``cutoff_len`` and prompt tokens masked with -100 unless
-``train_on_inputs``. :class:`DataCollator` right-pads a batch. :mod:`molora.evaluation` uses the
+``train_on_inputs``. :class:`DataCollator` right-pads a batch. :mod:`molora.run.evaluation` uses the
 same templates and encoding, so training and scoring see identical token sequences.
+
+Over 400 lines because the row formats, prompt templates, tokenisation and truncation accounting must
+agree to the token: evaluation reuses exactly these functions, so they are kept together.
 """
 from __future__ import annotations
 

@@ -18,8 +18,11 @@ Two protocols:
   options (``{choices}`` in the template), the first option letter. Texts with no option are
   counted wrong and reported as ``unparsed``.
 
-Prompts, targets and token ids come from :mod:`molora.data`, so evaluation sees exactly the token
+Prompts, targets and token ids come from :mod:`molora.run.data`, so evaluation sees exactly the token
 sequences training does.
+
+Over 400 lines because the two protocols (option log-likelihood with a shared prompt cache, and
+generation with answer parsing) share batching, token accounting and the result records.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .summary import _tuner
+from ..tuner.summary import _tuner
 
 __all__ = ["RouterTelemetry", "MetricsWriter", "configure_wandb", "flat_router_scalars", "read_metrics"]
 
@@ -44,7 +44,7 @@ class RouterTelemetry:
     """
 
     def __init__(self, model: torch.nn.Module, soft_router: bool = False) -> None:
-        from .summary import allocation_table
+        from ..tuner.summary import allocation_table
 
         self.model = model
         self.tuner = _tuner(model)

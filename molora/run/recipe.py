@@ -18,6 +18,9 @@ well under a second, naming the key: ``train.lerning_rate: unknown key (did you 
 
 Relative paths (data files, deepspeed config, output_dir) are resolved against the current directory first
 and, for files that must exist, against the recipe's own directory when not found there.
+
+Over 400 lines because the recipe module is also loaded standalone by file path (no torch, no package
+import: ``molora train --validate`` answers in well under a second), so its sections cannot import siblings.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 __all__ = ["RecipeError", "Recipe", "load_recipe", "parse_overrides", "apply_overrides", "recipe_from_dict",
            "PACKAGED_MODEL_NAMES", "PACKAGED_DATASET_NAMES", "model_num_layers", "resolve_recipe_allocation"]
 
-#: Kept in sync with molora.assets (which imports torch, so it is not imported here).
+#: Kept in sync with molora.run.assets (which imports torch, so it is not imported here).
 PACKAGED_MODEL_NAMES = ("smollm2-135m",)
 #: decoder layers of each packaged model (tests check this against the loaded model)
 PACKAGED_MODEL_LAYERS = {"smollm2-135m": 30}
@@ -101,12 +104,12 @@ class AllocationSection(_Section):
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Optional[Union[list[str], str]] = None
     exclude_modules: Optional[Union[list[str], str]] = None
-    router: Literal["topk", "soft"] = "topk"
+    router: str = "topk"                                   # a registered router (molora_kernels.routers)
     aux_loss_coef: float = Field(0.001, ge=0)
     aux_loss_mode: Literal["masked", "original"] = "masked"
     backend: str = "auto"
     init_weights: bool = True
-    # num_experts: "auto:METHOD" (molora.allocation.auto): how the per-layer scores become expert counts
+    # num_experts: "auto:METHOD" (molora.run.allocate): how the per-layer scores become expert counts
     auto_beta: Optional[float] = Field(None, ge=0)         # E_l ∝ score^beta (None: the method's default)
     auto_min: Optional[int] = Field(None, ge=1)            # experts per layer, at least (None: top_k, or 1)
     auto_max: Optional[int] = Field(None, ge=1)            # and at most
@@ -118,6 +121,14 @@ class AllocationSection(_Section):
     def _spec(cls, v, info):
         if v is not None or info.field_name != "num_experts_mlp":
             _validate_allocation_spec(v, info.field_name)
+        return v
+
+    @field_validator("router")
+    @classmethod
+    def _router(cls, v):
+        reg = _allocation_module().router_registry()
+        if v not in reg.ROUTERS:
+            raise ValueError(f"router={v!r} is not a known router; allowed: {', '.join(reg.ROUTERS)}")
         return v
 
     @model_validator(mode="after")
@@ -264,7 +275,7 @@ def _pure_module(name: str):
     alias = f"_molora_recipe_{name}"
     if alias in sys.modules:
         return sys.modules[alias]
-    path = Path(__file__).with_name("allocation") / f"{name}.py"
+    path = Path(__file__).resolve().parents[1] / "allocation" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(alias, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[alias] = mod

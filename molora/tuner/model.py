@@ -8,7 +8,9 @@ import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 
-from .allocation import AllocationError, LayerAllocation, resolve_allocation
+from molora_kernels import get_router
+
+from ..allocation import AllocationError, LayerAllocation, resolve_allocation
 from .config import MoLoRAConfig
 from .injection import block_containers, block_position, default_target_regex, linear_module_names, module_kind
 from .layer import Linear, MoLoRALayer, RoutedMergeError
@@ -21,7 +23,7 @@ class MoLoRAModel(BaseTuner):
     After a forward pass, ``self.last_aux_loss`` holds the (unweighted) MoLA aux loss and
     ``self.router_summary()`` the per-layer routing telemetry of that pass. When the wrapped model returns a
     ``loss``, ``aux_loss_coef * aux`` is added to it (its gradient reaches the routers either way; see
-    :mod:`molora.router_state`).
+    :mod:`molora.tuner.router_state`).
     """
 
     prefix: str = "molora_"
@@ -148,7 +150,7 @@ class MoLoRAModel(BaseTuner):
         cfg = self.peft_config[self.active_adapters[0]]
         if aux is not None and isinstance(out, dict):
             out["aux_loss"] = aux
-            if cfg.aux_loss_coef > 0 and cfg.router == "topk" and out.get("loss") is not None:
+            if cfg.aux_loss_coef > 0 and get_router(cfg.router).aux_loss is not None and out.get("loss") is not None:
                 loss = out["loss"] + cfg.aux_loss_coef * aux.to(out["loss"].dtype)
                 if loss.requires_grad and loss.dim() == 0:  # the injected gradient follows the loss's scaling
                     loss = LossGradProbe.apply(loss, self.collector.current)
@@ -156,7 +158,7 @@ class MoLoRAModel(BaseTuner):
         return out
 
     def router_summary(self) -> dict:
-        """Per-layer routing telemetry of the last forward pass (see :func:`molora.router_state.summarize`)."""
+        """Per-layer routing telemetry of the last forward pass (see :func:`molora.tuner.router_state.summarize`)."""
         return summarize(self.collector.current)
 
     # ------------------------------------------------------------------ merging

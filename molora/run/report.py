@@ -197,7 +197,7 @@ def _plot_expert_load(run, out: Path, title: str, diags=None) -> Optional[Path]:
 
 
 def _plot_diagnosis_panel(ax, layers, diags) -> None:
-    """Suggested change of experts per layer (bars) with each layer's state (see molora.diagnostics)."""
+    """Suggested change of experts per layer (bars) with each layer's state (see molora.run.diagnostics)."""
     colors = {"dead": "tab:red", "dominant": "tab:orange", "near-uniform": "tab:gray", "all-used": "#bbbbbb",
               "single": "#dddddd", "ok": "tab:green"}
     by_layer = {d.layer: d for d in diags}

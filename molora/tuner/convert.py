@@ -28,7 +28,7 @@ from typing import Optional, Sequence, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from .allocation import AllocationError, AllocationSpec, resolve_allocation
+from ..allocation import AllocationError, AllocationSpec, resolve_allocation
 
 KEY_RE = re.compile(
     r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<rest>.+?)\.(?:(?P<ab>lora_[AB])_(?P<expert>\d+)\.weight|router\.router\.weight)$"

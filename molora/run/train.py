@@ -3,19 +3,19 @@
 Runs as one process or under the DeepSpeed launcher (ZeRO-1/2/3, one node or many)::
 
     molora train recipes/quickstart_cpu.yaml --train.max_steps 20
-    deepspeed --num_gpus 8 --module molora.train recipes/paper/rte.yaml --train.deepspeed recipes/deepspeed/zero2.json
+    deepspeed --num_gpus 8 --module molora train recipes/paper/rte.yaml --train.deepspeed recipes/deepspeed/zero2.json
 
-What happens, in order: the recipe is validated (:mod:`molora.recipe`; nothing heavy is loaded before), the
+What happens, in order: the recipe is validated (:mod:`molora.run.recipe`; nothing heavy is loaded before), the
 MoLoRA config is built (allocation errors surface here), the data is prepared (a packaged data set is written
 to ``OUTPUT_DIR/data``), the model is loaded, wrapped with :func:`peft.get_peft_model`, and trained with the
 Hugging Face :class:`~transformers.Trainer` (and its DeepSpeed integration when ``train.deepspeed`` is set).
-Accuracy is measured before and after training (:mod:`molora.evaluation`), the adapter is saved to
-``OUTPUT_DIR/adapter`` and plots are written (:mod:`molora.report`).
+Accuracy is measured before and after training (:mod:`molora.run.evaluation`), the adapter is saved to
+``OUTPUT_DIR/adapter`` and plots are written (:mod:`molora.run.report`).
 
 Design notes (why the Trainer is subclassed):
 
 * **Aux loss.** The model's ``loss`` already includes ``aux_loss_coef * aux`` (as a value) and the core injects
-  the aux gradient into the routers directly (see :mod:`molora.router_state`), scaled by the gradient that
+  the aux gradient into the routers directly (see :mod:`molora.tuner.router_state`), scaled by the gradient that
   reaches the returned loss -- so the Trainer's ``1 / gradient_accumulation_steps`` and fp16 loss scaling
   (HF or DeepSpeed) apply to it as to the task loss. When the Trainer normalises the task loss by the step's
   token count instead (``num_items_in_batch``) it does not divide by the accumulation steps and multiplies the
@@ -23,27 +23,31 @@ Design notes (why the Trainer is subclassed):
   ``loss`` is corrected the same way, so the objective is ``task + coef * mean(aux)`` over the step's
   micro-batches (DeepSpeed/DDP then average over ranks as for the task gradient). ``task_loss`` and
   ``aux_loss`` (unweighted) are logged separately.
-* **Atomic checkpoints** (:mod:`molora.checkpoint`): ``_save_checkpoint`` writes into a staging directory, rank
+* **Atomic checkpoints** (:mod:`molora.run.checkpoint`): ``_save_checkpoint`` writes into a staging directory, rank
   0 fsyncs it, writes a completion marker last and renames it into place; resume requires the marker.
 * **Adapter saving** gathers only the adapter parameters under ZeRO-3 (never empty files, never the base model).
-* **Telemetry** (:mod:`molora.telemetry`): router statistics are accumulated over every micro-batch of a logging
+* **Telemetry** (:mod:`molora.run.telemetry`): router statistics are accumulated over every micro-batch of a logging
   interval, all-reduced over ranks, and written with loss, aux loss, lr and tokens/s to ``metrics.jsonl`` and
   wandb (offline unless an API key is available; it never prompts).
+
+Over 400 lines because :func:`run` is the ordered script of one run (recipe, data, model, trainer,
+results); the Trainer subclass (:mod:`.trainer`) and the shared helpers (:mod:`.common`) live apart.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import socket
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .common import (RunContext, RunError, SimulatedCrash, barrier, free_port, is_user_error,  # noqa: F401
+                     load_base_model, load_recipe_rows, rank_info, timer, write_json_atomic)
 from .recipe import Recipe, RecipeError, load_recipe, parse_overrides
+from .trainer import build_trainer_class as _build_trainer_class  # a module global: tests patch it here
 
 __all__ = ["main", "run", "parse_cli", "RunError"]
 
@@ -57,29 +61,7 @@ USAGE = """usage: molora train RECIPE.yaml [--section.key VALUE ...] [--resume l
   --resume-allow KEYS   resume although these recipe keys or sections differ from the checkpoint's
                         (e.g. train.learning_rate,data; 'all' accepts every difference)
   --validate            check the recipe (and overrides), print it resolved, and exit
-Under DeepSpeed: deepspeed --num_gpus N --module molora.train RECIPE.yaml [...]"""
-
-
-class RunError(RuntimeError):
-    """A run cannot start or finish (message says why and what to do)."""
-
-
-def _test_nan_loss_at() -> Optional[tuple[int, int]]:
-    """Test hook ``MOLORA_TEST_NAN_LOSS_AT=STEP:RANK``: that rank reports a nan loss in that step (the multi-rank
-    agreement test). Never set it outside tests."""
-    raw = os.environ.get("MOLORA_TEST_NAN_LOSS_AT")
-    if not raw:
-        return None
-    step, rank = raw.split(":")
-    return int(step), int(rank)
-
-
-_TEST_NAN_LOSS_AT = _test_nan_loss_at()
-
-
-class SimulatedCrash(BaseException):
-    """Test hook: raised right after checkpoint N is committed when ``MOLORA_TEST_CRASH_AFTER_CHECKPOINT=N`` is set
-    (the process then dies as if killed: no final adapter, no cleanup). Never set it outside tests."""
+Under DeepSpeed: deepspeed --num_gpus N --module molora train RECIPE.yaml [...]"""
 
 
 # ================================================================================================ command line
@@ -141,7 +123,7 @@ def parse_cli(argv: Sequence[str]) -> CliOptions:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``molora train`` and ``python -m molora.train``; returns the exit code."""
+    """Entry point of ``molora train`` and ``python -m molora.run.train``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face library reads it
     try:
@@ -169,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"molora train: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - known user-facing errors become one line, others propagate
-        if _is_user_error(e):
+        if is_user_error(e):
             print(f"molora train: error: {e}", file=sys.stderr)
             return 2
         raise
@@ -206,23 +188,7 @@ def _allocation_runs(layers: list) -> str:
     return f"{runs} (total {sum(a.num_experts for a in layers)} experts)"
 
 
-def _is_user_error(e: BaseException) -> bool:
-    names = {"AllocationError", "CheckpointError", "DataError", "AssetError", "RunError", "NonFiniteError",
-             "ResumeError", "StorageError"}
-    return any(c.__name__ in names for c in type(e).__mro__)
-
-
 # ================================================================================================ environment
-
-
-def _rank_info() -> tuple[int, int, int]:
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _prepare_environment(recipe: Recipe) -> Optional[str]:
@@ -232,7 +198,7 @@ def _prepare_environment(recipe: Recipe) -> Optional[str]:
     if recipe.train.deepspeed and "RANK" not in os.environ:
         # DeepSpeed without its launcher: a world of one
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     from .telemetry import configure_wandb
 
     return configure_wandb(recipe.report.wandb, recipe.report.wandb_mode, recipe.report.wandb_project,
@@ -256,330 +222,10 @@ def _patch_deepspeed_for_cpu() -> None:
         mod.build_shm_op = lambda: None
 
 
-def _dist():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist
-    return None
-
-
-def _barrier() -> None:
-    d = _dist()
-    if d is not None:
-        d.barrier()
-
-
 # ================================================================================================ trainer
 
 
-def _build_trainer_class():
-    import torch
-    from transformers import Trainer
-    from transformers import trainer as hf_trainer
-
-    from . import checkpoint as ckpt_mod
-    from .host_memory import peak_resident_bytes, release_free_memory, resident_bytes
-    from .label_logits import restrict_to_labels
-    from .nonfinite import NonFiniteError, all_finite, local_tensor, nonfinite_entries
-    from .telemetry import flat_router_scalars, router_headline
-
-    class MoLoRATrainer(Trainer):
-        """HF Trainer + aux-loss logging, router telemetry, atomic adapter-only checkpoints (see module doc)."""
-
-        def __init__(self, *args, molora: "_RunContext", **kwargs):
-            super().__init__(*args, **kwargs)
-            self.molora = molora
-            self._aux_sum = torch.zeros((), dtype=torch.float64)
-            self._aux_n = 0
-            self._tokens = torch.zeros((), dtype=torch.float64)
-            self._t_last_log = None
-            self._eval_time = 0.0
-            self._nonfinite_reason: Optional[str] = None   # why the current step is to be dropped
-            self._grads_checked_at = -1
-            self.nonfinite_skipped = 0                     # steps dropped so far (train.nonfinite: skip)
-            self._skips_in_a_row = 0
-
-        # ---------------------------------------------------------------- non-finite guard (molora.nonfinite)
-        def _trainable(self):
-            return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-
-        def _agree(self, flag: bool) -> bool:
-            """True on every rank when it is True on any (so all ranks stop, or skip, the same step)."""
-            d = _dist()
-            if d is None:
-                return flag
-            t = torch.tensor([1.0 if flag else 0.0], device=self.args.device)
-            d.all_reduce(t, op=d.ReduceOp.MAX)
-            return bool(t.item())
-
-        def _note_nonfinite(self, what: str) -> None:
-            if self._nonfinite_reason is None:
-                self._nonfinite_reason = what
-
-        def _stop(self, what: Optional[str], applied: bool) -> None:
-            """Raise NonFiniteError on every rank (all ranks call this in the same step)."""
-            from .checkpoint import find_latest
-
-            step = self.state.global_step + (0 if applied else 1)  # applied: called after the step was counted
-            what = what or "another rank saw a non-finite loss, gradient or weight"
-            last = find_latest(self.args.output_dir)
-            where = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written yet"
-            stopped = "Training stopped" + ("" if applied else " before this step was applied")
-            raise NonFiniteError(
-                f"step {step} of {self.state.max_steps}: {what}. {stopped}; "
-                f"{where} (resume with --resume latest after fixing the cause). Usual causes: a learning rate too "
-                f"high (train.learning_rate={self.args.learning_rate:g}), fp16 overflow (use bf16), or bad data; "
-                f"train.nonfinite: skip drops such steps instead")
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            if _TEST_NAN_LOSS_AT == (self.state.global_step + 1, self.args.process_index):
-                loss = loss * float("nan")  # test hook: this rank alone reports a non-finite loss
-            if not bool(torch.isfinite(loss.detach()).all()):
-                # acted on at the optimizer step, together with the other ranks (a rank that stopped alone here
-                # would leave the others waiting in the gradient all-reduce)
-                self._note_nonfinite(f"the training loss is {float(loss.detach().float().reshape(-1)[0]):g}")
-            return loss
-
-        def _check_grads(self) -> None:
-            """Before clipping and the optimizer step (once per step). Not under DeepSpeed (the engine steps
-            inside backward) nor with an fp16 GradScaler (it skips overflow steps and lowers the scale)."""
-            if self._grads_checked_at == self.state.global_step or self.is_deepspeed_enabled:
-                return
-            self._grads_checked_at = self.state.global_step
-            if getattr(self.accelerator, "scaler", None) is not None:
-                return
-            named = [(n, p.grad) for n, p in self._trainable() if p.grad is not None]
-            if not all_finite(g for _, g in named):
-                self._note_nonfinite("non-finite gradients: " + ", ".join(nonfinite_entries(named, limit=3)))
-
-        def _clip_grad_norm(self, model):
-            self._check_grads()  # before clipping spreads a nan over every gradient
-            return super()._clip_grad_norm(model)
-
-        def _pre_optimizer_step(self) -> None:
-            """Stop, or drop this step, on every rank when any rank saw a non-finite loss or gradient."""
-            if self.is_deepspeed_enabled:
-                return  # the engine has stepped already: handled in _post_step
-            self._check_grads()
-            if not self._agree(self._nonfinite_reason is not None):
-                return
-            reason, self._nonfinite_reason = self._nonfinite_reason, None
-            if self.molora.recipe.train.nonfinite != "skip":
-                self._stop(reason, applied=False)
-            for _, p in self._trainable():
-                p.grad = None  # the optimizer skips parameters without a gradient: no update, moments untouched
-            self.nonfinite_skipped += 1
-            self._skips_in_a_row += 1
-            step, limit = self.state.global_step + 1, self.molora.recipe.train.max_nonfinite_skips
-            reason = reason or "another rank saw a non-finite loss or gradient"
-            if self.is_world_process_zero():
-                print(f"molora: step {step}: {reason}; step skipped ({self._skips_in_a_row} in a row, "
-                      f"{self.nonfinite_skipped} in all; limit {limit} in a row)", flush=True)
-            if self._skips_in_a_row > limit:
-                raise NonFiniteError(f"step {step}: {self._skips_in_a_row} steps in a row had non-finite losses or "
-                                     f"gradients (train.max_nonfinite_skips={limit}); last: {reason}. The run "
-                                     f"diverged: lower train.learning_rate or check the data")
-            self.molora.skipped_this_step = True
-
-        def _post_step(self) -> None:
-            """After the optimizer step (global_step already counts it): weights finite on every rank."""
-            if self.molora.skipped_this_step:
-                self.molora.skipped_this_step = False
-            else:
-                self._skips_in_a_row = 0
-            reason, self._nonfinite_reason = self._nonfinite_reason, None  # DeepSpeed: a loss seen in this step
-            named = self._trainable()
-            if not all_finite(local_tensor(p) for _, p in named):
-                reason = "adapter weights became non-finite in the optimizer step: " + ", ".join(
-                    nonfinite_entries([(n, local_tensor(p)) for n, p in named], limit=3))
-            if self._agree(reason is not None):
-                self._stop(reason, applied=True)
-
-        # ---------------------------------------------------------------- loss
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if model.training and self.molora.logits_at_labels_only:
-                inputs = restrict_to_labels(inputs)
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
-            aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
-            if model.training:
-                if self._t_last_log is None:
-                    self._t_last_log = time.perf_counter()
-                if aux is not None:
-                    self._aux_sum = self._aux_sum + aux.detach().to("cpu", torch.float64)
-                    self._aux_n += 1
-                mask = inputs.get("attention_mask")
-                n_tok = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
-                self._tokens = self._tokens + n_tok.detach().to("cpu", torch.float64)
-                coef = self.molora.aux_loss_coef
-                ga = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1)
-                                or self.args.gradient_accumulation_steps))
-                if aux is not None and coef > 0 and num_items_in_batch is not None and self.model_accepts_loss_kwargs:
-                    # On this path the Trainer neither divides the loss by GA nor undoes its world-size factor
-                    # (both are right for the token-normalised task loss, wrong for the per-micro-batch aux
-                    # value). The injected aux gradient follows whatever scales the loss (fp16 loss scaling,
-                    # the world factor) so it gets 1 / (GA * world) here, and the logged aux term is made
-                    # c * aux / GA per micro-batch, i.e. c * mean(aux) per step (averaged over ranks).
-                    scale = 1.0
-                    if self.args.average_tokens_across_devices:
-                        scale = float(self.accelerator.num_processes)
-                    self.molora.tuner.collector.current.grad_multiplier = 1.0 / (ga * scale)
-                    loss = loss - coef * aux.detach().to(loss.dtype) * (scale - 1.0 / ga)
-            return (loss, outputs) if return_outputs else loss
-
-        # ---------------------------------------------------------------- logging
-        def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-            d = _dist()
-            if d is None:
-                return t
-            dev = self.args.device
-            t = t.to(dev)
-            d.all_reduce(t)
-            return t.to("cpu")
-
-        def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
-            ctx = self.molora
-            is_train_log = "loss" in logs and "learning_rate" in logs
-            if is_train_log:
-                packed = torch.tensor([float(self._aux_sum), float(self._aux_n), float(self._tokens)],
-                                      dtype=torch.float64)
-                packed = self._reduce(packed)
-                aux_sum, aux_n, tokens = packed.tolist()
-                router = ctx.telemetry.collect(self._reduce) if ctx.telemetry is not None else None
-                now = time.perf_counter()
-                elapsed = (now - self._t_last_log - self._eval_time) if self._t_last_log else 0.0
-                self._t_last_log, self._eval_time = now, 0.0
-                self._aux_sum.zero_()
-                self._aux_n = 0
-                self._tokens.zero_()
-                if aux_n > 0:
-                    aux = aux_sum / aux_n
-                    logs["aux_loss"] = round(aux, 6)
-                    logs["task_loss"] = round(float(logs["loss"]) - ctx.aux_loss_coef * aux, 6)
-                if elapsed > 0:
-                    logs["tokens_per_s"] = round(tokens / elapsed, 1)
-                if self.nonfinite_skipped:
-                    logs["nonfinite_skipped"] = self.nonfinite_skipped
-                # the largest RSS seen at a step's end (before malloc_trim hands free pages back) over this
-                # interval, and the process's peak so far (getrusage: includes peaks inside a step)
-                rss = max(self.molora.rss_interval_max, resident_bytes() or 0)
-                self.molora.rss_interval_max = 0
-                if rss:
-                    logs["host_rss_gb"] = round(rss / 2**30, 2)
-                peak = peak_resident_bytes()
-                if peak is not None:
-                    logs["host_peak_rss_gb"] = round(peak / 2**30, 2)
-                if router is not None:
-                    logs.update(router_headline(router))
-                record = {"type": "train", "step": self.state.global_step, **logs, "tokens": tokens}
-                if router is not None:
-                    record["router"] = router
-                ctx.metrics.write(record)
-                super().log(logs, start_time)
-                if router is not None and ctx.use_wandb and self.is_world_process_zero():
-                    try:
-                        import wandb
-
-                        if wandb.run is not None:
-                            wandb.run.log({**flat_router_scalars(router), "train/global_step": self.state.global_step})
-                    except Exception:  # noqa: BLE001 - telemetry must never stop training
-                        pass
-                return
-            kind = "eval" if any(k.startswith("eval_") for k in logs) else "train_end" if "train_runtime" in logs \
-                else "log"
-            ctx.metrics.write({"type": kind, "step": self.state.global_step, **logs})
-            super().log(logs, start_time)
-
-        def evaluate(self, *args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return super().evaluate(*args, **kwargs)
-            finally:
-                self._eval_time += time.perf_counter() - t0
-
-        # ---------------------------------------------------------------- saving
-        def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-            output_dir = output_dir if output_dir is not None else self.args.output_dir
-            ckpt_mod.save_adapter(self.model, output_dir, is_main=self.args.should_save, zero3=self.molora.zero3)
-            if self.args.should_save:
-                torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-        def _save_checkpoint(self, model, trial) -> None:
-            from .storage import disk_full_guard
-
-            name = f"{hf_trainer.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            with disk_full_guard(ckpt_mod.staging_dir(self._get_output_dir(trial=trial), name),
-                                 self.molora.checkpoint_bytes, name):
-                self._save_checkpoint_atomic(model, trial)
-
-        def _save_checkpoint_atomic(self, model, trial) -> None:
-            step = self.state.global_step
-            run_dir = self._get_output_dir(trial=trial)
-            name = f"{hf_trainer.PREFIX_CHECKPOINT_DIR}-{step}"
-            final = os.path.join(run_dir, name)
-            tmp = ckpt_mod.staging_dir(run_dir, name)
-            if self.args.should_save:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-            _barrier()
-            self.store_flos()
-            self.save_model(str(tmp), _internal_call=True)
-            if not self.args.save_only_model:
-                self._save_optimizer_and_scheduler(str(tmp))
-                self._save_scaler(str(tmp))
-                self._save_rng_state(str(tmp))
-            if self.args.should_save:
-                for cb in [c for c in self.callback_handler.callbacks + [self.control]
-                           if isinstance(c, hf_trainer.ExportableState)]:
-                    self.state.stateful_callbacks[cb.__class__.__name__] = cb.state()
-                self.state.save_to_json(os.path.join(tmp, hf_trainer.TRAINER_STATE_NAME))
-            _barrier()  # every rank has written its part (DeepSpeed shards, RNG states)
-            if self.args.should_save:
-                ckpt_mod.write_marker(tmp, {"step": step, "world_size": self.args.world_size,
-                                            "allocation": self.molora.allocation, "setup": self.molora.setup,
-                                            "fingerprint": self.molora.fingerprint})
-                ckpt_mod.commit_dir(tmp, final)
-                hf_trainer.rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                                              best_model_checkpoint=self.state.best_model_checkpoint,
-                                              use_mtime=False)
-            _barrier()
-            if os.environ.get("MOLORA_TEST_CRASH_AFTER_CHECKPOINT") == str(step):
-                raise SimulatedCrash(f"simulated crash after checkpoint {step}")
-
-    return MoLoRATrainer
-
-
 # ================================================================================================ run
-
-
-@dataclass
-class _RunContext:
-    recipe: Recipe
-    is_main: bool
-    zero3: bool
-    aux_loss_coef: float
-    allocation: Any
-    metrics: Any
-    telemetry: Any = None
-    use_wandb: bool = False
-    logits_at_labels_only: bool = False
-    tuner: Any = None
-    skipped_this_step: bool = False
-    setup: Any = None
-    fingerprint: Any = None
-    checkpoint_bytes: int = 0
-    rss_interval_max: int = 0
-
-
-@contextmanager
-def _timer(store: dict, key: str):
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        store[key] = round(time.perf_counter() - t0, 2)
 
 
 def _previous_run_artifacts(out: Path) -> list[str]:
@@ -613,46 +259,6 @@ def _clear_previous_run(out: Path) -> None:
     for name in ("adapter", "plots"):
         shutil.rmtree(out / name, ignore_errors=True)
     clean_staging(out)
-
-
-def _load_rows(recipe: Recipe, out: Path, is_main: bool):
-    """(train rows, eval rows or None, data paths) from the recipe; a packaged data set is written first."""
-    from .data import load_rows, split_validation
-
-    d = recipe.data
-    paths: dict[str, str] = {}
-    if d.packaged is not None:
-        from .assets import write_packaged_dataset
-
-        # deterministic and written atomically: every rank may write it
-        written = write_packaged_dataset(d.packaged, out / "data", n_validation=d.validation_size,
-                                         seed=recipe.train.seed)
-        train_file, eval_file = written["train"], written["validation"]
-    else:
-        train_file, eval_file = Path(d.train_file), (Path(d.eval_file) if d.eval_file else None)
-    paths["train_file"] = str(train_file)
-    train_rows = load_rows(train_file, format=d.format)
-    if eval_file is not None:
-        eval_rows = load_rows(eval_file, format=d.format)
-        paths["eval_file"] = str(eval_file)
-    elif len(train_rows) > d.validation_size:
-        train_rows, eval_rows = split_validation(train_rows, d.validation_size, seed=recipe.train.seed)
-        paths["eval_file"] = f"{train_file} (validation_size={d.validation_size} rows carved out, seed {recipe.train.seed})"
-    else:
-        eval_rows = None
-    if d.max_train_examples is not None:
-        train_rows = train_rows[: d.max_train_examples]
-    return train_rows, eval_rows, paths
-
-
-def load_base_model(recipe: Recipe):
-    """(model, tokenizer) of ``recipe.model`` in its ``dtype`` (packaged name, local path or cached HF id)."""
-    import torch
-
-    from .assets import load_model_and_tokenizer
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[recipe.model.dtype]
-    return load_model_and_tokenizer(recipe.model.name_or_path, dtype=dtype)
 
 
 def _training_arguments(recipe: Recipe, report_to: list[str], ds_config: Optional[dict]):
@@ -699,7 +305,7 @@ def _training_arguments(recipe: Recipe, report_to: list[str], ds_config: Optiona
     return TrainingArguments(**{k: v for k, v in kw.items() if k in names})
 
 
-def _accuracy(ctx: _RunContext, model, tokenizer, rows, template, stage: str, all_ranks: bool) -> Optional[dict]:
+def _accuracy(ctx: RunContext, model, tokenizer, rows, template, stage: str, all_ranks: bool) -> Optional[dict]:
     """Loglik and generation accuracy on the eval rows (rank 0, or every rank in lockstep under ZeRO-3)."""
     from .eval_run import recipe_accuracy
 
@@ -710,7 +316,7 @@ def _accuracy(ctx: _RunContext, model, tokenizer, rows, template, stage: str, al
     if ctx.is_main or all_ranks:
         result.update(recipe_accuracy(model, tokenizer, rows, template, ctx.recipe, progress=ctx.is_main))
     if not all_ranks:
-        _barrier()
+        barrier()
     if ctx.is_main:
         ctx.metrics.write({"type": "accuracy", **result})
         if ctx.use_wandb:
@@ -742,10 +348,10 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
     numbers are filled in on rank 0).
 
     ``resume``: ``"latest"`` or a checkpoint path; the checkpoint's setup and fingerprint must match this run
-    (:mod:`molora.resume`) except for the keys in ``resume_allow`` (comma-separated keys/sections or ``all``)."""
+    (:mod:`molora.run.resume`) except for the keys in ``resume_allow`` (comma-separated keys/sections or ``all``)."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    rank, _local_rank, world = _rank_info()
+    rank, _local_rank, world = rank_info()
     is_main = rank == 0
     out = Path(recipe.train.output_dir)
     from .storage import check_writable
@@ -753,22 +359,23 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
     check_writable(out)  # before anything loads: a read-only or impossible output_dir fails now
     wandb_mode = _prepare_environment(recipe)
 
-    with _timer(timings, "import_s"):
+    with timer(timings, "import_s"):
         import torch
         from peft import get_peft_model
         from transformers import TrainerCallback, set_seed
 
         import molora
+        from molora_kernels import get_router
 
         from . import checkpoint as ckpt_mod
         from . import resume as resume_mod
-        from .allocation import AllocationError, auto_method, is_auto
-        from .allocation.auto import resolve_recipe_auto
-        from .compat import enable_activation_checkpointing, peft_wrap
+        from ..allocation import AllocationError, auto_method, is_auto
+        from .allocate import resolve_recipe_auto
+        from ..tuner.compat import enable_activation_checkpointing, peft_wrap
         from .data import DataCollator, PromptTemplate, build_dataset
         from .host_memory import peak_resident_bytes, release_free_memory, resident_bytes
         from .label_logits import accepts_logits_to_keep
-        from .summary import _tuner
+        from ..tuner.summary import _tuner
         from .telemetry import MetricsWriter, RouterTelemetry
     _patch_deepspeed_for_cpu()
 
@@ -840,12 +447,12 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
         ckpt_mod.clean_staging(out)
     if ckpt is not None and is_main:
         ckpt_mod.clean_staging(out)
-    _barrier()
+    barrier()
     out.mkdir(parents=True, exist_ok=True)
 
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=is_main and recipe.report.jsonl)
-    with _timer(timings, "data_s"):
-        train_rows, eval_rows, data_paths = _load_rows(recipe, out, is_main)
+    with timer(timings, "data_s"):
+        train_rows, eval_rows, data_paths = load_recipe_rows(recipe, out, is_main)
     fingerprint = resume_mod.fingerprint(recipe.to_dict(), train_rows, world)
     if ckpt is not None:
         if marker is not None and marker.get("fingerprint") is None and is_main:
@@ -856,7 +463,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
         if accepted and is_main:
             print("molora: resuming with changes allowed by --resume-allow:\n  " + "\n  ".join(accepted), flush=True)
 
-    with _timer(timings, "model_load_s"):
+    with timer(timings, "model_load_s"):
         base, tokenizer = load_base_model(recipe)
     if recipe.train.gradient_checkpointing:
         base.config.use_cache = False
@@ -873,7 +480,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
                            f"model, which ZeRO-3 partitions: run `molora allocate {recipe.source or 'RECIPE'} "
                            f"--method {auto_method(recipe.allocation.num_experts)} --budget "
                            f"{recipe.allocation.expert_budget} --write alloc.yaml` first and use its num_experts list")
-        with _timer(timings, "auto_allocation_s"):
+        with timer(timings, "auto_allocation_s"):
             auto = resolve_recipe_auto(recipe, base, tokenizer, train_rows, is_main=is_main,
                                        log=lambda m: print(m, flush=True))
         mcfg = molora.MoLoRAConfig(**{**recipe.molora_config_kwargs(), "num_experts": auto["num_experts"],
@@ -904,8 +511,8 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
     if eval_rows and acc_rows is None and is_main:
         print("molora: evaluation data is not in the choices format; accuracy is not measured (eval_loss only)")
 
-    coef = float(cfg.aux_loss_coef) if cfg.router == "topk" else 0.0
-    ctx = _RunContext(recipe=recipe, is_main=is_main, zero3=zero_stage == 3, aux_loss_coef=coef,
+    coef = float(cfg.aux_loss_coef) if get_router(cfg.router).aux_loss is not None else 0.0
+    ctx = RunContext(recipe=recipe, is_main=is_main, zero3=zero_stage == 3, aux_loss_coef=coef,
                       allocation=cfg.allocation, metrics=metrics, use_wandb=bool(wandb_mode),
                       setup=setup, fingerprint=fingerprint,
                       logits_at_labels_only=recipe.train.logits_at_labels_only and accepts_logits_to_keep(model),
@@ -938,7 +545,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
                        "resume_step": _checkpoint_step(ckpt) if ckpt else None, "data": data_paths})
 
     if recipe.report.router_telemetry:
-        ctx.telemetry = RouterTelemetry(model, soft_router=cfg.router == "soft")
+        ctx.telemetry = RouterTelemetry(model, soft_router=not get_router(cfg.router).selects_top_k)
 
     results: dict[str, Any] = {}
     all_ranks_eval = zero_stage == 3
@@ -946,7 +553,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
     class _BeforeEval(TrainerCallback):
         def on_train_begin(self, args_, state, control, model=None, **kw):
             if ckpt is None and recipe.eval.before:
-                with _timer(timings, "eval_before_s"):
+                with timer(timings, "eval_before_s"):
                     results["before"] = _accuracy(ctx, model if model is not None else trainer.model, tokenizer,
                                                   acc_rows, template, "before", all_ranks_eval)
 
@@ -958,7 +565,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
             release_free_memory()
 
     class _NonFiniteGuard(TrainerCallback):
-        """Gradients before the optimizer step, weights after it (see molora.nonfinite)."""
+        """Gradients before the optimizer step, weights after it (see molora.run.nonfinite)."""
 
         def on_pre_optimizer_step(self, args_, state, control, **kw):
             trainer._pre_optimizer_step()
@@ -976,7 +583,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
         print(f"molora: training {where}: {len(train_ds)} examples, world size {world}"
               f"{f', ZeRO-{zero_stage}' if ds_config else ''}; output in {out}", flush=True)
     if done_step is None:
-        with _timer(timings, "train_s"):
+        with timer(timings, "train_s"):
             train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         global_step, train_loss = trainer.state.global_step, train_out.training_loss
     else:
@@ -995,7 +602,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
     tmp = ckpt_mod.staging_dir(out, "adapter")
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
+    barrier()
     from .storage import disk_full_guard
 
     with disk_full_guard(tmp, trainable * 4 + (1 << 20), "the final adapter"):
@@ -1005,9 +612,9 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
         ckpt_mod.write_marker(tmp, {"step": global_step, "allocation": cfg.allocation,
                                     "base_model": recipe.model.name_or_path, "fingerprint": fingerprint})
         ckpt_mod.commit_dir(tmp, adapter_dir)
-    _barrier()
+    barrier()
     if recipe.eval.after:
-        with _timer(timings, "eval_after_s"):
+        with timer(timings, "eval_after_s"):
             results["after"] = _accuracy(ctx, trainer.model, tokenizer, acc_rows, template, "after", all_ranks_eval)
 
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
@@ -1034,13 +641,13 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
                 summary["plots"] = [str(p) for p in render(out)]
             except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run
                 print(f"molora: could not render plots: {e}", flush=True)
-        _write_json_atomic(out / "results.json", summary)
+        write_json_atomic(out / "results.json", summary)
         if wandb_mode:
             _wandb_summary({"train/global_step": summary["global_step"]}, finish=True)
         _print_summary(summary, recipe)
     else:
         metrics.close()
-    _barrier()
+    barrier()
     return summary
 
 
@@ -1105,15 +712,6 @@ def _previous_accuracy(metrics: Path, stage: str) -> Optional[dict]:
     except OSError:
         return None
     return found[-1] if found else None
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _fmt_s(s: float) -> str:

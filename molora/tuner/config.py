@@ -7,10 +7,10 @@ from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
 
-from molora_kernels import BACKENDS, ROUTERS
+from molora_kernels import BACKENDS, ROUTERS, get_router
 
-from .allocation import AllocationError, AllocationSpec, auto_method, is_auto, validate_spec
-from .registry import PEFT_TYPE
+from ..allocation import AllocationError, AllocationSpec, auto_method, is_auto, validate_spec
+from .peft_type import PEFT_TYPE
 
 AUX_LOSS_MODES = ("masked", "original")
 
@@ -38,8 +38,8 @@ class MoLoRAConfig(PeftConfig):
         target_modules: module names (suffix match) or a regex (full match). None: every linear projection of
             attention and MLP inside the model's numbered blocks.
         exclude_modules: names/regex never to adapt.
-        router: ``"topk"`` (MoLA: softmax, top-k, renormalise; default) or ``"soft"`` (LoRAMoE-style dense
-            softmax over all experts).
+        router: a registered router (:mod:`molora_kernels.routers`): ``"topk"`` (MoLA: softmax, top-k,
+            renormalise; default) or ``"soft"`` (LoRAMoE-style dense softmax over all experts).
         aux_loss_coef: weight of the MoLA load-balancing loss added to the task loss (0.001 in the paper;
             0 disables it).
         aux_loss_mode: ``"masked"`` (padding tokens excluded, using the attention mask; default) or
@@ -87,7 +87,7 @@ class MoLoRAConfig(PeftConfig):
             self.num_experts = list(self.num_experts)
         validate_spec(self.num_experts, "num_experts", allow_preset=True)
         if is_auto(self.num_experts):
-            from .allocation.methods import get_method
+            from ..allocation.methods import get_method
 
             try:
                 get_method(auto_method(self.num_experts))
@@ -108,6 +108,10 @@ class MoLoRAConfig(PeftConfig):
             raise AllocationError(f"expert_budget={self.expert_budget!r} must be a positive int (total experts)")
         if self.router not in ROUTERS:
             raise AllocationError(f"router={self.router!r} is not a known router; allowed: {', '.join(ROUTERS)}")
+        router = get_router(self.router)
+        if self.backend != "auto" and self.backend in BACKENDS and self.backend not in router.backends:
+            raise AllocationError(f"backend={self.backend!r} does not implement router={self.router!r}; backends for "
+                                  f"it: {', '.join(router.backends)} (or 'auto')")
         if self.aux_loss_mode not in AUX_LOSS_MODES:
             raise AllocationError(f"aux_loss_mode={self.aux_loss_mode!r}; allowed: {', '.join(AUX_LOSS_MODES)}")
         if not (isinstance(self.aux_loss_coef, (int, float)) and math.isfinite(self.aux_loss_coef)
@@ -119,7 +123,7 @@ class MoLoRAConfig(PeftConfig):
             raise AllocationError(f"lora_alpha={self.lora_alpha!r} must be a finite number > 0")
         if self.backend not in BACKENDS:
             raise AllocationError(f"backend={self.backend!r}; allowed: {', '.join(BACKENDS)}")
-        if (self.router == "topk" and isinstance(self.num_experts, int) and isinstance(self.top_k, int)
+        if (router.selects_top_k and isinstance(self.num_experts, int) and isinstance(self.top_k, int)
                 and self.top_k > self.num_experts and self.expert_budget is None):
             raise AllocationError(f"top_k={self.top_k} is larger than num_experts={self.num_experts}; top_k must be "
                                   f"between 1 and the number of experts")

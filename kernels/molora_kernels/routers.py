@@ -1,0 +1,112 @@
+"""The router registry: name -> one :class:`Router` that says how to route and what the rest of molora may assume.
+
+Every place that used to compare router names as strings asks the router instead:
+
+* ``route`` / ``logits_grad``: the forward (``logits -> Routing``) and, for backends with a hand-written backward,
+  ``d loss / d logits`` from the gradients of the gates and of the softmax (None: the router is autograd-only,
+  and only the ``reference`` backend runs it);
+* ``selects_top_k``: the router picks ``top_k`` experts per token (``top_k`` must be <= the layer's experts,
+  telemetry counts top-k selections); False: every expert is weighted (telemetry reports the gate mass);
+* ``aux_loss``: the load-balancing loss the router trains with (``"mola"``: the MoLA loss of
+  :func:`molora_kernels.routing.load_balancing_loss`), or None;
+* ``backends``: the backends that implement it (``auto`` skips the others; naming one of them is refused with
+  this list). The Triton kernels compute "softmax, then top-k renormalised or every expert" (switched by
+  :meth:`Router.gates_are_probs`): list ``"triton"`` only for a router of that form.
+
+Pure Python: functions are named as ``"module:function"`` inside ``molora_kernels`` and imported on first use, so
+torch-free code (recipe validation) can read the registry by file path. Adding a router is one
+:func:`register_router` call (tests register one of their own).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+__all__ = ["Router", "ROUTERS", "register_router", "get_router", "router_names"]
+
+ALL_BACKENDS = ("torch", "reference", "sparse", "triton")
+#: load-balancing losses the tuner implements (molora.tuner.router_state)
+AUX_LOSSES = ("mola",)
+
+
+@dataclass(frozen=True)
+class Router:
+    name: str
+    summary: str
+    route_fn: object                       # "module:function" in molora_kernels (or a function):
+    #                                        fn(logits [T, E], top_k) -> Routing
+    logits_grad_fn: Optional[object]       # same: fn(dgates, dprobs, probs, idx, top_k) -> d logits [T, E] fp32
+    selects_top_k: bool
+    aux_loss: Optional[str]
+    backends: tuple[str, ...] = ALL_BACKENDS
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def _resolve(self, spec) -> Callable:
+        if callable(spec):  # a function given directly (e.g. a router registered by a test)
+            return spec
+        fn = self._cache.get(spec)
+        if fn is None:
+            module, _, attr = spec.partition(":")
+            mod = importlib.import_module(module if "." in module and not module.startswith(".")
+                                          else f"{__package__ or 'molora_kernels'}.{module}")
+            fn = self._cache[spec] = getattr(mod, attr)
+        return fn
+
+    def route(self, logits, top_k: int):
+        """``Routing`` of [T, E] logits (float32 inside)."""
+        return self._resolve(self.route_fn)(logits, top_k)
+
+    def logits_grad(self, dgates, dprobs, probs, idx, top_k: int):
+        """d loss / d logits [T, E] (fp32) for backends with a hand-written backward."""
+        if self.logits_grad_fn is None:
+            raise NotImplementedError(f"router {self.name!r} has no hand-written backward; backends: "
+                                      f"{', '.join(self.backends)}")
+        return self._resolve(self.logits_grad_fn)(dgates, dprobs, probs, idx, top_k)
+
+    def gates_are_probs(self, top_k: int, num_experts: int) -> bool:
+        """True when the gates equal the softmax (every expert weighted: a soft router, or top-k with k = E)."""
+        return (not self.selects_top_k) or top_k >= num_experts
+
+    def effective_top_k(self, top_k: int, num_experts: int) -> int:
+        """Experts each token is computed with (the cost model's k)."""
+        return top_k if self.selects_top_k else num_experts
+
+
+ROUTERS: dict[str, Router] = {}
+
+
+def register_router(router: Router, replace: bool = False) -> Router:
+    """Add a router to the registry (``replace=True`` to overwrite one of the same name)."""
+    if router.name in ROUTERS and not replace:
+        raise ValueError(f"a router named {router.name!r} is already registered")
+    unknown = [b for b in router.backends if b not in ALL_BACKENDS]
+    if unknown:
+        raise ValueError(f"router {router.name!r}: unknown backends {unknown}; known: {', '.join(ALL_BACKENDS)}")
+    if router.logits_grad_fn is None and set(router.backends) - {"reference"}:
+        raise ValueError(f"router {router.name!r} has no hand-written backward, so only the 'reference' backend "
+                         f"(autograd) can run it; backends={router.backends}")
+    if router.aux_loss is not None and router.aux_loss not in AUX_LOSSES:
+        raise ValueError(f"router {router.name!r}: aux_loss={router.aux_loss!r}; known: {', '.join(AUX_LOSSES)} or None")
+    ROUTERS[router.name] = router
+    return router
+
+
+def router_names() -> list[str]:
+    return list(ROUTERS)
+
+
+def get_router(name: str) -> Router:
+    """The registered router ``name``; ValueError naming the known ones otherwise."""
+    router = ROUTERS.get(name) if isinstance(name, str) else None
+    if router is None:
+        raise ValueError(f"router={name!r} is not a known router; allowed: {', '.join(ROUTERS)}")
+    return router
+
+
+register_router(Router(
+    "topk", "MoLA: softmax over the experts, top-k, renormalise the chosen weights (the default)",
+    route_fn="routing:route_topk", logits_grad_fn="routing:topk_logits_grad", selects_top_k=True, aux_loss="mola"))
+register_router(Router(
+    "soft", "LoRAMoE-style dense softmax: every expert, weighted by its probability (no load-balancing loss)",
+    route_fn="routing:route_soft", logits_grad_fn="routing:soft_logits_grad", selects_top_k=False, aux_loss=None))

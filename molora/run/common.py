@@ -1,0 +1,148 @@
+"""Helpers shared by ``molora train``, ``molora eval``, ``molora allocate`` and ``molora sweep``: errors, the run
+context the Trainer subclass reads, rank/distributed helpers, a recipe's rows and base model, atomic JSON writes,
+and the test hooks that simulate crashes and non-finite losses."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .recipe import Recipe
+
+__all__ = ["RunError", "SimulatedCrash", "RunContext", "is_user_error", "rank_info", "free_port", "dist", "barrier",
+           "timer", "load_recipe_rows", "load_base_model", "write_json_atomic", "TEST_NAN_LOSS_AT"]
+
+
+class RunError(RuntimeError):
+    """A run cannot start or finish (message says why and what to do)."""
+
+
+def test_nan_loss_at() -> Optional[tuple[int, int]]:
+    """Test hook ``MOLORA_TEST_NAN_LOSS_AT=STEP:RANK``: that rank reports a nan loss in that step (the multi-rank
+    agreement test). Never set it outside tests."""
+    raw = os.environ.get("MOLORA_TEST_NAN_LOSS_AT")
+    if not raw:
+        return None
+    step, rank = raw.split(":")
+    return int(step), int(rank)
+
+
+TEST_NAN_LOSS_AT = test_nan_loss_at()
+
+
+class SimulatedCrash(BaseException):
+    """Test hook: raised right after checkpoint N is committed when ``MOLORA_TEST_CRASH_AFTER_CHECKPOINT=N`` is set
+    (the process then dies as if killed: no final adapter, no cleanup). Never set it outside tests."""
+
+
+def is_user_error(e: BaseException) -> bool:
+    names = {"AllocationError", "CheckpointError", "DataError", "AssetError", "RunError", "NonFiniteError",
+             "ResumeError", "StorageError"}
+    return any(c.__name__ in names for c in type(e).__mro__)
+
+
+def rank_info() -> tuple[int, int, int]:
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist():
+    """torch.distributed when more than one rank runs, else None."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        return tdist
+    return None
+
+
+def barrier() -> None:
+    d = dist()
+    if d is not None:
+        d.barrier()
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    is_main: bool
+    zero3: bool
+    aux_loss_coef: float
+    allocation: Any
+    metrics: Any
+    telemetry: Any = None
+    use_wandb: bool = False
+    logits_at_labels_only: bool = False
+    tuner: Any = None
+    skipped_this_step: bool = False
+    setup: Any = None
+    fingerprint: Any = None
+    checkpoint_bytes: int = 0
+    rss_interval_max: int = 0
+
+
+@contextmanager
+def timer(store: dict, key: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        store[key] = round(time.perf_counter() - t0, 2)
+
+
+def load_recipe_rows(recipe: Recipe, out: Path, is_main: bool):
+    """(train rows, eval rows or None, data paths) from the recipe; a packaged data set is written first."""
+    from .data import load_rows, split_validation
+
+    d = recipe.data
+    paths: dict[str, str] = {}
+    if d.packaged is not None:
+        from .assets import write_packaged_dataset
+
+        # deterministic and written atomically: every rank may write it
+        written = write_packaged_dataset(d.packaged, out / "data", n_validation=d.validation_size,
+                                         seed=recipe.train.seed)
+        train_file, eval_file = written["train"], written["validation"]
+    else:
+        train_file, eval_file = Path(d.train_file), (Path(d.eval_file) if d.eval_file else None)
+    paths["train_file"] = str(train_file)
+    train_rows = load_rows(train_file, format=d.format)
+    if eval_file is not None:
+        eval_rows = load_rows(eval_file, format=d.format)
+        paths["eval_file"] = str(eval_file)
+    elif len(train_rows) > d.validation_size:
+        train_rows, eval_rows = split_validation(train_rows, d.validation_size, seed=recipe.train.seed)
+        paths["eval_file"] = f"{train_file} (validation_size={d.validation_size} rows carved out, seed {recipe.train.seed})"
+    else:
+        eval_rows = None
+    if d.max_train_examples is not None:
+        train_rows = train_rows[: d.max_train_examples]
+    return train_rows, eval_rows, paths
+
+
+def load_base_model(recipe: Recipe):
+    """(model, tokenizer) of ``recipe.model`` in its ``dtype`` (packaged name, local path or cached HF id)."""
+    import torch
+
+    from .assets import load_model_and_tokenizer
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[recipe.model.dtype]
+    return load_model_and_tokenizer(recipe.model.name_or_path, dtype=dtype)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
