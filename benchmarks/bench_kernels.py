@@ -39,7 +39,7 @@ if str(_HERE.parent / "kernels") not in sys.path:
 from common import environment, format_table, plot_ratio_bars, time_alternating, write_json  # noqa: E402
 
 import molora_kernels  # noqa: E402
-from molora_kernels import available_backends, moe_lora  # noqa: E402
+from molora_kernels import ROUTERS, available_backends, moe_lora  # noqa: E402
 
 FULL_T = (512, 2048, 8192)
 FULL_D = (1024, 2048, 4096)
@@ -139,6 +139,11 @@ def build_point(tokens: int, d: int, num_experts: int, top_k: int, rank: int, dt
         if be == "torch" and with_fused_base:
             variants["molora/torch+base"] = lambda: moe_lora(x, a_all, b_all, w_router, top_k=top_k, scaling=scaling,
                                                              backend="torch", base=base(x)).delta
+    if "torch" in backends:  # one row per other registered router the fused torch backend implements
+        for rname, router in ROUTERS.items():
+            if rname != "topk" and "torch" in router.backends:
+                variants[f"molora/torch[{rname}]"] = (lambda rn: lambda: base(x) + moe_lora(
+                    x, a_all, b_all, w_router, top_k=top_k, scaling=scaling, backend="torch", router=rn).delta)(rname)
     return variants, params, x
 
 

@@ -154,6 +154,32 @@ def test_aux_loss_gradient_scaling(assets, tmp_path):
         assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-3)  # task + coef * mean aux, on both paths
 
 
+def test_topp_router_two_ranks_match_one_process(assets, tmp_path):
+    """The dynamic top-p router with its aux loss and entropy regulariser on: ZeRO-2 on 2 ranks (ranks route
+    differently, tokens get different numbers of experts) equals 1 process accumulating 2 micro-batches."""
+    from molora.run.train import main
+
+    alloc = {**ALLOC, "num_experts": 4, "top_k": 3, "router": "topp", "aux_loss_coef": 0.05,
+             "router_options": {"top_p": 0.6, "entropy_coef": 0.01}}
+    ev = {"before": False, "after": False}
+    one = write_recipe(tmp_path / "one.yaml", assets, tmp_path / "one", train=TRAIN, allocation=alloc, eval=ev)
+    saved = dict(os.environ)
+    try:
+        assert main([str(one)]) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    two = write_recipe(tmp_path / "two.yaml", assets, tmp_path / "two", train={**TRAIN, "gradient_accumulation_steps": 1},
+                       allocation=alloc, eval=ev)
+    _launch(two, 2, ["--deepspeed", str(ROOT / "recipes" / "deepspeed" / "zero2.json")], tmp_path / "launch.log")
+    _assert_same_adapter(tmp_path / "one" / "adapter", tmp_path / "two" / "adapter")
+    for r1, r2 in zip(_records(tmp_path / "one"), _records(tmp_path / "two")):
+        assert r1["router_regularizer"] > 0
+        assert r2["router_regularizer"] == pytest.approx(r1["router_regularizer"], rel=1e-5)
+        assert r2["aux_loss"] == pytest.approx(r1["aux_loss"], rel=1e-5)
+        assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-3)
+
+
 def test_non_finite_loss_on_one_rank_stops_every_rank(assets, tmp_path):
     """Rank 1 alone reports a nan loss in step 3 (ZeRO-2, 2 processes): the run stops in that step with the
     error naming it and the last good checkpoint, and nothing after step 2 is written. (The ranks agree through

@@ -47,7 +47,7 @@ def test_builtin_routers_state_what_the_rest_may_assume():
     assert not soft.selects_top_k and soft.aux_loss is None
     assert soft.gates_are_probs(1, 4) and topk.gates_are_probs(4, 4) and not topk.gates_are_probs(2, 4)
     assert soft.effective_top_k(1, 6) == 6 and topk.effective_top_k(2, 6) == 2
-    with pytest.raises(ValueError, match=r"router='nope' is not a known router; allowed: topk, soft"):
+    with pytest.raises(ValueError, match=r"router='nope' is not a known router; allowed: topk, soft, topp"):
         get_router("nope")
 
 
@@ -129,7 +129,7 @@ def test_a_registered_router_trains_a_model_with_its_properties(tiny_model, temp
     with pytest.raises(AllocationError, match=r"backend='sparse' does not implement router='tempered'; backends "
                                               r"for it: torch, reference"):
         MoLoRAConfig(router="tempered", backend="sparse")
-    with pytest.raises(AllocationError, match=r"router='nope' is not a known router; allowed: topk, soft, tempered"):
+    with pytest.raises(AllocationError, match=r"router='nope' is not a known router; allowed: topk, soft, topp, tempered"):
         MoLoRAConfig(router="nope")
 
 
@@ -137,7 +137,239 @@ def test_recipes_validate_routers_against_the_registry(tmp_path):
     from molora.run.recipe import RecipeError, recipe_from_dict
 
     with pytest.raises(RecipeError, match=r"allocation.router.*router='nope' is not a known router; allowed: topk, "
-                                          r"soft"):
+                                          r"soft, topp"):
         recipe_from_dict({"data": {"packaged": "bbc-news"}, "allocation": {"router": "nope"}})
     assert recipe_from_dict({"data": {"packaged": "bbc-news"}, "allocation": {"router": "soft"}}).allocation.router \
         == "soft"
+
+
+# ------------------------------------------------------------------------------------------ topp
+def _naive_topp(x, a, b, w, k, top_p, scaling):
+    """Per token: p = softmax(x W^T); experts by decreasing p until their mass reaches top_p (at most k);
+    y = s * sum over them of p_e * B_e A_e x (not renormalised)."""
+    num_experts = w.shape[0]
+    r = a.shape[0] // num_experts
+    out, chosen = [], []
+    for t in range(x.shape[0]):
+        p = torch.softmax(x[t] @ w.t(), -1)
+        order = torch.argsort(p.detach(), descending=True).tolist()
+        sel, mass = [], 0.0
+        for e in order[:k]:
+            if mass >= top_p:
+                break
+            sel.append(e)
+            mass += float(p[e].detach())
+        chosen.append(sel)
+        out.append(scaling * sum(p[e] * (b[:, e * r:(e + 1) * r] @ (a[e * r:(e + 1) * r] @ x[t])) for e in sel))
+    return torch.stack(out), chosen
+
+
+def _topp_inputs(seed=0, T=24, d_in=12, d_out=10, E=5, r=2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g, requires_grad=True) for s in ((T, d_in), (E * r, d_in), (d_out, E * r),
+                                                                       (E, d_in))]
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "auto"])
+@pytest.mark.parametrize("top_p", [0.3, 0.6, 0.9, 1.0])
+def test_topp_matches_the_per_token_reference_with_gradients(backend, top_p):
+    x, a, b, w = _topp_inputs()
+    k = 4
+    g = torch.Generator().manual_seed(1)
+    up, c = torch.randn(x.shape[0], b.shape[0], generator=g), torch.randn(w.shape[0], generator=g)
+    out = moe_lora(x, a, b, w, top_k=k, scaling=0.5, router="topp", router_options={"top_p": top_p},
+                   backend=backend)
+    want, chosen = _naive_topp(x, a, b, w, k, top_p, 0.5)
+    torch.testing.assert_close(out.delta, want, rtol=1e-5, atol=1e-5)
+    sizes = [len(s) for s in chosen]
+    if top_p in (0.6, 0.9):
+        assert len(set(sizes)) > 1, sizes  # tokens really get different numbers of experts here
+    counts = torch.zeros(w.shape[0])
+    for s in chosen:
+        counts[s] += 1
+    torch.testing.assert_close(out.stats.counts, counts)  # statistics count each selection once
+    want_prob_sum = torch.softmax(x @ w.t(), -1).sum(0)
+    got = torch.autograd.grad((out.delta * up).sum() + (out.stats.prob_sum * c).sum(), (x, a, b, w))
+    ref = torch.autograd.grad((want * up).sum() + (want_prob_sum * c).sum(), (x, a, b, w))
+    for name, gg, rr in zip("xabw", got, ref):
+        torch.testing.assert_close(gg, rr, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_topp_under_autocast_matches_the_reference_backend(dtype):
+    x, a, b, w = _topp_inputs(seed=3)
+    outs = []
+    for backend in ("torch", "reference"):
+        with torch.autocast("cpu", dtype=dtype):
+            o = moe_lora(x, a, b, w, top_k=3, scaling=1.0, router="topp", router_options={"top_p": 0.7},
+                         backend=backend)
+        grads = torch.autograd.grad(o.delta.float().sum(), (x, a, b, w))
+        outs.append((o.delta.float(), grads))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=2e-2, atol=2e-2)
+    for name, g1, g2 in zip("xabw", outs[0][1], outs[1][1]):
+        torch.testing.assert_close(g1.float(), g2.float(), rtol=3e-2, atol=3e-2, msg=name)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"top_p": 0.0}, r"top_p=0.0 must be a number in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p=1.5 must be a number in \(0, 1\]"),
+    ({"top_p": float("nan")}, r"top_p=nan must be a number in \(0, 1\]"),
+    ({"entropy_coef": -1}, r"entropy_coef=-1 must be a number in \[0, 1e\+06\]"),
+    ({"capacity": 2}, r"router 'topp' has no option 'capacity'; its options: top_p in \(0, 1\], entropy_coef"),
+])
+def test_topp_options_are_refused_naming_the_allowed_values(options, match):
+    x, a, b, w = _topp_inputs()
+    with pytest.raises(ValueError, match=match):
+        moe_lora(x, a, b, w, top_k=2, scaling=1.0, router="topp", router_options=options)
+    with pytest.raises(AllocationError, match=match):
+        MoLoRAConfig(router="topp", router_options=options)
+    with pytest.raises(ValueError, match=r"backend 'sparse' does not implement router 'topp'"):
+        moe_lora(x, a, b, w, top_k=2, scaling=1.0, router="topp", backend="sparse")
+
+
+def _topp_model(tiny_model, coef, ent):
+    base = tiny_model("llama", num_layers=2)
+    model = get_peft_model(base, MoLoRAConfig(num_experts=4, top_k=3, r=2, router="topp",
+                                              router_options={"top_p": 0.6, "entropy_coef": ent},
+                                              aux_loss_coef=coef, init_weights=False))
+    model.train()
+    return model
+
+
+def test_topp_aux_loss_and_entropy_regulariser_match_their_formulas_with_gradients(tiny_model):
+    from test_layer import batch, capture_inputs, causal_lm_loss
+
+    coef, ent = 0.3, 0.05
+    model = _topp_model(tiny_model, coef, ent)
+    ref = _topp_model(tiny_model, 0.0, 0.0)
+    ref.load_state_dict(model.state_dict())
+    ids, mask, labels = batch()
+    calls, hooks = capture_inputs(ref)
+    out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    for h in hooks:
+        h.remove()
+    keep = mask.reshape(-1).bool()
+    by_layer: dict = {}
+    reg = torch.zeros(())
+    for mod, x in calls:
+        logits = x.reshape(-1, x.shape[-1]) @ mod.molora_router["default"].t()
+        p = torch.softmax(logits.float(), -1)[keep]
+        by_layer.setdefault(mod.layer_index, []).append(p)
+        reg = reg + ent * (-(p * torch.log(p)).sum(-1)).mean()  # mean entropy over real tokens, per module
+    aux = torch.zeros(())
+    for layer, ps in by_layer.items():
+        p = torch.cat(ps)
+        vals, order = torch.sort(p.detach(), -1, descending=True)
+        before = vals[:, :3].cumsum(-1) - vals[:, :3]
+        sel = torch.zeros_like(p).scatter(1, torch.where(before < 0.6, order[:, :3], order[:, :1]), 1.0)
+        f = sel.sum(0) / sel.sum()  # the fraction of all selections (a dynamic router's count varies per token)
+        aux = aux + 4 * (f * p.mean(0)).sum()
+    params = {n: q for n, q in ref.named_parameters() if q.requires_grad}
+    want = torch.autograd.grad(out_ref.loss + coef * aux + reg, list(params.values()))
+
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out["aux_loss"], aux.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["router_regularizer"], reg.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, labels) + coef * aux.detach() + reg.detach(),
+                               rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    got = dict(model.named_parameters())
+    for (name, _), w_ in zip(params.items(), want):
+        torch.testing.assert_close(got[name].grad, w_, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_topp_adapter_saves_loads_and_keeps_its_options(tiny_model, tmp_path):
+    import json
+
+    from peft import PeftModel
+
+    model = _topp_model(tiny_model, 0.01, 0.001)
+    model.eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["router"] == "topp" and cfg["router_options"] == {"top_p": 0.6, "entropy_coef": 0.001}
+    loaded = PeftModel.from_pretrained(tiny_model("llama", num_layers=2), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+
+
+# ------------------------------------------------------------------------------------------ per-layer routers
+def test_routers_per_layer_groups_and_lists(tiny_model):
+    from molora import allocation_table
+
+    model = get_peft_model(tiny_model("llama", num_layers=4), MoLoRAConfig(
+        num_experts=4, top_k=2, r=2, router="topk,topp", router_options={"top_p": 0.6}, init_weights=False))
+    by_layer = {}
+    for m in model.modules():
+        if hasattr(m, "router_type") and "default" in m.router_type:
+            by_layer.setdefault(m.layer_index, set()).add((m.router_type["default"],
+                                                           tuple(sorted(m.router_options["default"].items()))))
+    assert by_layer[0] == by_layer[1] == {("topk", ())}
+    assert by_layer[2] == by_layer[3] == {("topp", (("entropy_coef", 0.0), ("top_p", 0.6)))}
+    cfg = model.peft_config["default"]
+    assert [row["router"] for row in cfg.allocation] == ["topk", "topk", "topp", "topp"]
+    text = str(allocation_table(model))
+    assert "router: topk; topp (top_p=0.6, entropy_coef=0)" in text
+    listed = get_peft_model(tiny_model("llama", num_layers=4), MoLoRAConfig(
+        num_experts=4, top_k=2, r=2, router=["soft", "topk", "soft", "topp"]))
+    assert [row["router"] for row in listed.peft_config["default"].allocation] == ["soft", "topk", "soft", "topp"]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(router=["topk", "nope", "topk", "topk"]), r"router='nope' is not a known router; allowed: topk, soft, topp"),
+    (dict(router=["topk", "topp"]), r"router=\['topk', 'topp'\] has 2 entries but the model has 4 layers"),
+    (dict(router="topk,topp,soft,topk,topp"), r"has 5 groups but the model has 4 layers"),
+    (dict(router="topk,soft", router_options={"top_p": 0.5}), r"router 'topk', 'soft' has no option 'top_p'; "
+                                                                r"its options: none"),
+    (dict(router="soft,topp", backend="sparse"), r"backend='sparse' does not implement router='topp'"),
+])
+def test_per_layer_router_errors_name_the_value(tiny_model, kw, match):
+    with pytest.raises(AllocationError, match=match):
+        get_peft_model(tiny_model("llama", num_layers=4), MoLoRAConfig(num_experts=4, top_k=2, r=2, **kw))
+
+
+def test_only_routers_with_a_load_loss_count_in_the_aux_loss(tiny_model):
+    """soft layers have no load-balancing loss: with "soft,topk" the aux loss is the MoLA loss of layers 2-3 only,
+    and the returned loss adds exactly that."""
+    from test_layer import batch, capture_inputs, causal_lm_loss
+
+    model = get_peft_model(tiny_model("llama", num_layers=4), MoLoRAConfig(
+        num_experts=4, top_k=2, r=2, router="soft,topk", aux_loss_coef=0.5, init_weights=False))
+    model.train()
+    ids, mask, labels = batch()
+    calls, hooks = capture_inputs(model)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    for h in hooks:
+        h.remove()
+    keep = mask.reshape(-1).bool()
+    aux = torch.zeros(())
+    for layer in (2, 3):
+        p = torch.cat([torch.softmax((x.reshape(-1, x.shape[-1]) @ m.molora_router["default"].t()).float(), -1)[keep]
+                       for m, x in calls if m.layer_index == layer])
+        idx = torch.topk(p, 2, -1).indices
+        f = torch.zeros_like(p).scatter(1, idx, 1.0).sum(0) / (2 * p.shape[0])
+        aux = aux + 4 * (f * p.mean(0)).sum()
+    torch.testing.assert_close(out["aux_loss"], aux.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, labels) + 0.5 * aux.detach(), rtol=1e-5,
+                               atol=1e-6)
+    summary = model.base_model.router_summary()
+    assert [summary[i]["selects_top_k"] for i in range(4)] == [False, False, True, True]
+
+
+def test_per_layer_routers_save_and_load(tiny_model, tmp_path):
+    from peft import PeftModel
+
+    model = get_peft_model(tiny_model("llama", num_layers=4), MoLoRAConfig(
+        num_experts=4, top_k=2, r=2, router="topk,topp", router_options={"top_p": 0.6}, init_weights=False))
+    model.eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "a")
+    loaded = PeftModel.from_pretrained(tiny_model("llama", num_layers=4), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+    assert loaded.peft_config["default"].router == "topk,topp"

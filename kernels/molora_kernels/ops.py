@@ -126,7 +126,7 @@ def resolve_backend(backend: str, x2: torch.Tensor, a_all: torch.Tensor, b_all: 
     return backend
 
 
-def _check(x, a_all, b_all, router_weight, top_k, router, backend):
+def _check(x, a_all, b_all, router_weight, top_k, router, backend, router_options=None):
     num_experts, d_in = router_weight.shape
     if x.shape[-1] != d_in:
         raise ValueError(f"x has {x.shape[-1]} features but the router expects d_in={d_in}")
@@ -134,16 +134,17 @@ def _check(x, a_all, b_all, router_weight, top_k, router, backend):
         raise ValueError(f"a_all {tuple(a_all.shape)} must be [E·r, d_in] with E={num_experts}, d_in={d_in}")
     if b_all.shape[1] != a_all.shape[0]:
         raise ValueError(f"b_all {tuple(b_all.shape)} must be [d_out, E·r={a_all.shape[0]}]")
-    get_router(router)  # ValueError naming the registered routers
+    get_router(router).resolve_options(router_options)  # ValueError naming the routers / the option and its range
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
 
 
-def _reference(x2, a_all, b_all, router_weight, *, top_k, scaling, dropout, training, router, base):
+def _reference(x2, a_all, b_all, router_weight, *, top_k, scaling, dropout, training, router, base,
+               router_options=None):
     h, logits = torch_dense.shrink_and_logits(x2, a_all, router_weight, dropout, training)
-    routing = route(logits, top_k, router)
+    routing = route(logits, top_k, router, router_options)
     delta = torch_dense.gate_expand(h, routing.gates, b_all, scaling)
     return (delta if base is None else base + delta), routing
 
@@ -163,6 +164,7 @@ def moe_lora(
     compute_stats: bool = True,
     backend: str = "auto",
     base: Optional[torch.Tensor] = None,
+    router_options: Optional[dict] = None,
 ) -> MoLoRAOutput:
     """Mixture of E LoRA experts on x.
 
@@ -174,17 +176,18 @@ def moe_lora(
         top_k: experts per token (ignored by the soft router).
         scaling: alpha / r.
         dropout, training: LoRA dropout on the experts' input (the router always sees x).
-        router: "topk" (MoLA) or "soft".
+        router: a registered router (:mod:`molora_kernels.routers`): "topk" (MoLA), "soft", "topp", ...
         token_mask: [...] matching x's leading dims, True for real tokens; used only for the statistics.
         compute_stats: return RouterStats (needed for the aux loss and telemetry).
         backend: "auto", "torch", "reference", "sparse" or "triton" (see module docstring). A backend
             that cannot run here raises ValueError naming it and listing the available ones.
         base: optional frozen-layer output [..., d_out]; when given the result is ``base + delta``
             accumulated inside the last GEMM (saves a full pass over [T, d_out] on the torch paths).
+        router_options: the router's options (``{"top_p": 0.8}``); refused when unknown or out of range.
     Returns:
         MoLoRAOutput(delta [..., d_out] in x.dtype (plus ``base`` if given), stats).
     """
-    _check(x, a_all, b_all, router_weight, top_k, router, backend)
+    _check(x, a_all, b_all, router_weight, top_k, router, backend, router_options)
     lead = x.shape[:-1]
     d_out = b_all.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
@@ -206,6 +209,8 @@ def moe_lora(
             base2 = base2.to(compute_dtype)
     name = resolve_backend(backend, x2, a_all, b_all, router_weight, top_k, router, needs_backward)
     kw = dict(top_k=top_k, scaling=scaling, dropout=dropout, training=training, router=router)
+    if router_options:  # only routers with options take them, and those run on the torch/reference backends
+        kw["router_options"] = router_options
     with (torch.autocast(x2.device.type, enabled=False) if compute_dtype is not None
           else contextlib.nullcontext()):
         out, routing = _run_backend(name, x2, a_all, b_all, router_weight, base2, kw)

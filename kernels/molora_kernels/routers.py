@@ -23,11 +23,40 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-__all__ = ["Router", "ROUTERS", "register_router", "get_router", "router_names"]
+__all__ = ["Router", "RouterOption", "ROUTERS", "register_router", "get_router", "router_names", "options_for"]
 
 ALL_BACKENDS = ("torch", "reference", "sparse", "triton")
 #: load-balancing losses the tuner implements (molora.tuner.router_state)
 AUX_LOSSES = ("mola",)
+
+
+@dataclass(frozen=True)
+class RouterOption:
+    """A float option of a router (``top_p``, ...), with its default and allowed interval."""
+
+    name: str
+    default: float
+    low: float
+    high: float
+    low_open: bool = True      # the interval excludes ``low``
+    high_open: bool = False    # the interval excludes ``high``
+    doc: str = ""
+
+    def interval(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    def check(self, value, router: str) -> float:
+        import math
+
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok:
+            v = float(value)
+            ok = (v > self.low if self.low_open else v >= self.low) and (v < self.high if self.high_open
+                                                                          else v <= self.high)
+        if not ok:
+            raise ValueError(f"router {router!r}: {self.name}={value!r} must be a number in {self.interval()} "
+                             f"({self.doc})")
+        return float(value)
 
 
 @dataclass(frozen=True)
@@ -40,6 +69,11 @@ class Router:
     selects_top_k: bool
     aux_loss: Optional[str]
     backends: tuple[str, ...] = ALL_BACKENDS
+    #: float options passed to ``route_fn`` as keywords (``router_options`` in MoLoRAConfig and recipes)
+    options: tuple[RouterOption, ...] = ()
+    #: True: every token gets exactly ``top_k`` experts (the MoLA aux loss divides selections by k); False: the
+    #: count varies per token (it divides by the mean count instead)
+    fixed_k: bool = True
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def _resolve(self, spec) -> Callable:
@@ -53,9 +87,19 @@ class Router:
             fn = self._cache[spec] = getattr(mod, attr)
         return fn
 
-    def route(self, logits, top_k: int):
-        """``Routing`` of [T, E] logits (float32 inside)."""
-        return self._resolve(self.route_fn)(logits, top_k)
+    def resolve_options(self, given=None) -> dict:
+        """The full, checked options (defaults filled in); ValueError naming an unknown or out-of-range one."""
+        given = dict(given or {})
+        known = {o.name: o for o in self.options}
+        unknown = [k for k in given if k not in known]
+        if unknown:
+            allowed = ", ".join(f"{o.name} in {o.interval()}" for o in self.options) or "none"
+            raise ValueError(f"router {self.name!r} has no option {unknown[0]!r}; its options: {allowed}")
+        return {name: o.check(given.get(name, o.default), self.name) for name, o in known.items()}
+
+    def route(self, logits, top_k: int, options=None):
+        """``Routing`` of [T, E] logits (float32 inside); ``options`` as :meth:`resolve_options` takes them."""
+        return self._resolve(self.route_fn)(logits, top_k, **self.resolve_options(options))
 
     def logits_grad(self, dgates, dprobs, probs, idx, top_k: int):
         """d loss / d logits [T, E] (fp32) for backends with a hand-written backward."""
@@ -92,8 +136,32 @@ def register_router(router: Router, replace: bool = False) -> Router:
     return router
 
 
+#: "Harder Tasks Need More Experts" (Huang et al., 2024) / MoE-PEFT's dynamic MixLoRA
+TOP_P = RouterOption("top_p", 0.75, 0.0, 1.0, low_open=True, high_open=False,
+                     doc="probability mass the selected experts must reach")
+ENTROPY_COEF = RouterOption("entropy_coef", 0.0, 0.0, 1e6, low_open=False, high_open=False,
+                            doc="weight of the mean router entropy added to the loss (the dynamic-routing "
+                                "regulariser; 0 disables it)")
+
+
 def router_names() -> list[str]:
     return list(ROUTERS)
+
+
+def options_for(names, options=None) -> dict:
+    """``{router name: its resolved options}`` for the routers a model uses, from one flat ``options`` dict: each
+    router takes the keys it declares. A key no used router declares is refused naming what they accept."""
+    routers = [get_router(n) for n in dict.fromkeys(names)]
+    options = dict(options or {})
+    declared = {o.name for r in routers for o in r.options}
+    unknown = [k for k in options if k not in declared]
+    if unknown:
+        tag = (lambda r: f" ({r.name})") if len(routers) > 1 else (lambda r: "")
+        allowed = ", ".join(f"{o.name} in {o.interval()}{tag(r)}" for r in routers for o in r.options) or "none"
+        which = ", ".join(repr(r.name) for r in routers)
+        raise ValueError(f"router {which} has no option {unknown[0]!r}; its options: {allowed}")
+    return {r.name: r.resolve_options({k: v for k, v in options.items() if k in {o.name for o in r.options}})
+            for r in routers}
 
 
 def get_router(name: str) -> Router:
@@ -110,3 +178,8 @@ register_router(Router(
 register_router(Router(
     "soft", "LoRAMoE-style dense softmax: every expert, weighted by its probability (no load-balancing loss)",
     route_fn="routing:route_soft", logits_grad_fn="routing:soft_logits_grad", selects_top_k=False, aux_loss=None))
+register_router(Router(
+    "topp", "dynamic top-p: experts in order of probability until their mass reaches top_p (at most top_k), "
+            "weighted by their probabilities (Huang et al. 2024; MoE-PEFT's dynamic MixLoRA)",
+    route_fn="routing:route_topp", logits_grad_fn="routing:topp_logits_grad", selects_top_k=True, aux_loss="mola",
+    backends=("torch", "reference"), options=(TOP_P, ENTROPY_COEF), fixed_k=False))

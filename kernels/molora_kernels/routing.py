@@ -62,14 +62,15 @@ class RouterStats:
         return self.prob_sum.shape[-1]
 
 
-def route(logits: torch.Tensor, top_k: int, router: str = "topk") -> Routing:
+def route(logits: torch.Tensor, top_k: int, router: str = "topk", options: Optional[dict] = None) -> Routing:
     """Route tokens given router logits.
 
     Args:
         logits: [T, E] router logits, any float dtype (cast to float32 here).
         top_k: experts per token for routers that select top-k, 1 <= top_k <= E.
         router: a registered router name (:mod:`molora_kernels.routers`): "topk" (MoLA: softmax, top-k,
-            renormalise) or "soft" (all experts, softmax weights), ...
+            renormalise), "soft" (all experts, softmax weights), "topp" (dynamic top-p), ...
+        options: the router's options (e.g. ``{"top_p": 0.8}``), checked against its declared ranges.
     Returns:
         Routing with float32 ``gates`` and ``probs`` [T, E] and ``topk_idx`` [T, k].
     """
@@ -77,7 +78,7 @@ def route(logits: torch.Tensor, top_k: int, router: str = "topk") -> Routing:
     num_experts = logits.shape[-1]
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
-    return r.route(logits, top_k)
+    return r.route(logits, top_k, options)
 
 
 def _all_experts(logits: torch.Tensor) -> torch.Tensor:
@@ -85,13 +86,13 @@ def _all_experts(logits: torch.Tensor) -> torch.Tensor:
     return torch.arange(num_experts, device=logits.device).expand(*logits.shape[:-1], num_experts)
 
 
-def route_soft(logits: torch.Tensor, top_k: int) -> Routing:
+def route_soft(logits: torch.Tensor, top_k: int, **_: float) -> Routing:
     """Soft router: ``gates = probs = softmax(float32(logits))``, every expert (``top_k`` unused)."""
     probs = torch.softmax(logits.float(), dim=-1)
     return Routing(gates=probs, probs=probs, topk_idx=_all_experts(logits))
 
 
-def route_topk(logits: torch.Tensor, top_k: int) -> Routing:
+def route_topk(logits: torch.Tensor, top_k: int, **_: float) -> Routing:
     """MoLA router: softmax, top-k, renormalise (see the module doc)."""
     probs = torch.softmax(logits.float(), dim=-1)
     if top_k == logits.shape[-1]:
@@ -101,6 +102,40 @@ def route_topk(logits: torch.Tensor, top_k: int) -> Routing:
     weights = vals / vals.sum(dim=-1, keepdim=True)
     gates = torch.zeros_like(probs).scatter(-1, idx, weights)
     return Routing(gates=gates, probs=probs, topk_idx=idx)
+
+
+def route_topp(logits: torch.Tensor, top_k: int, top_p: float = 0.75, **_: float) -> Routing:
+    """Dynamic top-p router (Huang et al. 2024, "Harder Tasks Need More Experts"; MoE-PEFT's dynamic MixLoRA)::
+
+        p          = softmax(float32(logits))                       # [T, E]
+        sorted     = p sorted descending
+        selected   = the shortest prefix of ``sorted`` whose mass reaches top_p (the expert that crosses top_p is
+                     in it), and at most top_k experts
+        gates      = p on the selected experts, 0 elsewhere         # not renormalised, as the paper
+
+    ``topk_idx`` [T, top_k] lists the selected experts in order; a token with fewer than ``top_k`` repeats its
+    first expert in the unused slots (a set, so the statistics count each selection once).
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    vals, order = torch.sort(probs, dim=-1, descending=True)
+    vals, order = vals[..., :top_k], order[..., :top_k]
+    before = vals.cumsum(-1) - vals                                  # mass of the experts ranked above
+    keep = before < top_p                                            # the first always stays (before = 0)
+    idx = torch.where(keep, order, order[..., :1])
+    mask = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, idx, True)
+    gates = torch.where(mask, probs, torch.zeros_like(probs))
+    return Routing(gates=gates, probs=probs, topk_idx=idx)
+
+
+def topp_logits_grad(dgates: Optional[torch.Tensor], dprobs: Optional[torch.Tensor], probs: torch.Tensor,
+                     idx: torch.Tensor, top_k: int) -> torch.Tensor:
+    """d loss / d logits [T, E] (fp32) of :func:`route_topp`: gates = p on the (fixed) selection, so both
+    gradients go through the softmax, the gates' only on the selected experts."""
+    dp = torch.zeros_like(probs) if dprobs is None else dprobs.clone()
+    if dgates is not None:
+        mask = torch.zeros_like(probs).scatter(-1, idx, 1.0)
+        dp = dp + dgates * mask
+    return _softmax_backward(dp, probs)
 
 
 def _softmax_backward(dp: Optional[torch.Tensor], probs: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,25 @@ def _device(model: nn.Module) -> torch.device:
     return next(p.device for p in model.parameters())
 
 
+def _forward_all(model: nn.Module, batches: list[dict], handles: list, mask_now: dict) -> None:
+    """Run the batches through the model in eval mode (``mask_now["m"]`` = the current [B, T] attention mask, for
+    the hooks), then remove the hooks and restore the training mode."""
+    was_training = model.training
+    model.eval()
+    dev = _device(model)
+    try:
+        for b in batches:
+            ids = b["input_ids"].to(dev)
+            att = b.get("attention_mask")
+            att = torch.ones_like(ids) if att is None else att.to(dev)
+            mask_now["m"] = att
+            model(input_ids=ids, attention_mask=att)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 @torch.no_grad()
 def block_influence(model: nn.Module, batches: Iterable[dict], **_: Any) -> LayerScores:
     """ShortGPT block influence per block (see the module doc). [B, T] batches; padding excluded."""
@@ -117,20 +136,7 @@ def block_influence(model: nn.Module, batches: Iterable[dict], **_: Any) -> Laye
         return hook
 
     handles = [blk.register_forward_hook(make_hook(i), with_kwargs=True) for i, blk in enumerate(blocks)]
-    was_training = model.training
-    model.eval()
-    dev = _device(model)
-    try:
-        for b in batches:
-            ids = b["input_ids"].to(dev)
-            att = b.get("attention_mask")
-            att = torch.ones_like(ids) if att is None else att.to(dev)
-            mask_now["m"] = att
-            model(input_ids=ids, attention_mask=att)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _forward_all(model, batches, handles, mask_now)
     scores = (1.0 - sums / counts.clamp_min(1)).tolist()
     return LayerScores("block-influence", scores, {"tokens": int(counts[0].item())})
 
@@ -216,20 +222,7 @@ def attn_mlp(model: nn.Module, batches: Iterable[dict], *, tolerance: float = 1e
         handles.append(att.register_forward_hook(keep(i, "attn")))
         handles.append(mlp.register_forward_hook(keep(i, "mlp")))
         handles.append(blk.register_forward_hook(on_block(i), with_kwargs=True))
-    was_training = model.training
-    model.eval()
-    dev = _device(model)
-    try:
-        for b in batches:
-            ids = b["input_ids"].to(dev)
-            att = b.get("attention_mask")
-            att = torch.ones_like(ids) if att is None else att.to(dev)
-            mask_now["m"] = att
-            model(input_ids=ids, attention_mask=att)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _forward_all(model, batches, handles, mask_now)
     scores = (1.0 - sums / counts.clamp_min(1)).tolist()
     return LayerScores("attn-mlp", scores[0], {"tokens": int(counts[0].item()), "parallel": parallel},
                        scores_mlp=scores[1])

@@ -35,7 +35,8 @@ from typing import Optional, Sequence, Union
 
 __all__ = ["AllocationSpec", "PRESETS", "PRESET_ALIASES", "AUTO_PREFIX", "AllocationError", "AllocationWarning",
            "LayerAllocation", "preset_name", "parse_blocks", "validate_spec", "group_sizes", "expand_groups",
-           "distribute_budget", "resolve", "resolve_allocation", "is_auto", "auto_method", "describe_runs"]
+           "distribute_budget", "resolve", "resolve_allocation", "is_auto", "auto_method", "describe_runs",
+           "resolve_routers", "router_names_of", "is_per_layer_router", "selects_top_k", "router_registry"]
 
 AllocationSpec = Union[int, Sequence[int], str]
 #: ``num_experts: "auto:block-influence"``: computed from the model (and data) before injection (molora.run.allocate)
@@ -95,6 +96,48 @@ def selects_top_k(router: str) -> bool:
         return router_registry().get_router(router).selects_top_k
     except ValueError as e:
         raise AllocationError(str(e)) from None
+
+
+RouterSpec = Union[str, Sequence[str]]
+
+
+def router_names_of(spec: RouterSpec) -> list[str]:
+    """The router names a router spec uses: ``"topk"``, ``"topk,topp"`` (contiguous groups of layers, like block
+    notation) or a per-layer list; each checked against the registry (AllocationError naming the known ones)."""
+    if isinstance(spec, str):
+        names = [n.strip() for n in spec.split(",")] if "," in spec else [spec.strip()]
+    elif isinstance(spec, (list, tuple)) and spec and all(isinstance(n, str) for n in spec):
+        names = [n.strip() for n in spec]
+    else:
+        raise AllocationError(f"router={spec!r}: give a router name, comma-separated names for contiguous groups "
+                              f"of layers ('topk,topp') or one name per layer")
+    for n in names:
+        selects_top_k(n)  # AllocationError for an unknown name
+    return names
+
+
+def is_per_layer_router(spec: RouterSpec) -> bool:
+    return not (isinstance(spec, str) and "," not in spec)
+
+
+def resolve_routers(spec: RouterSpec, num_layers: Optional[int]) -> list[str]:
+    """One router name per layer (``[name]`` for a single router, also on a model without numbered layers)."""
+    names = router_names_of(spec)
+    if not is_per_layer_router(spec):
+        return names * (num_layers or 1)
+    if num_layers is None:
+        raise AllocationError(f"router={spec!r} is per layer, but the model has no numbered layers; give one name")
+    if isinstance(spec, str):
+        if len(names) > num_layers:
+            raise AllocationError(f"router={spec!r} has {len(names)} groups but the model has {num_layers} layers")
+        out: list[str] = []
+        for name, n in zip(names, group_sizes(num_layers, len(names))):
+            out.extend([name] * n)
+        return out
+    if len(names) != num_layers:
+        raise AllocationError(f"router={list(spec)!r} has {len(names)} entries but the model has {num_layers} layers; "
+                              f"give one per layer, comma-separated groups ('topk,topp') or one name")
+    return names
 
 
 class AllocationError(ValueError):
@@ -360,6 +403,8 @@ class LayerAllocation:
     #: experts of the layer's MLP projections when they differ from its attention projections (``num_experts``
     #: then holds for attention); None: every projection of the layer has ``num_experts``
     num_experts_mlp: Optional[int] = None
+    #: the layer's router when routers are chosen per layer; None: the config's single router
+    router: Optional[str] = None
 
     def experts_for(self, kind: Optional[str]) -> int:
         """The expert count of a projection of this layer of module kind ``kind`` ("attn", "mlp" or None)."""
@@ -370,12 +415,14 @@ class LayerAllocation:
         d = {"layer": self.layer, "num_experts": self.num_experts, "top_k": self.top_k, "r": self.r}
         if self.num_experts_mlp is not None:
             d["num_experts_mlp"] = self.num_experts_mlp
+        if self.router is not None:
+            d["router"] = self.router
         return d
 
 
 def resolve_allocation(num_experts: AllocationSpec, top_k: AllocationSpec, r: AllocationSpec,
                        num_layers: Optional[int], expert_budget: Optional[int] = None,
-                       router: str = "topk",
+                       router: RouterSpec = "topk",
                        num_experts_mlp: Optional[AllocationSpec] = None) -> list[LayerAllocation]:
     """Resolve the per-layer specs and check them against each other (top-k <= experts).
 
@@ -386,7 +433,8 @@ def resolve_allocation(num_experts: AllocationSpec, top_k: AllocationSpec, r: Al
     experts = resolve(num_experts, num_layers, "num_experts", budget=expert_budget)
     ks = resolve(top_k, num_layers, "top_k")
     ranks = resolve(r, num_layers, "r")
-    bounded = selects_top_k(router)
+    per_layer = is_per_layer_router(router)
+    routers = resolve_routers(router, num_layers)
     mlp: list[Optional[int]] = [None] * len(experts)
     if num_experts_mlp is not None:
         if num_layers is None:
@@ -396,7 +444,8 @@ def resolve_allocation(num_experts: AllocationSpec, top_k: AllocationSpec, r: Al
     if num_layers is not None:
         _warn_misaligned_groups(num_experts, {"top_k": top_k, "r": r}, num_layers, experts, ks, ranks)
     out = []
-    for i, (e, k, rank, em) in enumerate(zip(experts, ks, ranks, mlp)):
+    for i, (e, k, rank, em, rname) in enumerate(zip(experts, ks, ranks, mlp, routers)):
+        bounded = selects_top_k(rname)
         for field, count, all_counts in (("num_experts", e, experts), ("num_experts_mlp", em, mlp)):
             if bounded and count is not None and k > count:
                 where = f"layer {i}" if num_layers is not None else "the model"
@@ -404,5 +453,5 @@ def resolve_allocation(num_experts: AllocationSpec, top_k: AllocationSpec, r: Al
                                       f"and the number of experts of that layer ({field} resolves to {all_counts})")
         k_eff = min(k, e) if em is None else min(k, e, em)
         out.append(LayerAllocation(layer=i if num_layers is not None else None, num_experts=e, top_k=k_eff, r=rank,
-                                   num_experts_mlp=em))
+                                   num_experts_mlp=em, router=rname if per_layer else None))
     return out

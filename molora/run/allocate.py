@@ -129,9 +129,10 @@ def auto_min_experts(a) -> int:
     least top-k experts) when top-k is one int, else 1."""
     if a.auto_min is not None:
         return a.auto_min
-    from ..allocation.specs import selects_top_k
+    from ..allocation.specs import router_names_of, selects_top_k
 
-    return a.top_k if isinstance(a.top_k, int) and selects_top_k(a.router) else 1
+    bounded = all(selects_top_k(n) for n in router_names_of(a.router))
+    return a.top_k if isinstance(a.top_k, int) and bounded else 1
 
 
 def _rank() -> int:

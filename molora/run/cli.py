@@ -229,6 +229,16 @@ def _bench(argv: Sequence[str]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # `deepspeed --module molora train RECIPE` runs `python -m molora --local_rank=N train RECIPE`: the launcher puts
+    # its flag before the command, so move it behind the command (molora train reads it there)
+    launcher = []
+    while argv and (argv[0].startswith("--local_rank") or argv[0].startswith("--local-rank")):
+        flag = argv.pop(0)
+        launcher.append(flag)
+        if "=" not in flag and argv:
+            launcher.append(argv.pop(0))
+    if launcher and argv:
+        argv = [argv[0], *launcher, *argv[1:]]
     commands = {
         "train": "fine-tune from a YAML recipe",
         "eval": "accuracy of a saved adapter (or the untuned model) under a recipe",

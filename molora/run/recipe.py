@@ -104,7 +104,8 @@ class AllocationSection(_Section):
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Optional[Union[list[str], str]] = None
     exclude_modules: Optional[Union[list[str], str]] = None
-    router: str = "topk"                                   # a registered router (molora_kernels.routers)
+    router: Union[str, list[str]] = "topk"                 # a registered router, "topk,topp" groups, or per layer
+    router_options: Optional[dict[str, float]] = None     # e.g. {top_p: 0.8, entropy_coef: 0.0001} for topp
     aux_loss_coef: float = Field(0.001, ge=0)
     aux_loss_mode: Literal["masked", "original"] = "masked"
     backend: str = "auto"
@@ -126,10 +127,18 @@ class AllocationSection(_Section):
     @field_validator("router")
     @classmethod
     def _router(cls, v):
-        reg = _allocation_module().router_registry()
-        if v not in reg.ROUTERS:
-            raise ValueError(f"router={v!r} is not a known router; allowed: {', '.join(reg.ROUTERS)}")
+        try:
+            _allocation_module().router_names_of(v)
+        except ValueError as e:  # AllocationError naming the known routers
+            raise ValueError(str(e)) from None
         return v
+
+    @model_validator(mode="after")
+    def _router_options(self):
+        if self.router_options:
+            alloc = _allocation_module()
+            alloc.router_registry().options_for(alloc.router_names_of(self.router), self.router_options)
+        return self
 
     @model_validator(mode="after")
     def _mlp_with_auto(self):

@@ -40,7 +40,8 @@ class RouterTelemetry:
 
     Args:
         model: the PeftModel (or MoLoRAModel) being trained.
-        soft_router: use the gate mass (``gate_load``) as the load, for ``router="soft"``.
+        soft_router: use the gate mass (``gate_load``) as the load everywhere (layers whose router weights every
+            expert -- ``soft`` -- use it anyway)
     """
 
     def __init__(self, model: torch.nn.Module, soft_router: bool = False) -> None:
@@ -80,7 +81,8 @@ class RouterTelemetry:
             if w <= 0:
                 continue
             e = int(s["num_experts"])
-            load = s["gate_load"] if self.soft_router else s["load"]
+            soft = self.soft_router or not s.get("selects_top_k", True)  # a router weighting every expert
+            load = s["gate_load"] if soft else s["load"]
             buf[off] += w
             buf[off + 1] += float(s["entropy"]) * w
             buf[off + 2] += float(s["entropy_norm"]) * w

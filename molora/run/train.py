@@ -367,6 +367,8 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
         import molora
         from molora_kernels import get_router
 
+        from ..allocation.specs import router_names_of
+
         from . import checkpoint as ckpt_mod
         from . import resume as resume_mod
         from ..allocation import AllocationError, auto_method, is_auto
@@ -511,7 +513,8 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
     if eval_rows and acc_rows is None and is_main:
         print("molora: evaluation data is not in the choices format; accuracy is not measured (eval_loss only)")
 
-    coef = float(cfg.aux_loss_coef) if get_router(cfg.router).aux_loss is not None else 0.0
+    routers = [get_router(n) for n in router_names_of(cfg.router)]
+    coef = float(cfg.aux_loss_coef) if any(r.aux_loss is not None for r in routers) else 0.0
     ctx = RunContext(recipe=recipe, is_main=is_main, zero3=zero_stage == 3, aux_loss_coef=coef,
                       allocation=cfg.allocation, metrics=metrics, use_wandb=bool(wandb_mode),
                       setup=setup, fingerprint=fingerprint,
@@ -545,7 +548,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
                        "resume_step": _checkpoint_step(ckpt) if ckpt else None, "data": data_paths})
 
     if recipe.report.router_telemetry:
-        ctx.telemetry = RouterTelemetry(model, soft_router=not get_router(cfg.router).selects_top_k)
+        ctx.telemetry = RouterTelemetry(model)  # per layer: top-k loads, or the gate mass of soft routers
 
     results: dict[str, Any] = {}
     all_ranks_eval = zero_stage == 3

@@ -32,6 +32,7 @@ def build_trainer_class():
             self.molora = molora
             self._aux_sum = torch.zeros((), dtype=torch.float64)
             self._aux_n = 0
+            self._reg_sum = torch.zeros((), dtype=torch.float64)  # weighted router regulariser (top-p entropy)
             self._tokens = torch.zeros((), dtype=torch.float64)
             self._t_last_log = None
             self._eval_time = 0.0
@@ -144,19 +145,27 @@ def build_trainer_class():
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
             aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+            reg = outputs.get("router_regularizer") if isinstance(outputs, dict) else None
             if model.training:
                 if self._t_last_log is None:
                     self._t_last_log = time.perf_counter()
                 if aux is not None:
                     self._aux_sum = self._aux_sum + aux.detach().to("cpu", torch.float64)
                     self._aux_n += 1
+                if reg is not None:
+                    self._reg_sum = self._reg_sum + reg.detach().to("cpu", torch.float64)
                 mask = inputs.get("attention_mask")
                 n_tok = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
                 self._tokens = self._tokens + n_tok.detach().to("cpu", torch.float64)
                 coef = self.molora.aux_loss_coef
                 ga = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1)
                                 or self.args.gradient_accumulation_steps))
-                if aux is not None and coef > 0 and num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                extra = None  # what the model added to the task loss: coef * aux and the router regulariser
+                if aux is not None and coef > 0:
+                    extra = coef * aux.detach()
+                if reg is not None:
+                    extra = reg.detach() if extra is None else extra + reg.detach()
+                if extra is not None and num_items_in_batch is not None and self.model_accepts_loss_kwargs:
                     # On this path the Trainer neither divides the loss by GA nor undoes its world-size factor
                     # (both are right for the token-normalised task loss, wrong for the per-micro-batch aux
                     # value). The injected aux gradient follows whatever scales the loss (fp16 loss scaling,
@@ -166,7 +175,7 @@ def build_trainer_class():
                     if self.args.average_tokens_across_devices:
                         scale = float(self.accelerator.num_processes)
                     self.molora.tuner.collector.current.grad_multiplier = 1.0 / (ga * scale)
-                    loss = loss - coef * aux.detach().to(loss.dtype) * (scale - 1.0 / ga)
+                    loss = loss - extra.to(loss.dtype) * (scale - 1.0 / ga)
             return (loss, outputs) if return_outputs else loss
 
         # ---------------------------------------------------------------- logging
@@ -183,10 +192,10 @@ def build_trainer_class():
             ctx = self.molora
             is_train_log = "loss" in logs and "learning_rate" in logs
             if is_train_log:
-                packed = torch.tensor([float(self._aux_sum), float(self._aux_n), float(self._tokens)],
-                                      dtype=torch.float64)
+                packed = torch.tensor([float(self._aux_sum), float(self._aux_n), float(self._tokens),
+                                       float(self._reg_sum)], dtype=torch.float64)
                 packed = self._reduce(packed)
-                aux_sum, aux_n, tokens = packed.tolist()
+                aux_sum, aux_n, tokens, reg_sum = packed.tolist()
                 router = ctx.telemetry.collect(self._reduce) if ctx.telemetry is not None else None
                 now = time.perf_counter()
                 elapsed = (now - self._t_last_log - self._eval_time) if self._t_last_log else 0.0
@@ -194,10 +203,14 @@ def build_trainer_class():
                 self._aux_sum.zero_()
                 self._aux_n = 0
                 self._tokens.zero_()
+                self._reg_sum.zero_()
                 if aux_n > 0:
                     aux = aux_sum / aux_n
+                    reg = reg_sum / aux_n
                     logs["aux_loss"] = round(aux, 6)
-                    logs["task_loss"] = round(float(logs["loss"]) - ctx.aux_loss_coef * aux, 6)
+                    if reg_sum:
+                        logs["router_regularizer"] = round(reg, 6)
+                    logs["task_loss"] = round(float(logs["loss"]) - ctx.aux_loss_coef * aux - reg, 6)
                 if elapsed > 0:
                     logs["tokens_per_s"] = round(tokens / elapsed, 1)
                 if self.nonfinite_skipped:

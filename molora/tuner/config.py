@@ -8,8 +8,10 @@ from typing import Any, Optional, Union
 from peft.config import PeftConfig
 
 from molora_kernels import BACKENDS, ROUTERS, get_router
+from molora_kernels.routers import options_for
 
 from ..allocation import AllocationError, AllocationSpec, auto_method, is_auto, validate_spec
+from ..allocation.specs import router_names_of
 from .peft_type import PEFT_TYPE
 
 AUX_LOSS_MODES = ("masked", "original")
@@ -39,7 +41,13 @@ class MoLoRAConfig(PeftConfig):
             attention and MLP inside the model's numbered blocks.
         exclude_modules: names/regex never to adapt.
         router: a registered router (:mod:`molora_kernels.routers`): ``"topk"`` (MoLA: softmax, top-k,
-            renormalise; default) or ``"soft"`` (LoRAMoE-style dense softmax over all experts).
+            renormalise; default), ``"soft"`` (LoRAMoE-style dense softmax over all experts) or ``"topp"``
+            (dynamic top-p: experts until their probability mass reaches ``top_p``, at most ``top_k``).
+            Per layer: comma-separated names for contiguous groups of layers (``"topk,topp"``, like block
+            notation) or one name per layer.
+        router_options: the routers' options, e.g. ``{"top_p": 0.8, "entropy_coef": 1e-4}`` for ``"topp"`` (each
+            router takes the keys it declares); unknown names and values outside a range are refused naming the
+            allowed ones.
         aux_loss_coef: weight of the MoLA load-balancing loss added to the task loss (0.001 in the paper;
             0 disables it).
         aux_loss_mode: ``"masked"`` (padding tokens excluded, using the attention mask; default) or
@@ -64,7 +72,9 @@ class MoLoRAConfig(PeftConfig):
     target_modules: Optional[Union[list[str], str]] = field(default=None)
     exclude_modules: Optional[Union[list[str], str]] = field(default=None)
     target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "unused; PEFT reads it"})
-    router: str = field(default="topk", metadata={"help": "topk (MoLA) or soft"})
+    router: Union[str, list[str]] = field(default="topk", metadata={
+        "help": "a registered router (topk, soft, topp), 'topk,topp' for groups of layers, or one per layer"})
+    router_options: Optional[dict[str, float]] = field(default=None, metadata={"help": "the router's options"})
     aux_loss_coef: float = field(default=0.001, metadata={"help": "load-balancing loss weight"})
     aux_loss_mode: str = field(default="masked", metadata={"help": "masked or original"})
     backend: str = field(default="auto", metadata={"help": "MoE-LoRA op backend"})
@@ -106,12 +116,21 @@ class MoLoRAConfig(PeftConfig):
         if self.expert_budget is not None and (isinstance(self.expert_budget, bool)
                                                or not isinstance(self.expert_budget, int) or self.expert_budget < 1):
             raise AllocationError(f"expert_budget={self.expert_budget!r} must be a positive int (total experts)")
-        if self.router not in ROUTERS:
+        if isinstance(self.router, tuple):
+            self.router = list(self.router)
+        if isinstance(self.router, str) and "," not in self.router and self.router not in ROUTERS:
             raise AllocationError(f"router={self.router!r} is not a known router; allowed: {', '.join(ROUTERS)}")
-        router = get_router(self.router)
-        if self.backend != "auto" and self.backend in BACKENDS and self.backend not in router.backends:
-            raise AllocationError(f"backend={self.backend!r} does not implement router={self.router!r}; backends for "
-                                  f"it: {', '.join(router.backends)} (or 'auto')")
+        names = router_names_of(self.router)  # one name, "topk,topp" (groups of layers) or one per layer
+        routers = [get_router(n) for n in dict.fromkeys(names)]
+        try:
+            options_for(names, self.router_options)
+        except ValueError as e:
+            raise AllocationError(str(e)) from None
+        for router in routers:
+            if self.backend != "auto" and self.backend in BACKENDS and self.backend not in router.backends:
+                raise AllocationError(f"backend={self.backend!r} does not implement router={router.name!r}; backends "
+                                      f"for it: {', '.join(router.backends)} (or 'auto')")
+        router = routers[0]
         if self.aux_loss_mode not in AUX_LOSS_MODES:
             raise AllocationError(f"aux_loss_mode={self.aux_loss_mode!r}; allowed: {', '.join(AUX_LOSS_MODES)}")
         if not (isinstance(self.aux_loss_coef, (int, float)) and math.isfinite(self.aux_loss_coef)
@@ -123,7 +142,7 @@ class MoLoRAConfig(PeftConfig):
             raise AllocationError(f"lora_alpha={self.lora_alpha!r} must be a finite number > 0")
         if self.backend not in BACKENDS:
             raise AllocationError(f"backend={self.backend!r}; allowed: {', '.join(BACKENDS)}")
-        if (router.selects_top_k and isinstance(self.num_experts, int) and isinstance(self.top_k, int)
+        if (all(r.selects_top_k for r in routers) and isinstance(self.num_experts, int) and isinstance(self.top_k, int)
                 and self.top_k > self.num_experts and self.expert_budget is None):
             raise AllocationError(f"top_k={self.top_k} is larger than num_experts={self.num_experts}; top_k must be "
                                   f"between 1 and the number of experts")

@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from molora_kernels import get_router, moe_lora
 
-from .router_state import AuxLossGrad, RouterCollector, in_backward
+from .router_state import AuxLossGrad, EntropyGrad, RouterCollector, in_backward, mean_entropy
 
 
 class RoutedMergeError(RuntimeError):
@@ -28,8 +28,8 @@ class RoutedMergeError(RuntimeError):
 
 class MoLoRALayer(BaseTunerLayer):
     adapter_layer_names = ("molora_A", "molora_B", "molora_router")
-    other_param_names = ("num_experts", "top_k", "r", "scaling", "lora_dropout", "router_type", "aux_loss_coef",
-                         "aux_loss_mode", "backend")
+    other_param_names = ("num_experts", "top_k", "r", "scaling", "lora_dropout", "router_type", "router_options",
+                         "router_group", "aux_loss_coef", "aux_loss_mode", "backend")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -42,6 +42,7 @@ class MoLoRALayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
         self.router_type: dict[str, str] = {}
+        self.router_options: dict[str, dict] = {}
         self.aux_loss_coef: dict[str, float] = {}
         self.aux_loss_mode: dict[str, str] = {}
         self.backend: dict[str, str] = {}
@@ -67,7 +68,8 @@ class MoLoRALayer(BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, num_experts: int, top_k: int, r: int, lora_alpha: float,
                      lora_dropout: float, router: str, aux_loss_coef: float, aux_loss_mode: str, backend: str,
-                     init_weights: bool = True, inference_mode: bool = False, router_group: Any = None) -> None:
+                     init_weights: bool = True, inference_mode: bool = False, router_group: Any = None,
+                     router_options: Optional[dict] = None) -> None:
         """Create (or re-create) the experts and router of ``adapter_name`` for this layer.
 
         ``router_group``: the key this module's router statistics and aux loss are grouped under (None: the
@@ -81,6 +83,7 @@ class MoLoRALayer(BaseTunerLayer):
         self.scaling[adapter_name] = lora_alpha / r
         self.lora_dropout[adapter_name] = float(lora_dropout)
         self.router_type[adapter_name] = router
+        self.router_options[adapter_name] = get_router(router).resolve_options(router_options)
         self.aux_loss_coef[adapter_name] = float(aux_loss_coef)
         self.aux_loss_mode[adapter_name] = aux_loss_mode
         self.backend[adapter_name] = backend
@@ -188,17 +191,29 @@ class Linear(nn.Module, MoLoRALayer):
                 token_mask=mask,
                 compute_stats=want_stats,
                 backend=self.backend[name],
+                router_options=self.router_options[name] or None,
             )
             delta = out.delta
             if want_stats:
+                router = get_router(self.router_type[name])
                 record = collector.current
                 if not in_backward():
                     record.record(self.router_group[name], self.module_name, out.stats, self.num_experts[name],
-                                  self.top_k[name])
+                                  self.top_k[name], fixed_k=router.fixed_k, aux=router.aux_loss is not None,
+                                  selects_top_k=router.selects_top_k)
                 coef = self.aux_loss_coef[name]
-                if (coef > 0 and get_router(self.router_type[name]).aux_loss is not None and self.num_experts[name] > 1
+                if (coef > 0 and router.aux_loss is not None and self.num_experts[name] > 1
                         and torch.is_grad_enabled() and out.stats.prob_sum.requires_grad):
                     delta = AuxLossGrad.apply(delta, out.stats.prob_sum, record, self.router_group[name], coef)
+                ent_coef = self.router_options[name].get("entropy_coef", 0.0)
+                if ent_coef > 0 and self.num_experts[name] > 1:
+                    probs = out.routing.probs
+                    weights = (mask.reshape(-1).to(torch.float32) if mask is not None
+                               else torch.ones(probs.shape[0], device=probs.device))
+                    if not in_backward():
+                        record.regularizers.append(ent_coef * mean_entropy(probs, weights))
+                    if torch.is_grad_enabled() and probs.requires_grad:
+                        delta = EntropyGrad.apply(delta, probs, weights, record, ent_coef)
             result = result + delta.to(result.dtype)
         return result
 

@@ -9,6 +9,7 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 
 from molora_kernels import get_router
+from molora_kernels.routers import options_for
 
 from ..allocation import AllocationError, LayerAllocation, resolve_allocation
 from .config import MoLoRAConfig
@@ -106,10 +107,13 @@ class MoLoRAModel(BaseTuner):
         if a.num_experts_mlp is not None:  # attention and MLP of this layer: separate counts and aux-loss groups
             kind = module_kind(block_position(self.model, current_key).rest)
             group = f"{layer}.{kind}"
-        kwargs = dict(num_experts=a.experts_for(kind), top_k=a.top_k, router_group=group, r=a.r, lora_alpha=config.lora_alpha,
-                      lora_dropout=config.lora_dropout, router=config.router, aux_loss_coef=config.aux_loss_coef,
-                      aux_loss_mode=config.aux_loss_mode, backend=config.backend, init_weights=config.init_weights,
-                      inference_mode=config.inference_mode)
+        router = a.router or config.router  # per layer, or the config's single router
+        options = options_for([router], {k: v for k, v in (config.router_options or {}).items()
+                                         if k in {o.name for o in get_router(router).options}})[router]
+        kwargs = dict(num_experts=a.experts_for(kind), top_k=a.top_k, router_group=group, r=a.r,
+                      lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, router=router,
+                      aux_loss_coef=config.aux_loss_coef, aux_loss_mode=config.aux_loss_mode, backend=config.backend,
+                      init_weights=config.init_weights, inference_mode=config.inference_mode, router_options=options)
         if isinstance(target, MoLoRALayer):
             target.update_layer(adapter_name, **kwargs)
             return
@@ -148,10 +152,19 @@ class MoLoRAModel(BaseTuner):
         aux = self.collector.current.aux_loss()
         self.last_aux_loss = aux
         cfg = self.peft_config[self.active_adapters[0]]
-        if aux is not None and isinstance(out, dict):
-            out["aux_loss"] = aux
-            if cfg.aux_loss_coef > 0 and get_router(cfg.router).aux_loss is not None and out.get("loss") is not None:
-                loss = out["loss"] + cfg.aux_loss_coef * aux.to(out["loss"].dtype)
+        reg = self.collector.current.regularizer()
+        if (aux is not None or reg is not None) and isinstance(out, dict):
+            if aux is not None:
+                out["aux_loss"] = aux
+            if reg is not None:
+                out["router_regularizer"] = reg
+            add_aux = cfg.aux_loss_coef > 0 and aux is not None and self.collector.current.has_aux()
+            if (add_aux or reg is not None) and out.get("loss") is not None:
+                loss = out["loss"]
+                if add_aux:
+                    loss = loss + cfg.aux_loss_coef * aux.to(loss.dtype)
+                if reg is not None:  # already weighted by its coefficient (router_options)
+                    loss = loss + reg.to(loss.dtype)
                 if loss.requires_grad and loss.dim() == 0:  # the injected gradient follows the loss's scaling
                     loss = LossGradProbe.apply(loss, self.collector.current)
                 out["loss"] = loss

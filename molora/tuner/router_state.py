@@ -47,6 +47,19 @@ class LayerEntry:
     top_k: int
     stats: list[RouterStats] = field(default_factory=list)
     modules: list[str] = field(default_factory=list)
+    #: every token has exactly top_k experts (False: a dynamic router, e.g. top-p)
+    fixed_k: bool = True
+    #: the group's router trains with the MoLA load-balancing loss (False: e.g. the soft router)
+    aux: bool = True
+    #: the router selects top-k experts (False: it weights every expert; telemetry then reports the gate mass)
+    selects_top_k: bool = True
+
+    def selection_fraction(self, m: RouterStats) -> torch.Tensor:
+        """f_e: the fraction of the group's expert selections that went to e ([E], sums to 1; no gradient).
+        ``counts / (tokens * k)`` for fixed-k routers (MoLA), ``counts / total selections`` for dynamic ones."""
+        if self.fixed_k:
+            return m.counts / (m.n_tokens.clamp_min(1.0) * self.top_k)
+        return m.counts / m.counts.sum().clamp_min(1.0)
 
 
 class ForwardRecord:
@@ -60,16 +73,26 @@ class ForwardRecord:
         self.loss_grad: Optional[torch.Tensor] = None
         #: extra factor on the injected aux gradient (e.g. 1 / gradient-accumulation steps)
         self.grad_multiplier: float = 1.0
+        #: detached values of router regularisers already weighted (the top-p router's entropy term)
+        self.regularizers: list[torch.Tensor] = []
+
+    def regularizer(self) -> Optional[torch.Tensor]:
+        """Sum of the weighted router regularisers of this forward (float32 scalar), or None."""
+        if not self.regularizers:
+            return None
+        return torch.stack([r.float() for r in self.regularizers]).sum()
 
     def aux_grad_scale(self) -> torch.Tensor | float:
         """The factor on the injected aux gradient: ``loss_grad * grad_multiplier``."""
         scale = self.grad_multiplier
         return scale if self.loss_grad is None else self.loss_grad * scale
 
-    def record(self, layer: Any, module: str, stats: RouterStats, num_experts: int, top_k: int) -> None:
+    def record(self, layer: Any, module: str, stats: RouterStats, num_experts: int, top_k: int,
+               fixed_k: bool = True, aux: bool = True, selects_top_k: bool = True) -> None:
         entry = self.layers.get(layer)
         if entry is None:
-            entry = self.layers[layer] = LayerEntry(num_experts=num_experts, top_k=top_k)
+            entry = self.layers[layer] = LayerEntry(num_experts=num_experts, top_k=top_k, fixed_k=fixed_k, aux=aux,
+                                                    selects_top_k=selects_top_k)
         entry.stats.append(stats)
         entry.modules.append(module)
 
@@ -77,7 +100,9 @@ class ForwardRecord:
         return merge_stats(self.layers[layer].stats)
 
     def aux_loss(self, differentiable: bool = False) -> Optional[torch.Tensor]:
-        """Sum over layers of the MoLA aux loss (float32 scalar) or None when nothing was recorded.
+        """Sum over layers of the MoLA aux loss (float32 scalar) or None when nothing was recorded. Groups whose
+        router has no load-balancing loss (``soft``) do not count; with only such groups the soft router's value
+        is reported (it is constant: 1 per layer at any routing) and never added to the loss by the tuner.
 
         ``differentiable=True`` keeps the graph through ``prob_sum`` (for direct use as a loss term when no
         gradient checkpointing is involved); the default returns a detached value.
@@ -85,22 +110,28 @@ class ForwardRecord:
         if not self.layers:
             return None
         total = None
+        trained = self.has_aux()
         for entry in self.layers.values():
+            if trained and not entry.aux:
+                continue
             m = merge_stats(entry.stats)
             n = m.n_tokens.clamp_min(1.0)
-            f = m.counts / (n * entry.top_k)
+            f = entry.selection_fraction(m)
             p = m.prob_sum if differentiable else m.prob_sum.detach()
             term = entry.num_experts * (f * (p / n)).sum()
             total = term if total is None else total + term
         return total
+
+    def has_aux(self) -> bool:
+        """Some group's router trains with the load-balancing loss (it is then added to the loss)."""
+        return any(entry.aux for entry in self.layers.values())
 
     def aux_grad(self, layer: Any) -> torch.Tensor:
         """d aux / d prob_sum of any module of ``layer``: ``E * f_e / n`` ([E] float32)."""
         entry = self.layers[layer]
         m = merge_stats(entry.stats)
         n = m.n_tokens.clamp_min(1.0)
-        f = m.counts / (n * entry.top_k)
-        return entry.num_experts * f / n
+        return entry.num_experts * entry.selection_fraction(m) / n
 
 
 class RouterCollector:
@@ -147,6 +178,35 @@ class AuxLossGrad(torch.autograd.Function):
         return grad_delta, g, None, None, None
 
 
+class EntropyGrad(torch.autograd.Function):
+    """Identity on ``delta``; in backward adds the gradient of ``coef * mean_t H(probs_t)`` (over the real tokens
+    ``weights`` [T], 1/0) to ``probs`` [T, E], scaled like the aux gradient (see :class:`AuxLossGrad`). The top-p
+    router's dynamic-routing regulariser (Huang et al. 2024): low entropy = confident routing = fewer experts."""
+
+    @staticmethod
+    def forward(ctx, delta, probs, weights, record: ForwardRecord, coef: float):
+        ctx.save_for_backward(probs, weights)
+        ctx.record, ctx.coef = record, coef
+        return delta.view_as(delta)
+
+    @staticmethod
+    def backward(ctx, grad_delta):
+        probs, weights = ctx.saved_tensors
+        p = probs.detach().float()
+        n = weights.sum().clamp_min(1.0)
+        dh_dp = -(torch.log(p.clamp_min(1e-30)) + 1.0)               # d H / d p per token
+        g = dh_dp * (weights[:, None] / n) * (ctx.coef * ctx.record.aux_grad_scale())
+        return grad_delta, g.to(probs.dtype), None, None, None
+
+
+def mean_entropy(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``mean_t H(probs_t)`` over tokens with weight 1 (probs [T, E], weights [T]); float32, no gradient."""
+    with torch.no_grad():
+        p = probs.float()
+        h = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+        return (h * weights).sum() / weights.sum().clamp_min(1.0)
+
+
 class LossGradProbe(torch.autograd.Function):
     """Identity on the model's (scalar) loss; in backward stores the incoming gradient in the record.
 
@@ -182,6 +242,7 @@ def summarize(record: ForwardRecord) -> dict[Optional[int], dict[str, object]]:
         ent = float(m.entropy_sum) / n
         out[layer] = {
             "num_experts": e,
+            "selects_top_k": entry.selects_top_k,
             "top_k": entry.top_k,
             "tokens": n,
             "load": load,

@@ -19,6 +19,8 @@ class AllocationRow:
     params: int
     #: "attn" / "mlp" when the layer's attention and MLP projections have their own expert counts, else None
     kind: Optional[str] = None
+    #: the router and its options, e.g. "topp (top_p=0.6, entropy_coef=0)"
+    router: str = "topk"
 
     @property
     def key(self):
@@ -47,6 +49,9 @@ class AllocationTable(list):
         lines.append("-" * len(head))
         lines.append(f"{'total':>5}  {self.total_experts:>7}  {'':>5}  {'':>4}  "
                      f"{sum(r.modules for r in self):>7}  {self.total_params:>16,}")
+        routers = sorted({r.router for r in self})
+        if routers != ["topk"]:  # the MoLA default goes unsaid
+            lines.append(f"router: {'; '.join(routers)}")
         return "\n".join(lines)
 
 
@@ -69,8 +74,10 @@ def allocation_table(model: nn.Module, adapter_name: Optional[str] = None) -> Al
         row = rows.get(group)
         if row is None:
             kind = group.rsplit(".", 1)[1] if isinstance(group, str) else None
+            opts = m.router_options.get(name) or {}
+            router = m.router_type[name] + (f" ({', '.join(f'{k}={v:g}' for k, v in opts.items())})" if opts else "")
             row = rows[group] = AllocationRow(m.layer_index, m.num_experts[name], m.top_k[name], m.r[name], 0, 0,
-                                              kind)
+                                              kind, router)
         row.modules += 1
         row.params += n
     return AllocationTable(sorted(rows.values(), key=lambda r: (-1 if r.layer is None else r.layer, r.kind or "")))
