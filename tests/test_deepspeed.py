@@ -154,13 +154,20 @@ def test_aux_loss_gradient_scaling(assets, tmp_path):
         assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-3)  # task + coef * mean aux, on both paths
 
 
-def test_topp_router_two_ranks_match_one_process(assets, tmp_path):
-    """The dynamic top-p router with its aux loss and entropy regulariser on: ZeRO-2 on 2 ranks (ranks route
-    differently, tokens get different numbers of experts) equals 1 process accumulating 2 micro-batches."""
+ROUTER_CASES = {
+    "topp": {"top_k": 3, "router": "topp", "router_options": {"top_p": 0.6, "entropy_coef": 0.01}},
+    "switch": {"top_k": 1, "router": "switch", "router_options": {"capacity_factor": 1.0, "z_loss_coef": 0.01}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROUTER_CASES))
+def test_new_routers_two_ranks_match_one_process(case, assets, tmp_path):
+    """topp (tokens get different numbers of experts) and switch (tokens over capacity skip the adapter), each with
+    its aux loss and regulariser on: ZeRO-2 on 2 ranks (ranks route differently) equals 1 process accumulating 2
+    micro-batches (each micro-batch routed on its own, as each rank does)."""
     from molora.run.train import main
 
-    alloc = {**ALLOC, "num_experts": 4, "top_k": 3, "router": "topp", "aux_loss_coef": 0.05,
-             "router_options": {"top_p": 0.6, "entropy_coef": 0.01}}
+    alloc = {**ALLOC, "num_experts": 4, "aux_loss_coef": 0.05, **ROUTER_CASES[case]}
     ev = {"before": False, "after": False}
     one = write_recipe(tmp_path / "one.yaml", assets, tmp_path / "one", train=TRAIN, allocation=alloc, eval=ev)
     saved = dict(os.environ)

@@ -47,7 +47,7 @@ def test_builtin_routers_state_what_the_rest_may_assume():
     assert not soft.selects_top_k and soft.aux_loss is None
     assert soft.gates_are_probs(1, 4) and topk.gates_are_probs(4, 4) and not topk.gates_are_probs(2, 4)
     assert soft.effective_top_k(1, 6) == 6 and topk.effective_top_k(2, 6) == 2
-    with pytest.raises(ValueError, match=r"router='nope' is not a known router; allowed: topk, soft, topp"):
+    with pytest.raises(ValueError, match=r"router='nope' is not a known router; allowed: topk, soft, topp, switch"):
         get_router("nope")
 
 
@@ -129,7 +129,7 @@ def test_a_registered_router_trains_a_model_with_its_properties(tiny_model, temp
     with pytest.raises(AllocationError, match=r"backend='sparse' does not implement router='tempered'; backends "
                                               r"for it: torch, reference"):
         MoLoRAConfig(router="tempered", backend="sparse")
-    with pytest.raises(AllocationError, match=r"router='nope' is not a known router; allowed: topk, soft, topp, tempered"):
+    with pytest.raises(AllocationError, match=r"router='nope' is not a known router; allowed: topk, soft, topp, switch, tempered"):
         MoLoRAConfig(router="nope")
 
 
@@ -137,7 +137,7 @@ def test_recipes_validate_routers_against_the_registry(tmp_path):
     from molora.run.recipe import RecipeError, recipe_from_dict
 
     with pytest.raises(RecipeError, match=r"allocation.router.*router='nope' is not a known router; allowed: topk, "
-                                          r"soft, topp"):
+                                          r"soft, topp, switch"):
         recipe_from_dict({"data": {"packaged": "bbc-news"}, "allocation": {"router": "nope"}})
     assert recipe_from_dict({"data": {"packaged": "bbc-news"}, "allocation": {"router": "soft"}}).allocation.router \
         == "soft"
@@ -319,7 +319,7 @@ def test_routers_per_layer_groups_and_lists(tiny_model):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(router=["topk", "nope", "topk", "topk"]), r"router='nope' is not a known router; allowed: topk, soft, topp"),
+    (dict(router=["topk", "nope", "topk", "topk"]), r"router='nope' is not a known router; allowed: topk, soft, topp, switch"),
     (dict(router=["topk", "topp"]), r"router=\['topk', 'topp'\] has 2 entries but the model has 4 layers"),
     (dict(router="topk,topp,soft,topk,topp"), r"has 5 groups but the model has 4 layers"),
     (dict(router="topk,soft", router_options={"top_p": 0.5}), r"router 'topk', 'soft' has no option 'top_p'; "
@@ -373,3 +373,102 @@ def test_per_layer_routers_save_and_load(tiny_model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, want)
     assert loaded.peft_config["default"].router == "topk,topp"
+
+
+# ------------------------------------------------------------------------------------------ switch
+def _naive_switch(x, a, b, w, capacity_factor, scaling):
+    """Per token in order: its argmax expert; the expert takes it while it has fewer than
+    ceil(capacity_factor * T / E) tokens, else the token skips the adapter; y = s * p_e * B_e A_e x."""
+    import math
+
+    num_experts = w.shape[0]
+    r = a.shape[0] // num_experts
+    cap = math.ceil(capacity_factor * x.shape[0] / num_experts)
+    taken = [0] * num_experts
+    out, dropped = [], 0
+    for t in range(x.shape[0]):
+        p = torch.softmax(x[t] @ w.t(), -1)
+        e = int(torch.argmax(p.detach()))
+        taken[e] += 1
+        if taken[e] > cap:
+            dropped += 1
+            out.append(torch.zeros(b.shape[0]) * p[e])
+            continue
+        out.append(scaling * p[e] * (b[:, e * r:(e + 1) * r] @ (a[e * r:(e + 1) * r] @ x[t])))
+    return torch.stack(out), dropped
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "auto"])
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 4.0])
+def test_switch_matches_the_per_token_reference_with_capacity_and_gradients(backend, capacity_factor):
+    x, a, b, w = _topp_inputs(seed=2, T=30, E=4)
+    g = torch.Generator().manual_seed(4)
+    up, c = torch.randn(x.shape[0], b.shape[0], generator=g), torch.randn(w.shape[0], generator=g)
+    out = moe_lora(x, a, b, w, top_k=1, scaling=0.5, router="switch",
+                   router_options={"capacity_factor": capacity_factor}, backend=backend)
+    want, dropped = _naive_switch(x, a, b, w, capacity_factor, 0.5)
+    assert (dropped > 0) == (capacity_factor < 4.0), dropped  # the small factors really drop tokens
+    torch.testing.assert_close(out.delta, want, rtol=1e-5, atol=1e-5)
+    # the load loss counts what the router asked for, dropped tokens included (as Switch's)
+    want_counts = torch.bincount(torch.softmax(x @ w.t(), -1).argmax(-1), minlength=w.shape[0]).float()
+    torch.testing.assert_close(out.stats.counts, want_counts)
+    want_prob_sum = torch.softmax(x @ w.t(), -1).sum(0)
+    got = torch.autograd.grad((out.delta * up).sum() + (out.stats.prob_sum * c).sum(), (x, a, b, w))
+    ref = torch.autograd.grad((want * up).sum() + (want_prob_sum * c).sum(), (x, a, b, w))
+    for name, gg, rr in zip("xabw", got, ref):
+        torch.testing.assert_close(gg, rr, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(router_options={"capacity_factor": 0}), r"capacity_factor=0 must be a number in \(0, 1e\+06\]"),
+    (dict(router_options={"capacity_factor": -1.0}), r"capacity_factor=-1.0 must be a number in \(0, 1e\+06\]"),
+    (dict(router_options={"z_loss_coef": -0.1}), r"z_loss_coef=-0.1 must be a number in \[0, 1e\+06\]"),
+    (dict(router_options={"top_p": 0.5}), r"router 'switch' has no option 'top_p'; its options: capacity_factor"),
+    (dict(top_k=2), r"router 'switch' works with top_k=1 only; layer 0 has top_k=2"),
+])
+def test_switch_bad_options_are_refused_naming_the_allowed_values(tiny_model, kw, match):
+    cfg = dict(num_experts=4, top_k=1, r=2, router="switch")
+    cfg.update(kw)
+    with pytest.raises(AllocationError, match=match):
+        get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(**cfg))
+
+
+def test_switch_load_loss_and_z_loss_match_their_formulas_with_gradients(tiny_model):
+    from test_layer import batch, capture_inputs, causal_lm_loss
+
+    def build(coef, z):
+        m = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(
+            num_experts=4, top_k=1, r=2, router="switch", aux_loss_coef=coef, init_weights=False,
+            router_options={"capacity_factor": 1.0, "z_loss_coef": z}))
+        m.train()
+        return m
+
+    coef, z = 0.3, 0.02
+    model, ref = build(coef, z), build(0.0, 0.0)
+    ref.load_state_dict(model.state_dict())
+    ids, mask, labels = batch()
+    calls, hooks = capture_inputs(ref)
+    out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    for h in hooks:
+        h.remove()
+    keep = mask.reshape(-1).bool()
+    aux, zl, by_layer = torch.zeros(()), torch.zeros(()), {}
+    for mod, x in calls:
+        logits = (x.reshape(-1, x.shape[-1]) @ mod.molora_router["default"].t()).float()[keep]
+        by_layer.setdefault(mod.layer_index, []).append(torch.softmax(logits, -1))
+        zl = zl + z * (torch.logsumexp(logits, -1) ** 2).mean()
+    for ps in by_layer.values():
+        p = torch.cat(ps)
+        f = torch.bincount(p.detach().argmax(-1), minlength=4).float() / p.shape[0]
+        aux = aux + 4 * (f * p.mean(0)).sum()
+    params = {n: q for n, q in ref.named_parameters() if q.requires_grad}
+    want = torch.autograd.grad(out_ref.loss + coef * aux + zl, list(params.values()))
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out["aux_loss"], aux.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["router_regularizer"], zl.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, labels) + coef * aux.detach() + zl.detach(),
+                               rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    got = dict(model.named_parameters())
+    for (name, _), w_ in zip(params.items(), want):
+        torch.testing.assert_close(got[name].grad, w_, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,5 +1,6 @@
 """The router registry: name -> one :class:`Router` that says how to route and what the rest of molora may assume.
 
+Registered here: ``topk`` (MoLA), ``soft`` (LoRAMoE), ``topp`` (dynamic top-p), ``switch`` (Switch Transformers).
 Every place that used to compare router names as strings asks the router instead:
 
 * ``route`` / ``logits_grad``: the forward (``logits -> Routing``) and, for backends with a hand-written backward,
@@ -74,6 +75,10 @@ class Router:
     #: True: every token gets exactly ``top_k`` experts (the MoLA aux loss divides selections by k); False: the
     #: count varies per token (it divides by the mean count instead)
     fixed_k: bool = True
+    #: the hand-written backward needs the forward's gates (the selection is not all of ``idx``)
+    needs_gates: bool = False
+    #: the only top_k the router works with (switch: 1), or None
+    required_top_k: Optional[int] = None
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def _resolve(self, spec) -> Callable:
@@ -101,12 +106,17 @@ class Router:
         """``Routing`` of [T, E] logits (float32 inside); ``options`` as :meth:`resolve_options` takes them."""
         return self._resolve(self.route_fn)(logits, top_k, **self.resolve_options(options))
 
-    def logits_grad(self, dgates, dprobs, probs, idx, top_k: int):
-        """d loss / d logits [T, E] (fp32) for backends with a hand-written backward."""
+    def logits_grad(self, dgates, dprobs, probs, idx, top_k: int, gates=None):
+        """d loss / d logits [T, E] (fp32) for backends with a hand-written backward. ``gates``: the forward's
+        gates (any nonzero scale of them), for routers whose selection ``idx`` alone does not tell (``switch``
+        drops tokens over capacity)."""
         if self.logits_grad_fn is None:
             raise NotImplementedError(f"router {self.name!r} has no hand-written backward; backends: "
                                       f"{', '.join(self.backends)}")
-        return self._resolve(self.logits_grad_fn)(dgates, dprobs, probs, idx, top_k)
+        fn = self._resolve(self.logits_grad_fn)
+        if self.needs_gates:
+            return fn(dgates, dprobs, probs, idx, top_k, gates=gates)
+        return fn(dgates, dprobs, probs, idx, top_k)
 
     def gates_are_probs(self, top_k: int, num_experts: int) -> bool:
         """True when the gates equal the softmax (every expert weighted: a soft router, or top-k with k = E)."""
@@ -135,6 +145,14 @@ def register_router(router: Router, replace: bool = False) -> Router:
     ROUTERS[router.name] = router
     return router
 
+
+#: Switch Transformers (Fedus et al., 2021)
+CAPACITY_FACTOR = RouterOption("capacity_factor", 1.25, 0.0, 1e6, low_open=True, high_open=False,
+                               doc="expert capacity = ceil(capacity_factor x tokens / experts); tokens beyond it "
+                                   "skip the adapter")
+Z_LOSS_COEF = RouterOption("z_loss_coef", 0.0, 0.0, 1e6, low_open=False, high_open=False,
+                           doc="weight of the router z-loss mean(logsumexp(logits)^2) added to the loss (0 disables "
+                               "it; the paper uses 0.001)")
 
 #: "Harder Tasks Need More Experts" (Huang et al., 2024) / MoE-PEFT's dynamic MixLoRA
 TOP_P = RouterOption("top_p", 0.75, 0.0, 1.0, low_open=True, high_open=False,
@@ -183,3 +201,9 @@ register_router(Router(
             "weighted by their probabilities (Huang et al. 2024; MoE-PEFT's dynamic MixLoRA)",
     route_fn="routing:route_topp", logits_grad_fn="routing:topp_logits_grad", selects_top_k=True, aux_loss="mola",
     backends=("torch", "reference"), options=(TOP_P, ENTROPY_COEF), fixed_k=False))
+register_router(Router(
+    "switch", "Switch Transformers: top-1 weighted by its probability, at most capacity_factor x T / E tokens per "
+              "expert (later tokens skip the adapter), the load loss (MoLA's with k = 1) and an optional z-loss",
+    route_fn="routing:route_switch", logits_grad_fn="routing:switch_logits_grad", selects_top_k=True,
+    aux_loss="mola", backends=("torch", "reference"), options=(CAPACITY_FACTOR, Z_LOSS_COEF), needs_gates=True,
+    required_top_k=1))

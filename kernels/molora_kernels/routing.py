@@ -17,6 +17,7 @@ Everything here is float32 regardless of the input dtype.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -135,6 +136,41 @@ def topp_logits_grad(dgates: Optional[torch.Tensor], dprobs: Optional[torch.Tens
     if dgates is not None:
         mask = torch.zeros_like(probs).scatter(-1, idx, 1.0)
         dp = dp + dgates * mask
+    return _softmax_backward(dp, probs)
+
+
+def route_switch(logits: torch.Tensor, top_k: int, capacity_factor: float = 1.25, **_: float) -> Routing:
+    """Switch router (Fedus et al. 2021)::
+
+        p        = softmax(float32(logits))                  # [T, E]
+        e_t      = argmax_e p[t, e]                          # one expert per token
+        capacity = ceil(capacity_factor * T / E)
+        kept_t   = (number of tokens s <= t with e_s = e_t) <= capacity     # earlier tokens first
+        gates    = p[t, e_t] on kept tokens, 0 elsewhere     # a dropped token skips the adapter (delta 0)
+
+    ``topk_idx`` [T, 1] is e_t for every token, dropped or not: the load loss counts what the router asked for, as
+    Switch's does. ``top_k`` must be 1.
+    """
+    if top_k != 1:
+        raise ValueError(f"the switch router sends each token to one expert: top_k={top_k} must be 1")
+    probs = torch.softmax(logits.float(), dim=-1)
+    tokens, num_experts = probs.shape[-2], probs.shape[-1]
+    idx = probs.argmax(dim=-1, keepdim=True)                        # [T, 1]
+    onehot = torch.zeros_like(probs).scatter(-1, idx, 1.0)
+    position = (onehot.cumsum(dim=-2) * onehot).sum(-1)              # 1-based place in its expert's queue
+    capacity = math.ceil(capacity_factor * tokens / num_experts)
+    kept = (position <= capacity).to(probs.dtype)
+    gates = probs * onehot * kept[..., None]
+    return Routing(gates=gates, probs=probs, topk_idx=idx)
+
+
+def switch_logits_grad(dgates: Optional[torch.Tensor], dprobs: Optional[torch.Tensor], probs: torch.Tensor,
+                       idx: torch.Tensor, top_k: int, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """d loss / d logits [T, E] (fp32) of :func:`route_switch`: gates = p on the kept (token, expert) pairs
+    (``gates != 0``), so the gates' gradient passes there only, then through the softmax."""
+    dp = torch.zeros_like(probs) if dprobs is None else dprobs.clone()
+    if dgates is not None:
+        dp = dp + dgates * (gates != 0).to(dgates.dtype)
     return _softmax_backward(dp, probs)
 
 

@@ -149,7 +149,7 @@ class DenseGatedMoLoRA(torch.autograd.Function):
         dhgs = torch.mm(dout, b_all).view(tokens, num_experts, rank)       # d loss / d hgs
         h = hl[:, :rank_all].view(tokens, num_experts, rank)
         dgates = torch.linalg.vecdot(dhgs, h).float().mul_(scaling)      # [T, E] (real dtypes: no conj)
-        dlogits = router.logits_grad(dgates, dprobs, probs, idx, top_k).to(x.dtype)
+        dlogits = router.logits_grad(dgates, dprobs, probs, idx, top_k, gates=gs).to(x.dtype)
         if xd is None:
             # Shrink and router share one GEMM forward and one per gradient.
             dcat = torch.empty(tokens, rank_all + num_experts, dtype=x.dtype, device=x.device)

@@ -446,6 +446,10 @@ def resolve_allocation(num_experts: AllocationSpec, top_k: AllocationSpec, r: Al
     out = []
     for i, (e, k, rank, em, rname) in enumerate(zip(experts, ks, ranks, mlp, routers)):
         bounded = selects_top_k(rname)
+        need_k = router_registry().get_router(rname).required_top_k
+        if need_k is not None and k != need_k:
+            where = f"layer {i}" if num_layers is not None else "the model"
+            raise AllocationError(f"router {rname!r} works with top_k={need_k} only; {where} has top_k={k}")
         for field, count, all_counts in (("num_experts", e, experts), ("num_experts_mlp", em, mlp)):
             if bounded and count is not None and k > count:
                 where = f"layer {i}" if num_layers is not None else "the model"

@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from molora_kernels import get_router, moe_lora
 
-from .router_state import AuxLossGrad, EntropyGrad, RouterCollector, in_backward, mean_entropy
+from .router_state import AuxLossGrad, RegularizerGrad, RouterCollector, in_backward, mean_entropy, mean_z
 
 
 class RoutedMergeError(RuntimeError):
@@ -205,17 +205,33 @@ class Linear(nn.Module, MoLoRALayer):
                 if (coef > 0 and router.aux_loss is not None and self.num_experts[name] > 1
                         and torch.is_grad_enabled() and out.stats.prob_sum.requires_grad):
                     delta = AuxLossGrad.apply(delta, out.stats.prob_sum, record, self.router_group[name], coef)
-                ent_coef = self.router_options[name].get("entropy_coef", 0.0)
-                if ent_coef > 0 and self.num_experts[name] > 1:
-                    probs = out.routing.probs
-                    weights = (mask.reshape(-1).to(torch.float32) if mask is not None
-                               else torch.ones(probs.shape[0], device=probs.device))
-                    if not in_backward():
-                        record.regularizers.append(ent_coef * mean_entropy(probs, weights))
-                    if torch.is_grad_enabled() and probs.requires_grad:
-                        delta = EntropyGrad.apply(delta, probs, weights, record, ent_coef)
+                delta = self._router_regularizers(name, x, delta, out.routing.probs, mask, record)
             result = result + delta.to(result.dtype)
         return result
+
+    def _router_regularizers(self, name: str, x: torch.Tensor, delta: torch.Tensor, probs: torch.Tensor,
+                             mask: Optional[torch.Tensor], record) -> torch.Tensor:
+        """The router's loss terms besides the aux loss, from its options: ``entropy_coef`` (mean router entropy,
+        top-p) and ``z_loss_coef`` (mean logsumexp(logits)^2, Switch). Their weighted values go to the forward
+        record (added to the returned loss), their gradients are injected in backward like the aux gradient."""
+        opts = self.router_options[name]
+        terms = [(c, kind) for c, kind in ((opts.get("entropy_coef", 0.0), "entropy"), (opts.get("z_loss_coef", 0.0), "z"))
+                 if c > 0]
+        if not terms or self.num_experts[name] <= 1:
+            return delta
+        weights = (mask.reshape(-1).to(torch.float32) if mask is not None
+                   else torch.ones(probs.shape[0], device=probs.device))
+        for coef, kind in terms:
+            if kind == "entropy":
+                t, value = probs, (lambda: mean_entropy(probs, weights))
+            else:  # the logits again: one [T, E] GEMM, so the z-loss gradient reaches router and input
+                t = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), self.molora_router[name]).float()
+                value = (lambda t=t: mean_z(t, weights))
+            if not in_backward():
+                record.regularizers.append(coef * value())
+            if torch.is_grad_enabled() and t.requires_grad:
+                delta = RegularizerGrad.apply(delta, t, weights, record, coef, kind)
+        return delta
 
     def __repr__(self) -> str:
         name = self.active_adapters[0] if self.active_adapters else None

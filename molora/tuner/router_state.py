@@ -178,33 +178,51 @@ class AuxLossGrad(torch.autograd.Function):
         return grad_delta, g, None, None, None
 
 
-class EntropyGrad(torch.autograd.Function):
-    """Identity on ``delta``; in backward adds the gradient of ``coef * mean_t H(probs_t)`` (over the real tokens
-    ``weights`` [T], 1/0) to ``probs`` [T, E], scaled like the aux gradient (see :class:`AuxLossGrad`). The top-p
-    router's dynamic-routing regulariser (Huang et al. 2024): low entropy = confident routing = fewer experts."""
-
-    @staticmethod
-    def forward(ctx, delta, probs, weights, record: ForwardRecord, coef: float):
-        ctx.save_for_backward(probs, weights)
-        ctx.record, ctx.coef = record, coef
-        return delta.view_as(delta)
-
-    @staticmethod
-    def backward(ctx, grad_delta):
-        probs, weights = ctx.saved_tensors
-        p = probs.detach().float()
-        n = weights.sum().clamp_min(1.0)
-        dh_dp = -(torch.log(p.clamp_min(1e-30)) + 1.0)               # d H / d p per token
-        g = dh_dp * (weights[:, None] / n) * (ctx.coef * ctx.record.aux_grad_scale())
-        return grad_delta, g.to(probs.dtype), None, None, None
-
-
 def mean_entropy(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``mean_t H(probs_t)`` over tokens with weight 1 (probs [T, E], weights [T]); float32, no gradient."""
     with torch.no_grad():
         p = probs.float()
         h = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
         return (h * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def mean_z(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``mean_t logsumexp(logits_t)^2`` over tokens with weight 1 (the Switch router z-loss); no gradient."""
+    with torch.no_grad():
+        z = torch.logsumexp(logits.float(), dim=-1) ** 2
+        return (z * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def _entropy_grad(probs: torch.Tensor) -> torch.Tensor:
+    p = probs.detach().float()
+    return -(torch.log(p.clamp_min(1e-30)) + 1.0)                      # d H / d p, per token
+
+
+def _z_grad(logits: torch.Tensor) -> torch.Tensor:
+    lf = logits.detach().float()
+    return 2.0 * torch.logsumexp(lf, -1, keepdim=True) * torch.softmax(lf, -1)   # d lse^2 / d logits
+
+
+class RegularizerGrad(torch.autograd.Function):
+    """Identity on ``delta``; in backward adds the gradient of ``coef * mean_t R(t_t)`` (over the real tokens,
+    ``weights`` [T] of 1/0) to ``t`` [T, E], scaled like the aux gradient (see :class:`AuxLossGrad`), for a router
+    regulariser R: ``"entropy"`` (t = probs; the top-p router's dynamic-routing term, Huang et al. 2024) or ``"z"``
+    (t = router logits; the Switch z-loss ``logsumexp^2``, Fedus et al. 2021)."""
+
+    GRADS = {"entropy": _entropy_grad, "z": _z_grad}
+
+    @staticmethod
+    def forward(ctx, delta, t, weights, record: ForwardRecord, coef: float, kind: str):
+        ctx.save_for_backward(t, weights)
+        ctx.record, ctx.coef, ctx.kind = record, coef, kind
+        return delta.view_as(delta)
+
+    @staticmethod
+    def backward(ctx, grad_delta):
+        t, weights = ctx.saved_tensors
+        n = weights.sum().clamp_min(1.0)
+        g = RegularizerGrad.GRADS[ctx.kind](t) * (weights[:, None] / n) * (ctx.coef * ctx.record.aux_grad_scale())
+        return grad_delta, g.to(t.dtype), None, None, None, None
 
 
 class LossGradProbe(torch.autograd.Function):
