@@ -47,7 +47,7 @@ def test_builtin_routers_state_what_the_rest_may_assume():
     assert not soft.selects_top_k and soft.aux_loss is None
     assert soft.gates_are_probs(1, 4) and topk.gates_are_probs(4, 4) and not topk.gates_are_probs(2, 4)
     assert soft.effective_top_k(1, 6) == 6 and topk.effective_top_k(2, 6) == 2
-    with pytest.raises(ValueError, match=r"router='nope' is not a known router; allowed: topk, soft, topp, switch"):
+    with pytest.raises(ValueError, match=r"router='nope' is not a known router; allowed: topk, soft, topp, switch, expert_choice"):
         get_router("nope")
 
 
@@ -129,7 +129,7 @@ def test_a_registered_router_trains_a_model_with_its_properties(tiny_model, temp
     with pytest.raises(AllocationError, match=r"backend='sparse' does not implement router='tempered'; backends "
                                               r"for it: torch, reference"):
         MoLoRAConfig(router="tempered", backend="sparse")
-    with pytest.raises(AllocationError, match=r"router='nope' is not a known router; allowed: topk, soft, topp, switch, tempered"):
+    with pytest.raises(AllocationError, match=r"router='nope' is not a known router; allowed: topk, soft, topp, switch, expert_choice, tempered"):
         MoLoRAConfig(router="nope")
 
 
@@ -137,7 +137,7 @@ def test_recipes_validate_routers_against_the_registry(tmp_path):
     from molora.run.recipe import RecipeError, recipe_from_dict
 
     with pytest.raises(RecipeError, match=r"allocation.router.*router='nope' is not a known router; allowed: topk, "
-                                          r"soft, topp, switch"):
+                                          r"soft, topp, switch, expert_choice"):
         recipe_from_dict({"data": {"packaged": "bbc-news"}, "allocation": {"router": "nope"}})
     assert recipe_from_dict({"data": {"packaged": "bbc-news"}, "allocation": {"router": "soft"}}).allocation.router \
         == "soft"
@@ -319,7 +319,7 @@ def test_routers_per_layer_groups_and_lists(tiny_model):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(router=["topk", "nope", "topk", "topk"]), r"router='nope' is not a known router; allowed: topk, soft, topp, switch"),
+    (dict(router=["topk", "nope", "topk", "topk"]), r"router='nope' is not a known router; allowed: topk, soft, topp, switch, expert_choice"),
     (dict(router=["topk", "topp"]), r"router=\['topk', 'topp'\] has 2 entries but the model has 4 layers"),
     (dict(router="topk,topp,soft,topk,topp"), r"has 5 groups but the model has 4 layers"),
     (dict(router="topk,soft", router_options={"top_p": 0.5}), r"router 'topk', 'soft' has no option 'top_p'; "
@@ -472,3 +472,55 @@ def test_switch_load_loss_and_z_loss_match_their_formulas_with_gradients(tiny_mo
     got = dict(model.named_parameters())
     for (name, _), w_ in zip(params.items(), want):
         torch.testing.assert_close(got[name].grad, w_, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------------------ expert choice
+def _naive_expert_choice(x, a, b, w, capacity_factor, scaling):
+    """Per expert: the ceil(c * T / E) tokens with the largest probability for it; y_t = s * sum over the experts
+    that chose t of p_te * B_e A_e x_t."""
+    import math
+
+    num_experts = w.shape[0]
+    r = a.shape[0] // num_experts
+    p = torch.softmax(x @ w.t(), -1)
+    cap = min(x.shape[0], math.ceil(capacity_factor * x.shape[0] / num_experts))
+    y = torch.zeros(x.shape[0], b.shape[0])
+    per_token = [0] * x.shape[0]
+    for e in range(num_experts):
+        for t in torch.argsort(p[:, e].detach(), descending=True)[:cap].tolist():
+            y = y.index_add(0, torch.tensor([t]), (scaling * p[t, e] * (b[:, e * r:(e + 1) * r]
+                                                                         @ (a[e * r:(e + 1) * r] @ x[t])))[None])
+            per_token[t] += 1
+    return y, per_token
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 2.0])
+def test_expert_choice_matches_the_per_expert_reference_with_gradients(backend, capacity_factor):
+    x, a, b, w = _topp_inputs(seed=5, T=20, E=4)
+    g = torch.Generator().manual_seed(6)
+    up = torch.randn(x.shape[0], b.shape[0], generator=g)
+    out = moe_lora(x, a, b, w, top_k=1, scaling=0.5, router="expert_choice",
+                   router_options={"capacity_factor": capacity_factor}, backend=backend)
+    want, per_token = _naive_expert_choice(x, a, b, w, capacity_factor, 0.5)
+    assert len(set(per_token)) > 1, per_token  # tokens really get different numbers of experts
+    torch.testing.assert_close(out.delta, want, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad((out.delta * up).sum(), (x, a, b, w))
+    ref = torch.autograd.grad((want * up).sum(), (x, a, b, w))
+    for name, gg, rr in zip("xabw", got, ref):
+        torch.testing.assert_close(gg, rr, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_expert_choice_in_a_model_has_no_load_loss_and_reports_gate_mass(tiny_model):
+    model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(
+        num_experts=4, top_k=1, r=2, router="expert_choice", router_options={"capacity_factor": 1.0},
+        init_weights=False))
+    model.train()
+    ids = torch.randint(0, 64, (2, 8))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "molora_router" in n)
+    summary = model.base_model.router_summary()
+    assert all(not s["selects_top_k"] for s in summary.values())
+    with pytest.raises(AllocationError, match=r"capacity_factor=0 must be a number in \(0, 1e\+06\]"):
+        MoLoRAConfig(router="expert_choice", router_options={"capacity_factor": 0})

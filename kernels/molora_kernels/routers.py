@@ -1,6 +1,7 @@
 """The router registry: name -> one :class:`Router` that says how to route and what the rest of molora may assume.
 
-Registered here: ``topk`` (MoLA), ``soft`` (LoRAMoE), ``topp`` (dynamic top-p), ``switch`` (Switch Transformers).
+Registered here: ``topk`` (MoLA), ``soft`` (LoRAMoE), ``topp`` (dynamic top-p), ``switch`` (Switch Transformers),
+``expert_choice`` (Zhou et al. 2022).
 Every place that used to compare router names as strings asks the router instead:
 
 * ``route`` / ``logits_grad``: the forward (``logits -> Routing``) and, for backends with a hand-written backward,
@@ -120,6 +121,8 @@ class Router:
 
     def gates_are_probs(self, top_k: int, num_experts: int) -> bool:
         """True when the gates equal the softmax (every expert weighted: a soft router, or top-k with k = E)."""
+        if self.needs_gates or not self.fixed_k:  # a selection that is not "k of E for every token"
+            return False
         return (not self.selects_top_k) or top_k >= num_experts
 
     def effective_top_k(self, top_k: int, num_experts: int) -> int:
@@ -153,6 +156,11 @@ CAPACITY_FACTOR = RouterOption("capacity_factor", 1.25, 0.0, 1e6, low_open=True,
 Z_LOSS_COEF = RouterOption("z_loss_coef", 0.0, 0.0, 1e6, low_open=False, high_open=False,
                            doc="weight of the router z-loss mean(logsumexp(logits)^2) added to the loss (0 disables "
                                "it; the paper uses 0.001)")
+
+#: Expert choice (Zhou et al., 2022): the average number of experts per token
+EC_CAPACITY = RouterOption("capacity_factor", 2.0, 0.0, 1e6, low_open=True, high_open=False,
+                           doc="tokens per expert = ceil(capacity_factor x tokens / experts): experts per token on "
+                               "average")
 
 #: "Harder Tasks Need More Experts" (Huang et al., 2024) / MoE-PEFT's dynamic MixLoRA
 TOP_P = RouterOption("top_p", 0.75, 0.0, 1.0, low_open=True, high_open=False,
@@ -207,3 +215,10 @@ register_router(Router(
     route_fn="routing:route_switch", logits_grad_fn="routing:switch_logits_grad", selects_top_k=True,
     aux_loss="mola", backends=("torch", "reference"), options=(CAPACITY_FACTOR, Z_LOSS_COEF), needs_gates=True,
     required_top_k=1))
+register_router(Router(
+    "expert_choice", "expert choice: each expert takes the capacity_factor x T / E tokens it scores highest (tokens "
+                     "get 0..E experts; balanced by construction, no load loss; sees the whole micro-batch, so not "
+                     "causal)",
+    route_fn="routing:route_expert_choice", logits_grad_fn="routing:switch_logits_grad", selects_top_k=False,
+    aux_loss=None, backends=("torch", "reference"), options=(EC_CAPACITY,), needs_gates=True))
+

@@ -164,10 +164,36 @@ def route_switch(logits: torch.Tensor, top_k: int, capacity_factor: float = 1.25
     return Routing(gates=gates, probs=probs, topk_idx=idx)
 
 
+def route_expert_choice(logits: torch.Tensor, top_k: int, capacity_factor: float = 2.0, **_: float) -> Routing:
+    """Expert-choice router (Zhou et al. 2022): the experts pick the tokens::
+
+        p        = softmax(float32(logits))                       # [T, E]
+        C        = ceil(capacity_factor * T / E)                  # tokens per expert (capacity_factor: experts
+                                                                  #   per token on average)
+        chosen   = for each expert e, the C tokens with the largest p[:, e]  (ties: the earlier token)
+        gates    = p on the chosen (token, expert) pairs, 0 elsewhere   # a token may get 0 .. E experts
+
+    Perfectly balanced by construction (no load loss). ``top_k`` is not used. Causal-LM caveat: a token's experts
+    depend on the other tokens of the micro-batch, later positions and other rows included, so training routes
+    with information a left-to-right decoder does not have, and generation (one new token per step) routes
+    differently from training. ``topk_idx`` lists every expert (as the soft router: statistics report the gate
+    mass).
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    tokens, num_experts = probs.shape[-2], probs.shape[-1]
+    cap = min(tokens, math.ceil(capacity_factor * tokens / num_experts))
+    chosen = torch.topk(probs.transpose(-1, -2), cap, dim=-1, sorted=False).indices    # [E, C] token indices
+    mask = torch.zeros_like(probs.transpose(-1, -2)).scatter(-1, chosen, 1.0).transpose(-1, -2)
+    gates = probs * mask
+    idx = torch.arange(num_experts, device=logits.device).expand(*logits.shape[:-1], num_experts)
+    return Routing(gates=gates, probs=probs, topk_idx=idx)
+
+
 def switch_logits_grad(dgates: Optional[torch.Tensor], dprobs: Optional[torch.Tensor], probs: torch.Tensor,
                        idx: torch.Tensor, top_k: int, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """d loss / d logits [T, E] (fp32) of :func:`route_switch`: gates = p on the kept (token, expert) pairs
-    (``gates != 0``), so the gates' gradient passes there only, then through the softmax."""
+    """d loss / d logits [T, E] (fp32) of :func:`route_switch` and :func:`route_expert_choice`: gates = p on the
+    kept (token, expert) pairs (``gates != 0``), so the gates' gradient passes there only, then through the
+    softmax."""
     dp = torch.zeros_like(probs) if dprobs is None else dprobs.clone()
     if dgates is not None:
         dp = dp + dgates * (gates != 0).to(dgates.dtype)
