@@ -10,12 +10,16 @@ Public API:
     moe_lora(x, a_all, b_all, w_router, ...) -> MoLoRAOutput     (output delta + RouterStats)
     load_balancing_loss(stats_list, ...)   -> scalar tensor      (MoLA aux loss of one decoder layer)
 """
+from .layouts import LAYOUTS, Layout, get_layout
 from .routers import ROUTERS, Router, get_router, register_router
 from .routing import Routing, RouterStats, route, routing_stats, load_balancing_loss
 from .ops import BACKENDS, MoLoRAOutput, moe_lora, available_backends
 
 __all__ = [
     "ROUTERS",
+    "LAYOUTS",
+    "Layout",
+    "get_layout",
     "Router",
     "get_router",
     "register_router",

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from . import cost_model, torch_dense
+from .layouts import get_layout
 from .routers import get_router
 from .routing import Routing, RouterStats, route, routing_stats
 from .sparse import moe_lora_sparse
@@ -126,19 +127,39 @@ def resolve_backend(backend: str, x2: torch.Tensor, a_all: torch.Tensor, b_all: 
     return backend
 
 
-def _check(x, a_all, b_all, router_weight, top_k, router, backend, router_options=None):
+def _check(x, a_all, b_all, router_weight, top_k, router, backend, router_options=None, layout="stacked"):
     num_experts, d_in = router_weight.shape
+    lay = get_layout(layout)
     if x.shape[-1] != d_in:
         raise ValueError(f"x has {x.shape[-1]} features but the router expects d_in={d_in}")
-    if a_all.shape[0] % num_experts or a_all.shape[1] != d_in:
-        raise ValueError(f"a_all {tuple(a_all.shape)} must be [E·r, d_in] with E={num_experts}, d_in={d_in}")
-    if b_all.shape[1] != a_all.shape[0]:
-        raise ValueError(f"b_all {tuple(b_all.shape)} must be [d_out, E·r={a_all.shape[0]}]")
+    if lay.shared_a:
+        if a_all.shape[1] != d_in or b_all.shape[1] != num_experts * a_all.shape[0]:
+            raise ValueError(f"layout 'shared_a': a {tuple(a_all.shape)} must be [r, d_in={d_in}] and b "
+                             f"{tuple(b_all.shape)} [d_out, E·r={num_experts * a_all.shape[0]}]")
+        if backend != "auto" and backend not in lay.backends:
+            raise ValueError(f"backend {backend!r} does not implement layout 'shared_a'; backends for it: "
+                             f"{', '.join(lay.backends)} (or 'auto')")
+    else:
+        if a_all.shape[0] % num_experts or a_all.shape[1] != d_in:
+            raise ValueError(f"a_all {tuple(a_all.shape)} must be [E·r, d_in] with E={num_experts}, d_in={d_in}")
+        if b_all.shape[1] != a_all.shape[0]:
+            raise ValueError(f"b_all {tuple(b_all.shape)} must be [d_out, E·r={a_all.shape[0]}]")
     get_router(router).resolve_options(router_options)  # ValueError naming the routers / the option and its range
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
+
+
+def _shared_a(x2, a, b_all, router_weight, *, top_k, scaling, dropout, training, router, base,
+              router_options=None):
+    """Layout ``shared_a`` (see :mod:`molora_kernels.layouts`): one shrink, the [T, r] result repeated for the E
+    heads, then the dense-gated expand; autograd does the backward (the shrink's gradient sums the heads')."""
+    num_experts = router_weight.shape[0]
+    h, logits = torch_dense.shrink_and_logits(x2, a, router_weight, dropout, training)
+    routing = route(logits, top_k, router, router_options)
+    delta = torch_dense.gate_expand(h.repeat(1, num_experts), routing.gates, b_all, scaling)
+    return (delta if base is None else base + delta), routing
 
 
 def _reference(x2, a_all, b_all, router_weight, *, top_k, scaling, dropout, training, router, base,
@@ -165,6 +186,7 @@ def moe_lora(
     backend: str = "auto",
     base: Optional[torch.Tensor] = None,
     router_options: Optional[dict] = None,
+    layout: str = "stacked",
 ) -> MoLoRAOutput:
     """Mixture of E LoRA experts on x.
 
@@ -184,10 +206,12 @@ def moe_lora(
         base: optional frozen-layer output [..., d_out]; when given the result is ``base + delta``
             accumulated inside the last GEMM (saves a full pass over [T, d_out] on the torch paths).
         router_options: the router's options (``{"top_p": 0.8}``); refused when unknown or out of range.
+        layout: the expert layout (:mod:`molora_kernels.layouts`): ``"stacked"`` (a_all [E·r, d_in]) or
+            ``"shared_a"`` (one A [r, d_in] for all experts, b_all [d_out, E·r]; torch/reference backends).
     Returns:
         MoLoRAOutput(delta [..., d_out] in x.dtype (plus ``base`` if given), stats).
     """
-    _check(x, a_all, b_all, router_weight, top_k, router, backend, router_options)
+    _check(x, a_all, b_all, router_weight, top_k, router, backend, router_options, layout)
     lead = x.shape[:-1]
     d_out = b_all.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
@@ -207,7 +231,9 @@ def moe_lora(
         x2 = x2.to(compute_dtype)
         if base2 is not None:
             base2 = base2.to(compute_dtype)
-    name = resolve_backend(backend, x2, a_all, b_all, router_weight, top_k, router, needs_backward)
+    shared = get_layout(layout).shared_a
+    name = "shared_a" if shared else resolve_backend(backend, x2, a_all, b_all, router_weight, top_k, router,
+                                                      needs_backward)
     kw = dict(top_k=top_k, scaling=scaling, dropout=dropout, training=training, router=router)
     if router_options:  # only routers with options take them, and those run on the torch/reference backends
         kw["router_options"] = router_options
@@ -241,6 +267,8 @@ def _run_backend(name, x2, a_all, b_all, router_weight, base2, kw):
         return moe_lora_sparse(x2, a_all, b_all, router_weight, base=base2, **kw)
     if name == "reference":
         return _reference(x2, a_all, b_all, router_weight, base=base2, **kw)
+    if name == "shared_a":
+        return _shared_a(x2, a_all, b_all, router_weight, base=base2, **kw)
     if name == "triton":
         out, routing = _triton_module().moe_lora_triton(x2, a_all, b_all, router_weight, **kw)
         return (out if base2 is None else base2 + out), routing

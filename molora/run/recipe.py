@@ -109,6 +109,7 @@ class AllocationSection(_Section):
     aux_loss_coef: float = Field(0.001, ge=0)
     aux_loss_mode: Literal["masked", "original"] = "masked"
     backend: str = "auto"
+    layout: str = "stacked"                                # expert layout: stacked (MoLA) or shared_a (HydraLoRA)
     init_weights: bool = True
     # num_experts: "auto:METHOD" (molora.run.allocate): how the per-layer scores become expert counts
     auto_beta: Optional[float] = Field(None, ge=0)         # E_l ∝ score^beta (None: the method's default)

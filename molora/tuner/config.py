@@ -7,7 +7,7 @@ from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
 
-from molora_kernels import BACKENDS, ROUTERS, get_router
+from molora_kernels import BACKENDS, ROUTERS, get_layout, get_router
 from molora_kernels.routers import options_for
 
 from ..allocation import AllocationError, AllocationSpec, auto_method, is_auto, validate_spec
@@ -53,6 +53,9 @@ class MoLoRAConfig(PeftConfig):
         aux_loss_mode: ``"masked"`` (padding tokens excluded, using the attention mask; default) or
             ``"original"`` (exactly the original MoLA code: every position counts, padding included).
         backend: MoE-LoRA op implementation (``"auto"``, ``"torch"``, ...; see ``molora_kernels``).
+        layout: expert layout (:mod:`molora_kernels.layouts`): ``"stacked"`` (an A and a B per expert, MoLA) or
+            ``"shared_a"`` (HydraLoRA: one A shared by the experts, one B head each; fewer parameters and one shrink).
+            Recorded in the allocation table; an adapter loads only into its own layout.
         init_weights: MoLA init (router and A kaiming-uniform(a=sqrt(5)), B = 0); False: random B (tests).
         modules_to_save: extra modules trained and saved in full (e.g. a classification head).
         allocation: filled in when the adapter is injected: the resolved per-layer table
@@ -78,6 +81,7 @@ class MoLoRAConfig(PeftConfig):
     aux_loss_coef: float = field(default=0.001, metadata={"help": "load-balancing loss weight"})
     aux_loss_mode: str = field(default="masked", metadata={"help": "masked or original"})
     backend: str = field(default="auto", metadata={"help": "MoE-LoRA op backend"})
+    layout: str = field(default="stacked", metadata={"help": "expert layout: stacked (MoLA) or shared_a (HydraLoRA)"})
     init_weights: bool = field(default=True)
     modules_to_save: Optional[list[str]] = field(default=None)
     allocation: Optional[list[dict[str, Any]]] = field(default=None)
@@ -142,6 +146,13 @@ class MoLoRAConfig(PeftConfig):
             raise AllocationError(f"lora_alpha={self.lora_alpha!r} must be a finite number > 0")
         if self.backend not in BACKENDS:
             raise AllocationError(f"backend={self.backend!r}; allowed: {', '.join(BACKENDS)}")
+        try:
+            lay = get_layout(self.layout)
+        except ValueError as e:
+            raise AllocationError(str(e)) from None
+        if self.backend != "auto" and self.backend not in lay.backends:
+            raise AllocationError(f"backend={self.backend!r} does not implement layout={self.layout!r}; backends for "
+                                  f"it: {', '.join(lay.backends)} (or 'auto')")
         if (all(r.selects_top_k for r in routers) and isinstance(self.num_experts, int) and isinstance(self.top_k, int)
                 and self.top_k > self.num_experts and self.expert_budget is None):
             raise AllocationError(f"top_k={self.top_k} is larger than num_experts={self.num_experts}; top_k must be "

@@ -17,7 +17,7 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
-from molora_kernels import get_router, moe_lora
+from molora_kernels import get_layout, get_router, moe_lora
 
 from .router_state import AuxLossGrad, RegularizerGrad, RouterCollector, in_backward, mean_entropy, mean_z
 
@@ -29,7 +29,7 @@ class RoutedMergeError(RuntimeError):
 class MoLoRALayer(BaseTunerLayer):
     adapter_layer_names = ("molora_A", "molora_B", "molora_router")
     other_param_names = ("num_experts", "top_k", "r", "scaling", "lora_dropout", "router_type", "router_options",
-                         "router_group", "aux_loss_coef", "aux_loss_mode", "backend")
+                         "router_group", "aux_loss_coef", "aux_loss_mode", "backend", "layout")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -43,6 +43,7 @@ class MoLoRALayer(BaseTunerLayer):
         self.lora_dropout: dict[str, float] = {}
         self.router_type: dict[str, str] = {}
         self.router_options: dict[str, dict] = {}
+        self.layout: dict[str, str] = {}
         self.aux_loss_coef: dict[str, float] = {}
         self.aux_loss_mode: dict[str, str] = {}
         self.backend: dict[str, str] = {}
@@ -69,7 +70,7 @@ class MoLoRALayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, num_experts: int, top_k: int, r: int, lora_alpha: float,
                      lora_dropout: float, router: str, aux_loss_coef: float, aux_loss_mode: str, backend: str,
                      init_weights: bool = True, inference_mode: bool = False, router_group: Any = None,
-                     router_options: Optional[dict] = None) -> None:
+                     router_options: Optional[dict] = None, layout: str = "stacked") -> None:
         """Create (or re-create) the experts and router of ``adapter_name`` for this layer.
 
         ``router_group``: the key this module's router statistics and aux loss are grouped under (None: the
@@ -89,7 +90,10 @@ class MoLoRALayer(BaseTunerLayer):
         self.backend[adapter_name] = backend
         self.router_group[adapter_name] = self.layer_index if router_group is None else router_group
         er = num_experts * r
-        self.molora_A[adapter_name] = nn.Parameter(torch.empty(er, self.in_features))
+        self.layout[adapter_name] = layout
+        # stacked: A_all [E·r, d_in]; shared_a (HydraLoRA): one A [r, d_in] for every expert head
+        self.molora_A[adapter_name] = nn.Parameter(torch.empty(get_layout(layout).a_rows(num_experts, r),
+                                                               self.in_features))
         self.molora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, er))
         self.molora_router[adapter_name] = nn.Parameter(torch.empty(num_experts, self.in_features))
         self.reset_parameters(adapter_name, init_weights)
@@ -192,6 +196,7 @@ class Linear(nn.Module, MoLoRALayer):
                 compute_stats=want_stats,
                 backend=self.backend[name],
                 router_options=self.router_options[name] or None,
+                layout=self.layout.get(name, "stacked"),
             )
             delta = out.delta
             if want_stats:

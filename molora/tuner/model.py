@@ -87,6 +87,8 @@ class MoLoRAModel(BaseTuner):
                                    expert_budget=config.expert_budget, router=config.router,
                                    num_experts_mlp=config.num_experts_mlp)
         table = [a.row() for a in alloc]
+        if config.layout != "stacked":  # the shapes of A follow the layout: part of what a checkpoint must match
+            table = [{**row, "layout": config.layout} for row in table]
         if config.allocation is not None and (config.allocation != table or config.num_layers != num_layers):
             raise AllocationError(_allocation_mismatch(config.allocation, table, config.num_layers, num_layers))
         config.allocation = table
@@ -113,7 +115,8 @@ class MoLoRAModel(BaseTuner):
         kwargs = dict(num_experts=a.experts_for(kind), top_k=a.top_k, router_group=group, r=a.r,
                       lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, router=router,
                       aux_loss_coef=config.aux_loss_coef, aux_loss_mode=config.aux_loss_mode, backend=config.backend,
-                      init_weights=config.init_weights, inference_mode=config.inference_mode, router_options=options)
+                      init_weights=config.init_weights, inference_mode=config.inference_mode, router_options=options,
+                      layout=config.layout)
         if isinstance(target, MoLoRALayer):
             target.update_layer(adapter_name, **kwargs)
             return
@@ -224,7 +227,8 @@ def _allocation_mismatch(saved: list[dict], now: list[dict], saved_layers, now_l
                 f"{now_layers}; load it into the same architecture")
     def show(row: dict) -> str:
         mlp = f" (MLP {row['num_experts_mlp']})" if row.get("num_experts_mlp") is not None else ""
-        return f"{row['num_experts']}{mlp} experts/top-{row['top_k']}/r{row['r']}"
+        extra = "".join(f", {k} {row[k]}" for k in ("router", "layout") if row.get(k) is not None)
+        return f"{row['num_experts']}{mlp} experts/top-{row['top_k']}/r{row['r']}{extra}"
 
     diffs = [f"layer {s.get('layer')}: checkpoint {show(s)} vs config {show(n)}"
              for s, n in zip(saved, now) if s != n]

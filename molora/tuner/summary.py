@@ -21,6 +21,8 @@ class AllocationRow:
     kind: Optional[str] = None
     #: the router and its options, e.g. "topp (top_p=0.6, entropy_coef=0)"
     router: str = "topk"
+    #: the expert layout ("stacked" or "shared_a")
+    layout: str = "stacked"
 
     @property
     def key(self):
@@ -52,6 +54,9 @@ class AllocationTable(list):
         routers = sorted({r.router for r in self})
         if routers != ["topk"]:  # the MoLA default goes unsaid
             lines.append(f"router: {'; '.join(routers)}")
+        layouts = sorted({r.layout for r in self})
+        if layouts != ["stacked"]:
+            lines.append(f"layout: {'; '.join(layouts)}")
         return "\n".join(lines)
 
 
@@ -77,7 +82,7 @@ def allocation_table(model: nn.Module, adapter_name: Optional[str] = None) -> Al
             opts = m.router_options.get(name) or {}
             router = m.router_type[name] + (f" ({', '.join(f'{k}={v:g}' for k, v in opts.items())})" if opts else "")
             row = rows[group] = AllocationRow(m.layer_index, m.num_experts[name], m.top_k[name], m.r[name], 0, 0,
-                                              kind, router)
+                                              kind, router, m.layout.get(name, "stacked"))
         row.modules += 1
         row.params += n
     return AllocationTable(sorted(rows.values(), key=lambda r: (-1 if r.layer is None else r.layer, r.kind or "")))
