@@ -142,8 +142,14 @@ def build_point(tokens: int, d: int, num_experts: int, top_k: int, rank: int, dt
     if "torch" in backends:  # one row per other registered router the fused torch backend implements
         for rname, router in ROUTERS.items():
             if rname != "topk" and "torch" in router.backends:
-                variants[f"molora/torch[{rname}]"] = (lambda rn: lambda: base(x) + moe_lora(
-                    x, a_all, b_all, w_router, top_k=top_k, scaling=scaling, backend="torch", router=rn).delta)(rname)
+                k = router.required_top_k or top_k
+                variants[f"molora/torch[{rname}]"] = (lambda rn, k: lambda: base(x) + moe_lora(
+                    x, a_all, b_all, w_router, top_k=k, scaling=scaling, backend="torch", router=rn).delta)(rname, k)
+        # one row per other layout (its own A: shared_a has one [r, d_in])
+        a_shared = nn.Parameter(a_all.detach()[:rank].clone())
+        params.append(a_shared)
+        variants["molora/torch[shared_a]"] = lambda: base(x) + moe_lora(
+            x, a_shared, b_all, w_router, top_k=top_k, scaling=scaling, backend="torch", layout="shared_a").delta
     return variants, params, x
 
 
