@@ -131,12 +131,11 @@ def test_deepspeed_two_ranks_match_one_process(stage, single, assets, tmp_path):
     assert acc["after"]["loglik"]["n"] == 8 and acc["after"]["generation"]["n"] == 4
 
 
-def test_aux_loss_gradient_scaling(assets, tmp_path):
-    """With the aux loss on, ZeRO-2 on 2 ranks (no accumulation) equals 1 process accumulating 2 micro-batches:
-    the injected aux gradient is weighted like the task loss (coef / GA per micro-batch, averaged over ranks)."""
+def _one_process_and_two_ranks(alloc: dict, assets, tmp_path: Path) -> None:
+    """Train ``alloc`` in one process accumulating 2 micro-batches (tmp_path/one) and on 2 ZeRO-2 ranks with one
+    micro-batch each (tmp_path/two); the adapters must be equal."""
     from molora.run.train import main
 
-    alloc = {**ALLOC, "aux_loss_coef": 0.05}
     ev = {"before": False, "after": False}
     one = write_recipe(tmp_path / "one.yaml", assets, tmp_path / "one", train=TRAIN, allocation=alloc, eval=ev)
     saved = dict(os.environ)
@@ -149,6 +148,12 @@ def test_aux_loss_gradient_scaling(assets, tmp_path):
                        allocation=alloc, eval=ev)
     _launch(two, 2, ["--deepspeed", str(ROOT / "recipes" / "deepspeed" / "zero2.json")], tmp_path / "launch.log")
     _assert_same_adapter(tmp_path / "one" / "adapter", tmp_path / "two" / "adapter")
+
+
+def test_aux_loss_gradient_scaling(assets, tmp_path):
+    """With the aux loss on, ZeRO-2 on 2 ranks (no accumulation) equals 1 process accumulating 2 micro-batches:
+    the injected aux gradient is weighted like the task loss (coef / GA per micro-batch, averaged over ranks)."""
+    _one_process_and_two_ranks({**ALLOC, "aux_loss_coef": 0.05}, assets, tmp_path)
     for r1, r2 in zip(_records(tmp_path / "one"), _records(tmp_path / "two")):
         assert r2["aux_loss"] == pytest.approx(r1["aux_loss"], rel=1e-5)
         assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-3)  # task + coef * mean aux, on both paths
@@ -167,21 +172,8 @@ def test_new_routers_two_ranks_match_one_process(case, assets, tmp_path):
     """topp (tokens get different numbers of experts) and switch (tokens over capacity skip the adapter), each with
     its aux loss and regulariser on: ZeRO-2 on 2 ranks (ranks route differently) equals 1 process accumulating 2
     micro-batches (each micro-batch routed on its own, as each rank does)."""
-    from molora.run.train import main
-
-    alloc = {**ALLOC, "num_experts": 4, "aux_loss_coef": 0.05, **ROUTER_CASES[case]}
-    ev = {"before": False, "after": False}
-    one = write_recipe(tmp_path / "one.yaml", assets, tmp_path / "one", train=TRAIN, allocation=alloc, eval=ev)
-    saved = dict(os.environ)
-    try:
-        assert main([str(one)]) == 0
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    two = write_recipe(tmp_path / "two.yaml", assets, tmp_path / "two", train={**TRAIN, "gradient_accumulation_steps": 1},
-                       allocation=alloc, eval=ev)
-    _launch(two, 2, ["--deepspeed", str(ROOT / "recipes" / "deepspeed" / "zero2.json")], tmp_path / "launch.log")
-    _assert_same_adapter(tmp_path / "one" / "adapter", tmp_path / "two" / "adapter")
+    _one_process_and_two_ranks({**ALLOC, "num_experts": 4, "aux_loss_coef": 0.05, **ROUTER_CASES[case]}, assets,
+                               tmp_path)
     for r1, r2 in zip(_records(tmp_path / "one"), _records(tmp_path / "two")):
         if "router_options" in ROUTER_CASES[case] and case != "expert_choice":  # a regulariser is on
             assert r1["router_regularizer"] > 0

@@ -143,6 +143,25 @@ def test_recipes_validate_routers_against_the_registry(tmp_path):
         == "soft"
 
 
+def _assert_loss_terms(model, ref, out_ref, batch_, coef, aux, reg):
+    """``model`` (aux and regulariser on) returns task + coef * aux + reg as its loss, reports both terms, and its
+    gradients equal autograd of that sum on ``ref`` (the same weights, both terms off; out_ref its output)."""
+    from test_layer import causal_lm_loss
+
+    ids, mask, labels = batch_
+    params = {n: q for n, q in ref.named_parameters() if q.requires_grad}
+    want = torch.autograd.grad(out_ref.loss + coef * aux + reg, list(params.values()))
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out["aux_loss"], aux.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["router_regularizer"], reg.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, labels) + coef * aux.detach() + reg.detach(),
+                               rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    got = dict(model.named_parameters())
+    for (name, _), w_ in zip(params.items(), want):
+        torch.testing.assert_close(got[name].grad, w_, rtol=1e-4, atol=1e-6, msg=name)
+
+
 # ------------------------------------------------------------------------------------------ topp
 def _naive_topp(x, a, b, w, k, top_p, scaling):
     """Per token: p = softmax(x W^T); experts by decreasing p until their mass reaches top_p (at most k);
@@ -237,7 +256,7 @@ def _topp_model(tiny_model, coef, ent):
 
 
 def test_topp_aux_loss_and_entropy_regulariser_match_their_formulas_with_gradients(tiny_model):
-    from test_layer import batch, capture_inputs, causal_lm_loss
+    from test_layer import batch, capture_inputs
 
     coef, ent = 0.3, 0.05
     model = _topp_model(tiny_model, coef, ent)
@@ -264,18 +283,7 @@ def test_topp_aux_loss_and_entropy_regulariser_match_their_formulas_with_gradien
         sel = torch.zeros_like(p).scatter(1, torch.where(before < 0.6, order[:, :3], order[:, :1]), 1.0)
         f = sel.sum(0) / sel.sum()  # the fraction of all selections (a dynamic router's count varies per token)
         aux = aux + 4 * (f * p.mean(0)).sum()
-    params = {n: q for n, q in ref.named_parameters() if q.requires_grad}
-    want = torch.autograd.grad(out_ref.loss + coef * aux + reg, list(params.values()))
-
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(out["aux_loss"], aux.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out["router_regularizer"], reg.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, labels) + coef * aux.detach() + reg.detach(),
-                               rtol=1e-5, atol=1e-6)
-    out.loss.backward()
-    got = dict(model.named_parameters())
-    for (name, _), w_ in zip(params.items(), want):
-        torch.testing.assert_close(got[name].grad, w_, rtol=1e-4, atol=1e-6, msg=name)
+    _assert_loss_terms(model, ref, out_ref, (ids, mask, labels), coef, aux, reg)
 
 
 def test_topp_adapter_saves_loads_and_keeps_its_options(tiny_model, tmp_path):
@@ -434,7 +442,7 @@ def test_switch_bad_options_are_refused_naming_the_allowed_values(tiny_model, kw
 
 
 def test_switch_load_loss_and_z_loss_match_their_formulas_with_gradients(tiny_model):
-    from test_layer import batch, capture_inputs, causal_lm_loss
+    from test_layer import batch, capture_inputs
 
     def build(coef, z):
         m = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(
@@ -461,17 +469,7 @@ def test_switch_load_loss_and_z_loss_match_their_formulas_with_gradients(tiny_mo
         p = torch.cat(ps)
         f = torch.bincount(p.detach().argmax(-1), minlength=4).float() / p.shape[0]
         aux = aux + 4 * (f * p.mean(0)).sum()
-    params = {n: q for n, q in ref.named_parameters() if q.requires_grad}
-    want = torch.autograd.grad(out_ref.loss + coef * aux + zl, list(params.values()))
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(out["aux_loss"], aux.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out["router_regularizer"], zl.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, labels) + coef * aux.detach() + zl.detach(),
-                               rtol=1e-5, atol=1e-6)
-    out.loss.backward()
-    got = dict(model.named_parameters())
-    for (name, _), w_ in zip(params.items(), want):
-        torch.testing.assert_close(got[name].grad, w_, rtol=1e-4, atol=1e-6, msg=name)
+    _assert_loss_terms(model, ref, out_ref, (ids, mask, labels), coef, aux, zl)
 
 
 # ------------------------------------------------------------------------------------------ expert choice
