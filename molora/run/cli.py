@@ -248,6 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "allocation": "print the resolved per-layer allocation for a model",
         "allocate": "data-driven allocation: per-layer scores -> experts per layer (table, PNG, YAML)",
         "sweep": "equal-budget allocation study: one training run per allocation x seed, merged table",
+        "merge-experts": "fewer experts per layer after training (exact where unused, else lossy and measured)",
     }
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: molora COMMAND [args]\n\ncommands:")
@@ -279,6 +280,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .sweep import main as sweep_main
 
         return sweep_main(rest)
+    if cmd == "merge-experts":
+        from .merge_cmd import main as merge_main
+
+        return merge_main(rest)
     print(f"molora: unknown command {cmd!r}; commands: {', '.join(commands)}", file=sys.stderr)
     return 2
 

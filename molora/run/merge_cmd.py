@@ -1,0 +1,104 @@
+"""``molora merge-experts RECIPE.yaml --adapter DIR --max-experts N [--out DIR] [--calib-examples K]``: fewer
+experts per layer after training (see :mod:`molora.tuner.merge`), with the accuracy change it costs.
+
+Reads K of the recipe's training rows to measure each layer's expert usage, merges every layer with more than N
+experts down to N, scores the adapter before and after on the recipe's evaluation rows (the protocol of
+``molora eval``), prints a table (layer, experts before -> after, groups, exact on the calibration tokens or not)
+and writes the merged adapter (default: ``<adapter>-merged<N>``) with ``merge_report.json`` beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main"]
+
+
+def _parse(argv: Sequence[str]):
+    p = argparse.ArgumentParser(prog="molora merge-experts", description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe")
+    p.add_argument("--adapter", required=True, help="the trained adapter (or checkpoint) directory")
+    p.add_argument("--max-experts", type=int, required=True, help="experts per layer after merging (>= 1)")
+    p.add_argument("--out", default=None, help="where to write the merged adapter")
+    p.add_argument("--calib-examples", type=int, default=64, help="training rows that measure expert usage")
+    return p.parse_known_args(list(argv))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .recipe import RecipeError, load_recipe, parse_overrides
+
+    a, rest = _parse(sys.argv[1:] if argv is None else argv)
+    try:
+        recipe = load_recipe(a.recipe, parse_overrides(rest))
+        if a.max_experts < 1:
+            raise RecipeError(f"--max-experts={a.max_experts} must be >= 1")
+        if a.calib_examples < 1:
+            raise RecipeError(f"--calib-examples={a.calib_examples} must be >= 1")
+        adapter = Path(a.adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise RecipeError(f"--adapter {adapter}: no adapter_config.json there")
+    except (RecipeError, ValueError) as e:
+        print(f"molora merge-experts: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(a.out) if a.out else adapter.with_name(f"{adapter.name}-merged{a.max_experts}")
+    try:
+        return _run(recipe, adapter, out, a.max_experts, a.calib_examples)
+    except Exception as e:  # noqa: BLE001 - a user error is one line, anything else a traceback
+        from .common import is_user_error
+
+        if is_user_error(e) or type(e).__name__ == "MergeError":
+            print(f"molora merge-experts: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _run(recipe, adapter: Path, out: Path, max_experts: int, calib_examples: int) -> int:
+    import molora
+
+    from ..tuner.merge import expert_loads, merge_experts
+    from .allocate import calibration_batches
+    from .checkpoint import load_adapter_checked, read_adapter_tensors
+    from .common import RunError, load_base_model, load_recipe_rows, write_json_atomic
+    from .data import PromptTemplate
+    from .eval_run import recipe_accuracy
+
+    molora.register()
+    train_rows, eval_rows, _ = load_recipe_rows(recipe, Path(recipe.train.output_dir), is_main=True)
+    if not eval_rows or "choices" not in eval_rows[0]:
+        raise RunError("the recipe has no evaluation rows in the choices format: the merge's cost cannot be measured")
+    checked = read_adapter_tensors(adapter)
+    base, tokenizer = load_base_model(recipe)
+    model = load_adapter_checked(base, adapter, checked=checked)
+    model.eval()
+    template = PromptTemplate(recipe.data.prompt_template)
+    before = recipe_accuracy(model, tokenizer, eval_rows, template, recipe, False)
+    batches = calibration_batches(train_rows, tokenizer, template, recipe.data.cutoff_len, calib_examples,
+                                  seed=recipe.train.seed, train_on_inputs=recipe.data.train_on_inputs)
+    loads = expert_loads(model, batches)
+    report = merge_experts(model, max_experts, loads, adapter=model.active_adapter)
+    after = recipe_accuracy(model, tokenizer, eval_rows, template, recipe, False)
+    model.save_pretrained(str(out))
+    lines = [f"{'layer':>5}  {'experts':>9}  {'exact':>5}  groups (old experts, centre first; load)", "-" * 70]
+    for r in report:
+        groups = " ".join("[" + ",".join(str(e) for e in g) + "]" for g in r.groups) if r.after < r.before else "-"
+        lines.append(f"{str(r.layer):>5}  {r.before:>3} -> {r.after:<3}  {'yes' if r.exact else 'no':>5}  {groups}")
+    acc = {k: (before[k]["accuracy"], after[k]["accuracy"]) for k in before if isinstance(before[k], dict)
+           and k in after}
+    lines.append("-" * 70)
+    for k, (b, a) in acc.items():
+        lines.append(f"{k} accuracy on {after[k]['n']} eval rows: {b:.4f} -> {a:.4f} ({a - b:+.4f})")
+    exact = all(r.exact for r in report)
+    lines.append("exact on the calibration tokens" if exact else
+                 "lossy: some layers merged experts that tokens used (the accuracy change above is the cost)")
+    print("\n".join(lines))
+    write_json_atomic(out / "merge_report.json", {
+        "adapter": str(adapter), "max_experts": max_experts, "calib_examples": calib_examples,
+        "layers": [r.__dict__ for r in report], "accuracy_before": before, "accuracy_after": after,
+        "exact_on_calibration": exact})
+    print(f"molora merge-experts: wrote {out}")
+    return 0

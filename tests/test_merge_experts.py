@@ -1,0 +1,131 @@
+"""Merging experts after training (issue 10): the plan and the weighted means against a direct computation,
+exactness when the removed experts were never selected, save/load of the merged adapter, refusals, and the
+`molora merge-experts` command reporting the accuracy change."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from molora import MoLoRAConfig
+from molora.tuner.merge import MergeError, expert_loads, merge_experts, plan_groups
+
+from test_allocate import _batches
+from test_train import _isolated_env, assets, write_recipe  # noqa: F401 (fixtures)
+
+
+def _model(tiny_model, **kw):
+    cfg = dict(num_experts=4, top_k=2, r=2, init_weights=False)
+    cfg.update(kw)
+    return get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(**cfg))
+
+
+def test_plan_keeps_the_most_used_and_joins_the_rest_by_router_similarity():
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])
+    assert plan_groups(w, [0.4, 0.3, 0.2, 0.1], 2) == [[0, 2], [1, 3]]
+    assert plan_groups(w, [0.1, 0.2, 0.3, 0.4], 2) == [[2, 0], [3, 1]]
+    assert plan_groups(w, [0.25] * 4, 4) == [[0], [1], [2], [3]]
+
+
+def test_merged_parameters_are_the_usage_weighted_means(tiny_model):
+    model = _model(tiny_model)
+    m = next(mod for mod in model.modules() if hasattr(mod, "molora_A") and mod.layer_index == 0)
+    a, b, w = (t.detach().clone() for t in (m.molora_A["default"], m.molora_B["default"],
+                                              m.molora_router["default"]))
+    loads = {0: [0.5, 0.3, 0.2, 0.0], 1: [0.25] * 4}
+    groups = plan_groups(w, loads[0], 2)
+    report = merge_experts(model, 2, loads)
+    assert [r.after for r in report] == [2, 2] and report[0].groups == groups
+    r = 2
+    for j, g in enumerate(groups):
+        f = torch.tensor([loads[0][e] for e in g], dtype=torch.float64)
+        f = f / f.sum()
+        want_a = sum(fi * a[e * r:(e + 1) * r].double() for fi, e in zip(f, g)).float()
+        want_b = sum(fi * b[:, e * r:(e + 1) * r].double() for fi, e in zip(f, g)).float()
+        torch.testing.assert_close(m.molora_A["default"][j * r:(j + 1) * r], want_a)
+        torch.testing.assert_close(m.molora_B["default"][:, j * r:(j + 1) * r], want_b)
+        torch.testing.assert_close(m.molora_router["default"][j], w[g[0]])
+    assert m.num_experts["default"] == 2 and m.top_k["default"] == 2
+    cfg = model.peft_config["default"]
+    assert cfg.num_experts == [2, 2] and [row["num_experts"] for row in cfg.allocation] == [2, 2]
+
+
+def test_removing_experts_no_token_selected_is_exact_on_those_tokens(tiny_model):
+    from test_layer import capture_inputs
+
+    model = _model(tiny_model, num_experts=6, top_k=2)
+    batches = _batches(pad=True)[:1]  # 30 tokens <= d_in = 32 (and 64 for down_proj)
+    model.eval()
+    n_modules = sum(1 for mod in model.modules() if hasattr(mod, "molora_router") and "default" in mod.molora_router)
+    for i in range(n_modules):  # in call order: a module's new routing changes the inputs of the ones after it
+        calls, hooks = capture_inputs(model)
+        with torch.no_grad():
+            model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])
+        for h in hooks:
+            h.remove()
+        mod, x = calls[i]  # router rows 4 and 5 with logit -50 on every one of its tokens: never selected
+        x2 = x.reshape(-1, x.shape[-1]).double()
+        v = torch.linalg.pinv(x2) @ torch.ones(x2.shape[0], dtype=torch.float64)
+        mod.molora_router["default"].data[4:] = (-50.0 * v).float()
+    model.eval()
+    with torch.no_grad():
+        want = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
+    loads = expert_loads(model, batches)
+    assert all(v[4] == 0 and v[5] == 0 for v in loads.values())
+    report = merge_experts(model, 4, loads)
+    assert all(r.exact and r.after == 4 for r in report)
+    with torch.no_grad():
+        for b, w_ in zip(batches, want):
+            got = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            torch.testing.assert_close(got, w_, rtol=1e-5, atol=1e-5)
+
+
+def test_lossy_merge_saves_loads_and_is_reported(tiny_model, tmp_path):
+    model = _model(tiny_model)
+    batches = _batches()
+    loads = expert_loads(model, batches)
+    report = merge_experts(model, 1, loads)
+    assert all(r.after == 1 and not r.exact for r in report)  # every used expert folded into one: an approximation
+    model.eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "m")
+    loaded = PeftModel.from_pretrained(tiny_model("llama", num_layers=2), tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+    assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["num_experts"] == [1, 1]
+
+
+def test_merge_refusals_name_the_value(tiny_model):
+    with pytest.raises(MergeError, match="max_experts=0 must be an int >= 1"):
+        merge_experts(_model(tiny_model), 0, {})
+    with pytest.raises(MergeError, match=r"no usage recorded for layer\(s\) \[0, 1\]"):
+        merge_experts(_model(tiny_model), 2, {})
+    split = _model(tiny_model, num_experts_mlp=3)
+    with pytest.raises(MergeError, match="split attention and MLP"):
+        merge_experts(split, 2, expert_loads(split, _batches()))
+
+
+def test_merge_experts_command_reports_the_accuracy_change(assets, tmp_path, capsys):
+    from molora.run.cli import main as cli
+    from molora.run.train import main as train
+
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", assets, out, allocation={"num_experts": 4, "top_k": 2},
+                          train={"max_steps": 2}, eval={"before": False, "after": False})
+    assert train([str(recipe)]) == 0
+    capsys.readouterr()
+    assert cli(["merge-experts", str(recipe), "--adapter", str(out / "adapter"), "--max-experts", "2",
+                "--calib-examples", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "4 -> 2" in text and "loglik accuracy on" in text and "->" in text
+    merged = out / "adapter-merged2"
+    rep = json.loads((merged / "merge_report.json").read_text())
+    assert rep["max_experts"] == 2 and all(layer["after"] == 2 for layer in rep["layers"])
+    assert "accuracy" in rep["accuracy_after"]["loglik"]
+    assert cli(["eval", str(recipe), "--adapter", str(merged)]) == 0  # the merged adapter is a normal adapter
+    assert cli(["merge-experts", str(recipe), "--adapter", str(out / "adapter"), "--max-experts", "0"]) == 2
+    assert "--max-experts=0 must be >= 1" in capsys.readouterr().err
