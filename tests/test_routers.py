@@ -47,7 +47,7 @@ def test_builtin_routers_state_what_the_rest_may_assume():
     assert not soft.selects_top_k and soft.aux_loss is None
     assert soft.gates_are_probs(1, 4) and topk.gates_are_probs(4, 4) and not topk.gates_are_probs(2, 4)
     assert soft.effective_top_k(1, 6) == 6 and topk.effective_top_k(2, 6) == 2
-    with pytest.raises(ValueError, match=r"router='nope' is not a known router; allowed: topk, soft, topp, switch, expert_choice"):
+    with pytest.raises(ValueError, match=r"router='nope' is not a known router; allowed: topk, soft, topp, switch, expert_choice, hash"):
         get_router("nope")
 
 
@@ -129,7 +129,7 @@ def test_a_registered_router_trains_a_model_with_its_properties(tiny_model, temp
     with pytest.raises(AllocationError, match=r"backend='sparse' does not implement router='tempered'; backends "
                                               r"for it: torch, reference"):
         MoLoRAConfig(router="tempered", backend="sparse")
-    with pytest.raises(AllocationError, match=r"router='nope' is not a known router; allowed: topk, soft, topp, switch, expert_choice, tempered"):
+    with pytest.raises(AllocationError, match=r"router='nope' is not a known router; allowed: topk, soft, topp, switch, expert_choice, hash, tempered"):
         MoLoRAConfig(router="nope")
 
 
@@ -137,7 +137,7 @@ def test_recipes_validate_routers_against_the_registry(tmp_path):
     from molora.run.recipe import RecipeError, recipe_from_dict
 
     with pytest.raises(RecipeError, match=r"allocation.router.*router='nope' is not a known router; allowed: topk, "
-                                          r"soft, topp, switch, expert_choice"):
+                                          r"soft, topp, switch, expert_choice, hash"):
         recipe_from_dict({"data": {"packaged": "bbc-news"}, "allocation": {"router": "nope"}})
     assert recipe_from_dict({"data": {"packaged": "bbc-news"}, "allocation": {"router": "soft"}}).allocation.router \
         == "soft"
@@ -327,7 +327,7 @@ def test_routers_per_layer_groups_and_lists(tiny_model):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(router=["topk", "nope", "topk", "topk"]), r"router='nope' is not a known router; allowed: topk, soft, topp, switch, expert_choice"),
+    (dict(router=["topk", "nope", "topk", "topk"]), r"router='nope' is not a known router; allowed: topk, soft, topp, switch, expert_choice, hash"),
     (dict(router=["topk", "topp"]), r"router=\['topk', 'topp'\] has 2 entries but the model has 4 layers"),
     (dict(router="topk,topp,soft,topk,topp"), r"has 5 groups but the model has 4 layers"),
     (dict(router="topk,soft", router_options={"top_p": 0.5}), r"router 'topk', 'soft' has no option 'top_p'; "
@@ -522,3 +522,61 @@ def test_expert_choice_in_a_model_has_no_load_loss_and_reports_gate_mass(tiny_mo
     assert all(not s["selects_top_k"] for s in summary.values())
     with pytest.raises(AllocationError, match=r"capacity_factor=0 must be a number in \(0, 1e\+06\]"):
         MoLoRAConfig(router="expert_choice", router_options={"capacity_factor": 0})
+
+
+# ------------------------------------------------------------------------------------------ hash
+def test_hash_routes_by_token_id_against_the_per_token_reference():
+    from molora_kernels.routing import hash_experts
+
+    x, a, b, w = _topp_inputs(seed=8, T=20, E=4)
+    ids = torch.randint(0, 1000, (20,), generator=torch.Generator().manual_seed(9))
+    experts = hash_experts(ids, 4)
+    assert len(set(experts.tolist())) == 4  # the hash spreads these ids over every expert
+    r = a.shape[0] // 4
+    want = torch.stack([0.5 * (b[:, e * r:(e + 1) * r] @ (a[e * r:(e + 1) * r] @ x[t]))
+                        for t, e in enumerate(experts.tolist())])
+    up = torch.randn(20, b.shape[0], generator=torch.Generator().manual_seed(1))
+    ref = torch.autograd.grad((want * up).sum(), (x, a, b))
+    for backend in ("torch", "reference"):
+        out = moe_lora(x, a, b, w, top_k=1, scaling=0.5, router="hash", token_ids=ids, backend=backend)
+        torch.testing.assert_close(out.delta, want, rtol=1e-5, atol=1e-5)
+        got = torch.autograd.grad((out.delta * up).sum(), (x, a, b, w))
+        for name, gg, rr in zip("xab", got, ref):
+            torch.testing.assert_close(gg, rr, rtol=1e-4, atol=1e-5, msg=f"{backend} {name}")
+        assert float(got[3].abs().max()) == 0.0  # the router weights do not take part in the routing
+    with pytest.raises(ValueError, match="router 'hash' routes by token id, but no token ids reached this layer"):
+        moe_lora(x, a, b, w, top_k=1, scaling=0.5, router="hash")
+
+
+def test_hash_in_a_model_trains_generates_and_refuses_inputs_embeds(tiny_model):
+    model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(num_experts=4, top_k=1, r=2,
+                                                                           router="hash", init_weights=False))
+    model.train()
+    ids = torch.randint(0, 64, (2, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "molora_B" in n)
+    model.eval()
+    assert model.generate(input_ids=ids[:1, :3], max_new_tokens=3, do_sample=False).shape == (1, 6)  # KV cache
+    with pytest.raises(ValueError, match=r"router 'hash' routes by token id, but the model's input_ids do not "
+                                         r"line up with this layer's input"):
+        model(inputs_embeds=model.get_input_embeddings()(ids))
+    with pytest.raises(AllocationError, match=r"router 'hash' works with top_k=1 only; layer 0 has top_k=2"):
+        get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(num_experts=4, top_k=2, router="hash"))
+
+
+@pytest.mark.parametrize("router,k,opts", [("switch", 1, {"capacity_factor": 1.0}),
+                                           ("expert_choice", 1, {"capacity_factor": 1.5}), ("hash", 1, None)])
+def test_new_routers_save_and_load(tiny_model, tmp_path, router, k, opts):
+    from peft import PeftModel
+
+    model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(
+        num_experts=4, top_k=k, r=2, router=router, router_options=opts, init_weights=False))
+    model.eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "a")
+    loaded = PeftModel.from_pretrained(tiny_model("llama", num_layers=2), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+    assert loaded.peft_config["default"].router == router

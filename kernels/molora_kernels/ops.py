@@ -152,20 +152,20 @@ def _check(x, a_all, b_all, router_weight, top_k, router, backend, router_option
 
 
 def _shared_a(x2, a, b_all, router_weight, *, top_k, scaling, dropout, training, router, base,
-              router_options=None):
+              router_options=None, token_ids=None):
     """Layout ``shared_a`` (see :mod:`molora_kernels.layouts`): one shrink, the [T, r] result repeated for the E
     heads, then the dense-gated expand; autograd does the backward (the shrink's gradient sums the heads')."""
     num_experts = router_weight.shape[0]
     h, logits = torch_dense.shrink_and_logits(x2, a, router_weight, dropout, training)
-    routing = route(logits, top_k, router, router_options)
+    routing = route(logits, top_k, router, router_options, token_ids)
     delta = torch_dense.gate_expand(h.repeat(1, num_experts), routing.gates, b_all, scaling)
     return (delta if base is None else base + delta), routing
 
 
 def _reference(x2, a_all, b_all, router_weight, *, top_k, scaling, dropout, training, router, base,
-               router_options=None):
+               router_options=None, token_ids=None):
     h, logits = torch_dense.shrink_and_logits(x2, a_all, router_weight, dropout, training)
-    routing = route(logits, top_k, router, router_options)
+    routing = route(logits, top_k, router, router_options, token_ids)
     delta = torch_dense.gate_expand(h, routing.gates, b_all, scaling)
     return (delta if base is None else base + delta), routing
 
@@ -187,6 +187,7 @@ def moe_lora(
     base: Optional[torch.Tensor] = None,
     router_options: Optional[dict] = None,
     layout: str = "stacked",
+    token_ids: Optional[torch.Tensor] = None,
 ) -> MoLoRAOutput:
     """Mixture of E LoRA experts on x.
 
@@ -208,6 +209,7 @@ def moe_lora(
         router_options: the router's options (``{"top_p": 0.8}``); refused when unknown or out of range.
         layout: the expert layout (:mod:`molora_kernels.layouts`): ``"stacked"`` (a_all [E·r, d_in]) or
             ``"shared_a"`` (one A [r, d_in] for all experts, b_all [d_out, E·r]; torch/reference backends).
+        token_ids: [...] int64 matching x's leading dims, for routers that route by token id (``hash``).
     Returns:
         MoLoRAOutput(delta [..., d_out] in x.dtype (plus ``base`` if given), stats).
     """
@@ -237,6 +239,10 @@ def moe_lora(
     kw = dict(top_k=top_k, scaling=scaling, dropout=dropout, training=training, router=router)
     if router_options:  # only routers with options take them, and those run on the torch/reference backends
         kw["router_options"] = router_options
+    if token_ids is not None:  # likewise for routers that route by token id
+        if token_ids.shape != lead:
+            raise ValueError(f"token_ids {tuple(token_ids.shape)} must match x's leading dims {tuple(lead)}")
+        kw["token_ids"] = token_ids.reshape(-1)
     with (torch.autocast(x2.device.type, enabled=False) if compute_dtype is not None
           else contextlib.nullcontext()):
         out, routing = _run_backend(name, x2, a_all, b_all, router_weight, base2, kw)

@@ -1,7 +1,7 @@
 """The router registry: name -> one :class:`Router` that says how to route and what the rest of molora may assume.
 
 Registered here: ``topk`` (MoLA), ``soft`` (LoRAMoE), ``topp`` (dynamic top-p), ``switch`` (Switch Transformers),
-``expert_choice`` (Zhou et al. 2022).
+``expert_choice`` (Zhou et al. 2022), ``hash`` (Roller et al. 2021; needs the token ids).
 Every place that used to compare router names as strings asks the router instead:
 
 * ``route`` / ``logits_grad``: the forward (``logits -> Routing``) and, for backends with a hand-written backward,
@@ -80,6 +80,8 @@ class Router:
     needs_gates: bool = False
     #: the only top_k the router works with (switch: 1), or None
     required_top_k: Optional[int] = None
+    #: routes by the token ids (``token_ids`` [T] int64 passed to ``route_fn``), not by the logits
+    needs_token_ids: bool = False
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def _resolve(self, spec) -> Callable:
@@ -103,9 +105,16 @@ class Router:
             raise ValueError(f"router {self.name!r} has no option {unknown[0]!r}; its options: {allowed}")
         return {name: o.check(given.get(name, o.default), self.name) for name, o in known.items()}
 
-    def route(self, logits, top_k: int, options=None):
-        """``Routing`` of [T, E] logits (float32 inside); ``options`` as :meth:`resolve_options` takes them."""
-        return self._resolve(self.route_fn)(logits, top_k, **self.resolve_options(options))
+    def route(self, logits, top_k: int, options=None, token_ids=None):
+        """``Routing`` of [T, E] logits (float32 inside); ``options`` as :meth:`resolve_options` takes them;
+        ``token_ids`` [T] for routers that route by them (refused naming the router when missing)."""
+        kw = self.resolve_options(options)
+        if self.needs_token_ids:
+            if token_ids is None:
+                raise ValueError(f"router {self.name!r} routes by token id, but no token ids reached this layer: call "
+                                 f"the model with input_ids (inputs_embeds cannot be hashed)")
+            kw["token_ids"] = token_ids
+        return self._resolve(self.route_fn)(logits, top_k, **kw)
 
     def logits_grad(self, dgates, dprobs, probs, idx, top_k: int, gates=None):
         """d loss / d logits [T, E] (fp32) for backends with a hand-written backward. ``gates``: the forward's
@@ -221,4 +230,9 @@ register_router(Router(
                      "causal)",
     route_fn="routing:route_expert_choice", logits_grad_fn="routing:switch_logits_grad", selects_top_k=False,
     aux_loss=None, backends=("torch", "reference"), options=(EC_CAPACITY,), needs_gates=True))
+register_router(Router(
+    "hash", "hash layers (Roller et al. 2021): each token id goes to a fixed expert (a multiplicative hash of the id "
+            "mod E), weight 1; the router weights are not used (their gradient is zero); top_k must be 1",
+    route_fn="routing:route_hash", logits_grad_fn="routing:hash_logits_grad", selects_top_k=True, aux_loss=None,
+    backends=("torch", "reference"), required_top_k=1, needs_token_ids=True))
 

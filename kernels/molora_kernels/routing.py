@@ -63,7 +63,8 @@ class RouterStats:
         return self.prob_sum.shape[-1]
 
 
-def route(logits: torch.Tensor, top_k: int, router: str = "topk", options: Optional[dict] = None) -> Routing:
+def route(logits: torch.Tensor, top_k: int, router: str = "topk", options: Optional[dict] = None,
+          token_ids: Optional[torch.Tensor] = None) -> Routing:
     """Route tokens given router logits.
 
     Args:
@@ -72,6 +73,7 @@ def route(logits: torch.Tensor, top_k: int, router: str = "topk", options: Optio
         router: a registered router name (:mod:`molora_kernels.routers`): "topk" (MoLA: softmax, top-k,
             renormalise), "soft" (all experts, softmax weights), "topp" (dynamic top-p), ...
         options: the router's options (e.g. ``{"top_p": 0.8}``), checked against its declared ranges.
+        token_ids: [T] int64 token ids, for routers that route by them (``hash``).
     Returns:
         Routing with float32 ``gates`` and ``probs`` [T, E] and ``topk_idx`` [T, k].
     """
@@ -79,7 +81,7 @@ def route(logits: torch.Tensor, top_k: int, router: str = "topk", options: Optio
     num_experts = logits.shape[-1]
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
-    return r.route(logits, top_k, options)
+    return r.route(logits, top_k, options, token_ids)
 
 
 def _all_experts(logits: torch.Tensor) -> torch.Tensor:
@@ -187,6 +189,36 @@ def route_expert_choice(logits: torch.Tensor, top_k: int, capacity_factor: float
     gates = probs * mask
     idx = torch.arange(num_experts, device=logits.device).expand(*logits.shape[:-1], num_experts)
     return Routing(gates=gates, probs=probs, topk_idx=idx)
+
+
+#: Knuth's multiplicative hash constant (2^32 / golden ratio): consecutive ids spread over the experts
+_HASH_MULT = 2654435761
+
+
+def hash_experts(token_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The fixed expert of each token id: ``((id * 2654435761) mod 2^32) mod E`` (int64, same shape)."""
+    return ((token_ids.long() * _HASH_MULT) % (2 ** 32)) % num_experts
+
+
+def route_hash(logits: torch.Tensor, top_k: int, token_ids: Optional[torch.Tensor] = None, **_: float) -> Routing:
+    """Hash router (Roller et al. 2021, "Hash Layers For Large Sparse Models"): token t goes to expert
+    :func:`hash_experts` (id_t) with weight 1. The logits only feed ``probs`` (statistics); nothing depends on them,
+    so the router weights get a zero gradient. ``top_k`` must be 1."""
+    if top_k != 1:
+        raise ValueError(f"the hash router sends each token to one expert: top_k={top_k} must be 1")
+    probs = torch.softmax(logits.float(), dim=-1)
+    ids = token_ids.reshape(-1).to(logits.device)
+    if ids.shape[0] != probs.shape[0]:
+        raise ValueError(f"hash router: {ids.shape[0]} token ids for {probs.shape[0]} tokens")
+    idx = hash_experts(ids, probs.shape[-1])[:, None]
+    gates = torch.zeros_like(probs).scatter(-1, idx, 1.0)
+    return Routing(gates=gates, probs=probs, topk_idx=idx)
+
+
+def hash_logits_grad(dgates, dprobs, probs: torch.Tensor, idx, top_k: int) -> torch.Tensor:
+    """d loss / d logits of :func:`route_hash`: the gates do not depend on the logits; only ``probs`` does (the
+    statistics' softmax), so its gradient passes and the gates' does not."""
+    return _softmax_backward(dprobs, probs)
 
 
 def switch_logits_grad(dgates: Optional[torch.Tensor], dprobs: Optional[torch.Tensor], probs: torch.Tensor,

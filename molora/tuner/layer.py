@@ -197,6 +197,7 @@ class Linear(nn.Module, MoLoRALayer):
                 backend=self.backend[name],
                 router_options=self.router_options[name] or None,
                 layout=self.layout.get(name, "stacked"),
+                token_ids=self._token_ids(name, x),
             )
             delta = out.delta
             if want_stats:
@@ -213,6 +214,17 @@ class Linear(nn.Module, MoLoRALayer):
                 delta = self._router_regularizers(name, x, delta, out.routing.probs, mask, record)
             result = result + delta.to(result.dtype)
         return result
+
+    def _token_ids(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The token ids of x's positions, for routers that route by them (``hash``); None for the others."""
+        if not get_router(self.router_type[name]).needs_token_ids:
+            return None
+        ids = self.collector.ids_for(x) if self.collector is not None else None
+        if ids is None:
+            raise ValueError(f"{self.module_name}: router {self.router_type[name]!r} routes by token id, but the "
+                             f"model's input_ids do not line up with this layer's input {tuple(x.shape)} (call the "
+                             f"model with input_ids; inputs_embeds, packed or re-shaped inputs cannot be hashed)")
+        return ids
 
     def _router_regularizers(self, name: str, x: torch.Tensor, delta: torch.Tensor, probs: torch.Tensor,
                              mask: Optional[torch.Tensor], record) -> torch.Tensor:

@@ -148,7 +148,11 @@ class MoLoRAModel(BaseTuner):
         mask = kwargs.get("attention_mask")
         if mask is None and self._mask_pos is not None and len(args) > self._mask_pos:
             mask = args[self._mask_pos]
-        self.collector.start_forward(mask if isinstance(mask, torch.Tensor) else None)
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            ids = args[0]  # input_ids is the first positional argument of every HF model forward
+        self.collector.start_forward(mask if isinstance(mask, torch.Tensor) else None,
+                                     ids if isinstance(ids, torch.Tensor) else None)
 
     def _end_forward(self, module: nn.Module, args: tuple, out: Any) -> Any:
         """After the wrapped model's forward: store the aux loss and add ``coef * aux`` to the returned loss."""

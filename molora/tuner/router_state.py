@@ -144,13 +144,23 @@ class RouterCollector:
     def __init__(self) -> None:
         self.current = ForwardRecord()
         self.token_mask: Optional[torch.Tensor] = None
+        #: the forward's input_ids [batch, seq] (routers that route by token id read them)
+        self.token_ids: Optional[torch.Tensor] = None
         self.enabled = True
 
-    def start_forward(self, attention_mask: Optional[torch.Tensor]) -> None:
+    def start_forward(self, attention_mask: Optional[torch.Tensor], input_ids: Optional[torch.Tensor] = None) -> None:
         if in_backward():  # a checkpointed recomputation, not a new forward
             return
         self.current = ForwardRecord()
         self.token_mask = None if attention_mask is None or attention_mask.dim() != 2 else attention_mask.bool()
+        self.token_ids = input_ids if input_ids is not None and input_ids.dim() == 2 else None
+
+    def ids_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The token ids of x's positions [batch, seq] (x: [batch, seq, d]), or None when they cannot be matched."""
+        ids = self.token_ids
+        if ids is None or x.dim() != 3 or ids.shape != x.shape[:2]:
+            return None
+        return ids.to(x.device)
 
     def mask_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The token mask matching x's leading dims [batch, seq], or None when it cannot be matched."""
