@@ -140,11 +140,14 @@ def build_point(tokens: int, d: int, num_experts: int, top_k: int, rank: int, dt
             variants["molora/torch+base"] = lambda: moe_lora(x, a_all, b_all, w_router, top_k=top_k, scaling=scaling,
                                                              backend="torch", base=base(x)).delta
     if "torch" in backends:  # one row per other registered router the fused torch backend implements
+        ids = torch.randint(0, 50_000, x.shape[:-1], device=x.device)  # for routers that route by token id
         for rname, router in ROUTERS.items():
             if rname != "topk" and "torch" in router.backends:
                 k = router.required_top_k or top_k
-                variants[f"molora/torch[{rname}]"] = (lambda rn, k: lambda: base(x) + moe_lora(
-                    x, a_all, b_all, w_router, top_k=k, scaling=scaling, backend="torch", router=rn).delta)(rname, k)
+                tid = ids if router.needs_token_ids else None
+                variants[f"molora/torch[{rname}]"] = (lambda rn, k, tid: lambda: base(x) + moe_lora(
+                    x, a_all, b_all, w_router, top_k=k, scaling=scaling, backend="torch", router=rn,
+                    token_ids=tid).delta)(rname, k, tid)
         # one row per other layout (its own A: shared_a has one [r, d_in])
         a_shared = nn.Parameter(a_all.detach()[:rank].clone())
         params.append(a_shared)
