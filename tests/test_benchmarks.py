@@ -1,0 +1,27 @@
+"""The kernel benchmark runs end to end at a tiny size (a smoke test, no timing asserted): it writes its JSON
+and PNG with a row per registered router and layout the torch backend implements."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_kernel_benchmark_has_a_row_per_router_and_layout(tmp_path):
+    from molora_kernels import LAYOUTS, ROUTERS
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--T", "64", "--d", "64", "--configs",
+           "4,2,4", "--dtypes", "fp32", "--modes", "fwdbwd", "--backends", "torch", "--reps", "1", "--warmup", "0",
+           "--min-time", "0", "--threads", "1", "--no-loop", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "bench_kernels.json").read_text())
+    times = data["results"][0]["times"]
+    want = {f"molora/torch[{n}]" for n, r in ROUTERS.items() if n != "topk" and "torch" in r.backends}
+    want |= {f"molora/torch[{n}]" for n in LAYOUTS if n != "stacked"}
+    assert want <= set(times), sorted(set(times))
+    assert all(t["median"] > 0 for t in times.values())
+    assert (tmp_path / "bench_kernels_fwdbwd.png").stat().st_size > 1000
