@@ -181,6 +181,11 @@ def test_new_routers_two_ranks_match_one_process(case, assets, tmp_path):
             assert r2["router_regularizer"] == pytest.approx(r1["router_regularizer"], rel=1e-5)
         if case not in ("expert_choice", "hash"):  # no load loss for these
             assert r2["aux_loss"] == pytest.approx(r1["aux_loss"], rel=1e-5)
+        # router telemetry (load per expert, entropy), all-reduced over the ranks: the single process's numbers
+        assert r2["router"]["layers"] == r1["router"]["layers"]
+        for l1, l2 in zip(r1["router"]["load"], r2["router"]["load"]):
+            assert l2 == pytest.approx(l1, abs=1e-4)
+        assert r2["router"]["entropy"] == pytest.approx(r1["router"]["entropy"], abs=1e-4)
         assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-3)
 
 
