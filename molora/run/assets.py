@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -266,7 +266,8 @@ def _ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                             quantization: Optional[dict[str, Any]] = None):
     """Load a causal LM and its tokenizer without any hub download.
 
     Args:
@@ -274,6 +275,9 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype: torch.dtype
             cached), a local directory holding an HF checkpoint, or a model id already present in
             the local Hugging Face cache.
         dtype: parameter dtype of the returned model.
+        quantization: keyword arguments of transformers' ``BitsAndBytesConfig`` (dtype values may be names such
+            as ``"bfloat16"``): the model is loaded with bitsandbytes-quantized linear layers (the lm_head stays
+            in ``dtype``), on the current CUDA device if there is one, else on CPU (bitsandbytes' CPU backend).
 
     Returns:
         ``(model, tokenizer)``: an ``AutoModelForCausalLM`` in eval mode and its tokenizer, which
@@ -300,7 +304,7 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype: torch.dtype
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **_quantized_kwargs(quantization))
     except Exception as exc:  # noqa: BLE001 - re-raised with a clear message
         if key in PACKAGED_MODELS or Path(key).expanduser().is_dir():
             raise AssetError(f"could not load model from {source!r}: {exc}") from exc
@@ -455,3 +459,14 @@ def write_packaged_dataset(
     _write_jsonl_atomic(paths["train"], train)
     _write_jsonl_atomic(paths["validation"], validation)
     return paths
+
+
+def _quantized_kwargs(quantization: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """``from_pretrained`` arguments for a bitsandbytes-quantized load (``{}`` for none)."""
+    if not quantization:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    q = {k: (getattr(torch, v) if k.endswith("_dtype") and isinstance(v, str) else v) for k, v in quantization.items()}
+    device = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": BitsAndBytesConfig(**q), "device_map": device}

@@ -130,13 +130,15 @@ def load_recipe_rows(recipe: Recipe, out: Path, is_main: bool):
 
 
 def load_base_model(recipe: Recipe):
-    """(model, tokenizer) of ``recipe.model`` in its ``dtype`` (packaged name, local path or cached HF id)."""
+    """(model, tokenizer) of ``recipe.model`` in its ``dtype`` (packaged name, local path or cached HF id), with its
+    block projections quantized by bitsandbytes when ``model.load_in_4bit`` / ``load_in_8bit`` is set."""
     import torch
 
     from .assets import load_model_and_tokenizer
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[recipe.model.dtype]
-    return load_model_and_tokenizer(recipe.model.name_or_path, dtype=dtype)
+    return load_model_and_tokenizer(recipe.model.name_or_path, dtype=dtype,
+                                    quantization=recipe.model.bnb_config_kwargs())
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -2,7 +2,8 @@
 
 A recipe has six sections (every key optional except where noted; unknown keys are errors)::
 
-    model:       name_or_path (packaged name like smollm2-135m, local HF checkpoint dir, or cached HF id), dtype
+    model:       name_or_path (packaged name like smollm2-135m, local HF checkpoint dir, or cached HF id), dtype,
+                 load_in_4bit / load_in_8bit (+ bnb_4bit_quant_type, bnb_4bit_use_double_quant, ...)
     data:        packaged (bbc-news) | train_file [+ eval_file], format, prompt_template, cutoff_len,
                  train_on_inputs, max_train_examples, max_eval_examples, validation_size
     allocation:  everything MoLoRAConfig takes (num_experts "2,4,6,8", top_k, r, lora_alpha, lora_dropout, ...)
@@ -64,6 +65,35 @@ Spec = Union[int, list[int], str]
 class ModelSection(_Section):
     name_or_path: str = "smollm2-135m"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # QLoRA-style quantized base (bitsandbytes; transformers' BitsAndBytesConfig names). The projections inside the
+    # blocks are quantized, embeddings and lm_head stay in `dtype`; the adapters train in float32.
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None  # None: model.dtype
+    llm_int8_threshold: float = Field(6.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_quantization(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("model.load_in_4bit and model.load_in_8bit are exclusive; set one")
+        return self
+
+    @property
+    def quantization(self) -> Optional[str]:
+        """"4bit", "8bit" or None."""
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
+
+    def bnb_config_kwargs(self) -> Optional[dict[str, Any]]:
+        """Keyword arguments of transformers' ``BitsAndBytesConfig`` (dtype names as strings), or None."""
+        if self.load_in_4bit:
+            return dict(load_in_4bit=True, bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+                        bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
+                        bnb_4bit_compute_dtype=self.bnb_4bit_compute_dtype or self.dtype)
+        if self.load_in_8bit:
+            return dict(load_in_8bit=True, llm_int8_threshold=self.llm_int8_threshold)
+        return None
 
 
 class DataSection(_Section):
@@ -511,6 +541,15 @@ def _check_files(recipe: Recipe, base: Optional[Path]) -> None:
                 problems.append(f"train.deepspeed: {found} is not a valid DeepSpeed JSON config: {e}")
             else:
                 recipe.train.deepspeed = str(found)
+    quant = recipe.model.quantization
+    if quant is not None:
+        key = f"model.load_in_{quant}"
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(f"{key}: a {quant} base needs bitsandbytes, which is not installed "
+                            f"(pip install 'bitsandbytes>=0.50,<0.51', or molora[quant]); or set {key}: false")
+        if recipe.train.deepspeed is not None:
+            problems.append(f"{key} with train.deepspeed: a quantized base is supported in single-process "
+                            f"training only (QLoRA on one GPU); drop train.deepspeed or {key}")
     name = recipe.model.name_or_path
     if name not in PACKAGED_MODEL_NAMES and name.startswith(("/", "./", "../", "~")):
         found = _resolve_existing(name, base)

@@ -467,6 +467,15 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
 
     with timer(timings, "model_load_s"):
         base, tokenizer = load_base_model(recipe)
+    if recipe.model.quantization is not None:
+        # QLoRA semantics (PEFT): freeze the base, cast its non-quantized half-precision parameters (norms,
+        # embeddings, lm_head) to float32; activation checkpointing is set up below, as for any base
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        if is_main:
+            print(f"molora: base model loaded in {recipe.model.quantization} (bitsandbytes): "
+                  f"{base.get_memory_footprint() / 2**20:.0f} MiB of weights", flush=True)
     if recipe.train.gradient_checkpointing:
         base.config.use_cache = False
         enable_activation_checkpointing(base, recipe.train.use_reentrant)

@@ -15,10 +15,10 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from transformers.pytorch_utils import Conv1D
 
 from molora_kernels import get_layout, get_router, moe_lora
 
+from .base_layers import base_layer_type
 from .router_state import AuxLossGrad, RegularizerGrad, RouterCollector, in_backward, mean_entropy, mean_z
 
 
@@ -56,16 +56,10 @@ class MoLoRALayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self.collector: Optional[RouterCollector] = None
 
-        base = self.get_base_layer()
-        if isinstance(base, nn.Linear):
-            self.in_features, self.out_features = base.in_features, base.out_features
-            self.fan_in_fan_out = False
-        elif isinstance(base, Conv1D):
-            w = base.weight
-            self.in_features, self.out_features = w.ds_shape if hasattr(w, "ds_shape") else w.shape
-            self.fan_in_fan_out = True
-        else:
-            raise TypeError(f"MoLoRA supports nn.Linear and transformers' Conv1D, not {type(base).__name__}")
+        #: how this base layer's weight is read and written (nn.Linear, Conv1D, bitsandbytes 4-bit/8-bit ...)
+        self.base_type = base_layer_type(self.get_base_layer())
+        self.in_features, self.out_features = self.base_type.features(self.get_base_layer())
+        self.fan_in_fan_out = self.base_type.fan_in_fan_out
 
     def update_layer(self, adapter_name: str, num_experts: int, top_k: int, r: int, lora_alpha: float,
                      lora_dropout: float, router: str, aux_loss_coef: float, aux_loss_mode: str, backend: str,
@@ -135,10 +129,13 @@ class MoLoRALayer(BaseTunerLayer):
             delta = self.delta_weight(name)
             if self.fan_in_fan_out:
                 delta = delta.t()
-            new_w = base.weight.data.float() + delta.to(base.weight.device)
+            if self.base_type.quantized:
+                warnings.warn(f"merging into the {self.base_type.name} weight of {self.module_name} re-quantizes it: "
+                              f"outputs differ from the unmerged model by the rounding")
+            new_w = self.base_type.dequantize(base) + delta.to(base.weight.device)
             if safe_merge and not torch.isfinite(new_w).all():
                 raise ValueError(f"NaNs or infs after merging adapter {name!r} into {self.module_name}")
-            base.weight.data = new_w.to(base.weight.dtype)
+            self.base_type.replace_weight(base, new_w)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -151,11 +148,12 @@ class MoLoRALayer(BaseTunerLayer):
             delta = self.delta_weight(name)
             if self.fan_in_fan_out:
                 delta = delta.t()
-            base.weight.data = (base.weight.data.float() - delta.to(base.weight.device)).to(base.weight.dtype)
+            self.base_type.replace_weight(base, self.base_type.dequantize(base) - delta.to(base.weight.device))
 
 
 class Linear(nn.Module, MoLoRALayer):
-    """MoLoRA around ``nn.Linear`` or GPT-2's ``Conv1D``. Input [..., d_in] -> output [..., d_out]."""
+    """MoLoRA around a linear base layer (``nn.Linear``, GPT-2's ``Conv1D``, bitsandbytes ``Linear4bit`` /
+    ``Linear8bitLt``: see :mod:`molora.tuner.base_layers`). Input [..., d_in] -> output [..., d_out]."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, layer_index: Optional[int], module_name: str,
                  **kwargs: Any) -> None:

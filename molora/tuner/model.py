@@ -12,6 +12,7 @@ from molora_kernels import get_router
 from molora_kernels.routers import options_for
 
 from ..allocation import AllocationError, LayerAllocation, resolve_allocation
+from .base_layers import find_base_layer_type, supported_names
 from .config import MoLoRAConfig
 from .injection import block_containers, block_position, default_target_regex, linear_module_names, module_kind
 from .layer import Linear, MoLoRALayer, RoutedMergeError
@@ -121,9 +122,9 @@ class MoLoRAModel(BaseTuner):
             target.update_layer(adapter_name, **kwargs)
             return
         base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-        if not isinstance(base, (nn.Linear,)) and type(base).__name__ != "Conv1D":
-            raise AllocationError(f"target module {current_key!r} is a {type(base).__name__}; MoLoRA adapts "
-                                  f"linear layers (nn.Linear, Conv1D) only")
+        if find_base_layer_type(base) is None:
+            raise AllocationError(f"target module {current_key!r} is a {type(base).__module__}.{type(base).__name__}; "
+                                  f"MoLoRA wraps these base layers only: {supported_names()}")
         new_module = Linear(target, adapter_name, layer_index=layer, module_name=current_key, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
