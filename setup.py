@@ -39,7 +39,11 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.9,<3.10"],
-        "dev": ["pytest>=8", "triton>=3.9,<3.10"],
+        "quant": ["bitsandbytes>=0.50,<0.51"],       # model.load_in_4bit / load_in_8bit
+        "trl": ["trl>=1.16,<1.17"],                  # SFTTrainer / DPOTrainer with peft_config=MoLoRAConfig(...)
+        "lm-eval": ["lm-eval>=0.4.13,<0.5"],         # lm_eval --model hf --model_args ...,peft=ADAPTER
+        "dev": ["pytest>=8", "triton>=3.9,<3.10", "bitsandbytes>=0.50,<0.51", "trl>=1.16,<1.17",
+                "lm-eval>=0.4.13,<0.5"],
     },
     entry_points={"console_scripts": ["molora=molora_cli:main"]},
 )

@@ -10,6 +10,11 @@ The ``molora`` command sets ``MOLORA_DEFER_IMPORT=1`` while it imports the packa
 command line fails in well under a second; the first use of any name below then finishes the import.
 """
 import os as _os
+import warnings as _warnings
+
+# bitsandbytes (imported by PEFT when installed) decorates a few functions with ``torch.jit.script_method``,
+# which torch 2.10+ marks deprecated: ten identical notices per process that a user cannot act on.
+_warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated", category=DeprecationWarning)
 
 from ._moved import install as _install_moved_paths
 

@@ -289,6 +289,7 @@ def test_molora_train_with_a_4bit_base(tmp_path, capsys, monkeypatch):
     assert main([str(recipe)]) == 0
     printed = capsys.readouterr().out
     assert "base model loaded in 4bit (bitsandbytes)" in printed
+    assert "base weights nf4 4-bit (compute float32)" in printed
     after = [ln for ln in printed.splitlines() if "accuracy (loglik" in ln]
     assert after, printed
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

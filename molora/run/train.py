@@ -532,7 +532,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
 
     table = molora.allocation_table(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = model.get_nb_trainable_parameters()[1]  # PEFT's count: a 4-bit parameter packs two weights per byte
     from .storage import check_free_space, checkpoint_bytes
 
     ctx.checkpoint_bytes = checkpoint_bytes(trainable)
@@ -666,7 +666,10 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
 def _precision(recipe: Recipe, cuda: bool) -> str:
     """What precision the run computes in, in words; refuses what would silently run otherwise (fp16 on CPU)."""
     t = recipe.train
-    weights = f"base weights {recipe.model.dtype}, adapter weights float32"
+    m = recipe.model
+    base = (f"{m.bnb_4bit_quant_type} 4-bit (compute {m.bnb_4bit_compute_dtype or m.dtype})" if m.load_in_4bit
+            else "int8 (LLM.int8)" if m.load_in_8bit else m.dtype)
+    weights = f"base weights {base}, adapter weights float32"
     if t.fp16 and not cuda:
         raise RunError("train.fp16: true needs a CUDA GPU (fp16 autocast with loss scaling); on this machine the "
                        "Trainer would silently train in float32. Use train.bf16: true (bfloat16 autocast, which runs "
