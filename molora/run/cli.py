@@ -249,6 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "allocate": "data-driven allocation: per-layer scores -> experts per layer (table, PNG, YAML)",
         "sweep": "equal-budget allocation study: one training run per allocation x seed, merged table",
         "merge-experts": "fewer experts per layer after training (exact where unused, else lossy and measured)",
+        "lm-eval": "lm-evaluation-harness with molora adapters (and local tasks from molora JSONL files)",
     }
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: molora COMMAND [args]\n\ncommands:")
@@ -284,6 +285,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .merge_cmd import main as merge_main
 
         return merge_main(rest)
+    if cmd == "lm-eval":
+        from .lm_eval_cmd import main as lm_eval_main
+
+        return lm_eval_main(rest)
     print(f"molora: unknown command {cmd!r}; commands: {', '.join(commands)}", file=sys.stderr)
     return 2
 

@@ -16,6 +16,7 @@ from .base_layers import find_base_layer_type, supported_names
 from .config import MoLoRAConfig
 from .injection import block_containers, block_position, default_target_regex, linear_module_names, module_kind
 from .layer import Linear, MoLoRALayer, RoutedMergeError
+from .aux_output import advertise_aux_loss, aux_output, neutralise_router_logits_kwarg
 from .router_state import LossGradProbe, RouterCollector, summarize
 
 
@@ -140,12 +141,16 @@ class MoLoRAModel(BaseTuner):
             # the wrapped model directly and never runs the tuner's forward.
             self._hooks = [model.register_forward_pre_hook(self._start_forward, with_kwargs=True),
                            model.register_forward_hook(self._end_forward)]
+        trains_aux = False
         for m in model.modules():
             if isinstance(m, MoLoRALayer):
                 m.collector = self.collector
+                trains_aux = trains_aux or any(get_router(r).aux_loss is not None for r in m.router_type.values())
+        if trains_aux:  # TRL's trainers then weight and log `outputs.aux_loss` (see molora.tuner.aux_output)
+            advertise_aux_loss(model, config.aux_loss_coef)
         self.last_aux_loss: Optional[torch.Tensor] = None
 
-    def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
         mask = kwargs.get("attention_mask")
         if mask is None and self._mask_pos is not None and len(args) > self._mask_pos:
             mask = args[self._mask_pos]
@@ -154,6 +159,9 @@ class MoLoRAModel(BaseTuner):
             ids = args[0]  # input_ids is the first positional argument of every HF model forward
         self.collector.start_forward(mask if isinstance(mask, torch.Tensor) else None,
                                      ids if isinstance(ids, torch.Tensor) else None)
+        if neutralise_router_logits_kwarg(module, kwargs):
+            return args, kwargs
+        return None
 
     def _end_forward(self, module: nn.Module, args: tuple, out: Any) -> Any:
         """After the wrapped model's forward: store the aux loss and add ``coef * aux`` to the returned loss."""
@@ -162,8 +170,9 @@ class MoLoRAModel(BaseTuner):
         cfg = self.peft_config[self.active_adapters[0]]
         reg = self.collector.current.regularizer()
         if (aux is not None or reg is not None) and isinstance(out, dict):
-            if aux is not None:
-                out["aux_loss"] = aux
+            if aux is not None:  # in training a leaf whose gradient a trainer weighting it (TRL) reports back
+                out["aux_loss"] = aux_output(aux, self.collector.current, cfg.aux_loss_coef) if (
+                    cfg.aux_loss_coef > 0 and self.collector.current.has_aux()) else aux
             if reg is not None:
                 out["router_regularizer"] = reg
             add_aux = cfg.aux_loss_coef > 0 and aux is not None and self.collector.current.has_aux()

@@ -71,6 +71,9 @@ class ForwardRecord:
         self.layers: dict[Any, LayerEntry] = {}
         #: d(objective)/d(returned loss), recorded by LossGradProbe in backward (None: loss not used)
         self.loss_grad: Optional[torch.Tensor] = None
+        #: d(objective)/d(outputs.aux_loss) / aux_loss_coef, recorded when a trainer weights ``outputs.aux_loss``
+        #: itself (TRL; see :mod:`molora.tuner.aux_output`); None: not used
+        self.aux_out_grad: Optional[torch.Tensor] = None
         #: extra factor on the injected aux gradient (e.g. 1 / gradient-accumulation steps)
         self.grad_multiplier: float = 1.0
         #: detached values of router regularisers already weighted (the top-p router's entropy term)
@@ -83,9 +86,15 @@ class ForwardRecord:
         return torch.stack([r.float() for r in self.regularizers]).sum()
 
     def aux_grad_scale(self) -> torch.Tensor | float:
-        """The factor on the injected aux gradient: ``loss_grad * grad_multiplier``."""
-        scale = self.grad_multiplier
-        return scale if self.loss_grad is None else self.loss_grad * scale
+        """The factor on the injected aux gradient: ``(loss_grad + aux_out_grad) * grad_multiplier``, i.e.
+        ``d objective / d (coef * aux)`` through every output that carries the aux term (the returned loss, the
+        ``aux_loss`` output). When neither output reached the objective (a custom loss on the logits) it is
+        ``grad_multiplier``: the aux term then counts as if added to the objective with weight ``coef``."""
+        parts = [g for g in (self.loss_grad, self.aux_out_grad) if g is not None]
+        if not parts:
+            return self.grad_multiplier
+        total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        return total * self.grad_multiplier
 
     def record(self, layer: Any, module: str, stats: RouterStats, num_experts: int, top_k: int,
                fixed_k: bool = True, aux: bool = True, selects_top_k: bool = True) -> None:
