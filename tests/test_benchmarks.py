@@ -25,3 +25,28 @@ def test_kernel_benchmark_has_a_row_per_router_and_layout(tmp_path):
     assert want <= set(times), sorted(set(times))
     assert all(t["median"] > 0 for t in times.values())
     assert (tmp_path / "bench_kernels_fwdbwd.png").stat().st_size > 1000
+
+
+def test_gpu_check_script_runs_tiny_on_cpu(tmp_path):
+    """`bash benchmarks/gpu_check.sh --tiny`: without a GPU the Triton kernels run under the interpreter; every
+    correctness case (fp32/bf16/fp16, outputs and gradients vs the reference) passes, the layer table has the
+    compared variants, the train section both models, and JSON + PNG are written."""
+    import shutil
+
+    if shutil.which("bash") is None:
+        import pytest
+
+        pytest.skip("no bash")
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--tiny", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-2000:])
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    cases = data["correctness"]
+    assert {c["dtype"] for c in cases} == {"fp32", "bf16", "fp16"} and all(c["ok"] for c in cases)
+    assert all(set(c["errors"]) == {"y", "x", "A", "B", "router"} for c in cases)
+    layer = data["layer"][0]
+    assert {"frozen", "peft-r", "loop", "molora/torch", "molora/sparse"} <= set(layer["ms"])
+    assert layer["ratio_to_peft_r8"]["peft-r"] == 1.0
+    assert [r["variant"] for r in data["train"]] == ["peft-lora-r8", "molora-▽"]
+    assert data["train"][1]["params_trainable"] > data["train"][0]["params_trainable"]
+    assert (tmp_path / "gpu_check.png").stat().st_size > 1000

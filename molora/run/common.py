@@ -100,30 +100,42 @@ def timer(store: dict, key: str):
 
 
 def load_recipe_rows(recipe: Recipe, out: Path, is_main: bool):
-    """(train rows, eval rows or None, data paths) from the recipe; a packaged data set is written first."""
+    """(train rows, eval rows or None, data paths) from the recipe: a packaged data set (written first), local
+    files, or a Hugging Face dataset (``data.hf_dataset``; see :mod:`molora.run.hf_data`)."""
     from .data import load_rows, split_validation
 
     d = recipe.data
     paths: dict[str, str] = {}
-    if d.packaged is not None:
-        from .assets import write_packaged_dataset
+    eval_rows = None
+    eval_file = Path(d.eval_file) if d.eval_file else None
+    if d.hf_dataset is not None:
+        from .hf_data import load_hf_rows
 
-        # deterministic and written atomically: every rank may write it
-        written = write_packaged_dataset(d.packaged, out / "data", n_validation=d.validation_size,
-                                         seed=recipe.train.seed)
-        train_file, eval_file = written["train"], written["validation"]
+        hf = dict(name=d.hf_dataset, subset=d.hf_subset, columns=d.columns, where=d.hf_where, format=d.format)
+        label = d.hf_dataset + (f"/{d.hf_subset}" if d.hf_subset else "")
+        train_rows = load_hf_rows(split=d.hf_split, **hf)
+        train_file = f"{label} [{d.hf_split}]"
+        if d.hf_eval_split is not None:
+            eval_rows = load_hf_rows(split=d.hf_eval_split, **hf)
+            paths["eval_file"] = f"{label} [{d.hf_eval_split}]"
     else:
-        train_file, eval_file = Path(d.train_file), (Path(d.eval_file) if d.eval_file else None)
+        if d.packaged is not None:
+            from .assets import write_packaged_dataset
+
+            # deterministic and written atomically: every rank may write it
+            written = write_packaged_dataset(d.packaged, out / "data", n_validation=d.validation_size,
+                                             seed=recipe.train.seed)
+            train_file, eval_file = written["train"], written["validation"]
+        else:
+            train_file = Path(d.train_file)
+        train_rows = load_rows(train_file, format=d.format)
     paths["train_file"] = str(train_file)
-    train_rows = load_rows(train_file, format=d.format)
-    if eval_file is not None:
+    if eval_rows is None and eval_file is not None:
         eval_rows = load_rows(eval_file, format=d.format)
         paths["eval_file"] = str(eval_file)
-    elif len(train_rows) > d.validation_size:
+    elif eval_rows is None and len(train_rows) > d.validation_size:
         train_rows, eval_rows = split_validation(train_rows, d.validation_size, seed=recipe.train.seed)
         paths["eval_file"] = f"{train_file} (validation_size={d.validation_size} rows carved out, seed {recipe.train.seed})"
-    else:
-        eval_rows = None
     if d.max_train_examples is not None:
         train_rows = train_rows[: d.max_train_examples]
     return train_rows, eval_rows, paths

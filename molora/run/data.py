@@ -1,6 +1,6 @@
 """Training data: loading, validation, prompting and tokenisation.
 
-Two row formats are understood (one JSON object per row):
+Three row formats are understood (one JSON object per row):
 
 * ``"choices"`` -- classification / multiple choice, the schema of the MoLA task files::
 
@@ -12,8 +12,12 @@ Two row formats are understood (one JSON object per row):
 
       {"instruction": str, "input": str (optional), "output": str}
 
-Files are JSONL (one object per line; blank lines are skipped) or a JSON list of objects; which
-one is sniffed from the first non-blank character. The row format is detected per file from its
+* ``"messages"`` -- chat conversations ``{"messages": [{"role", "content"}, ...]}``, rendered with the
+  tokenizer's chat template, loss on the assistant turns only (:mod:`molora.run.chat`).
+
+Files are JSONL (one object per line; blank lines are skipped), a JSON list of objects (sniffed from
+the first non-blank character), Parquet (``.parquet``) or Arrow (``.arrow``: IPC stream or file, as
+``datasets`` writes them). The row format is detected per file from its
 first row (``format="auto"``) or given explicitly. Every row is validated, and a broken row raises
 :class:`DataError` naming the file, the 1-based line (JSONL) or the item index (JSON list) and what
 is wrong.
@@ -70,8 +74,8 @@ __all__ = [
     "DataCollator",
 ]
 
-FORMATS = ("choices", "alpaca", "auto")
-RowFormat = Literal["choices", "alpaca"]
+FORMATS = ("choices", "alpaca", "messages", "auto")
+RowFormat = Literal["choices", "alpaca", "messages"]
 
 #: Default prompt for classification / multiple-choice rows.
 DEFAULT_CHOICES_TEMPLATE = "{input}\nAnswer:"
@@ -108,10 +112,12 @@ class DataError(ValueError):
 
 
 def detect_format(row: Mapping[str, Any]) -> RowFormat | None:
-    """``"choices"`` if ``row`` has ``choices`` or ``label``, ``"alpaca"`` if it has ``instruction``
-    or ``output``, else ``None``."""
+    """``"messages"`` if ``row`` has ``messages``, ``"choices"`` if it has ``choices`` or ``label``,
+    ``"alpaca"`` if it has ``instruction`` or ``output``, else ``None``."""
     if not isinstance(row, Mapping):
         return None
+    if "messages" in row:
+        return "messages"
     if "choices" in row or "label" in row:
         return "choices"
     if "instruction" in row or "output" in row:
@@ -123,6 +129,10 @@ def _check_row(row: Any, fmt: RowFormat) -> str | None:
     """What is wrong with ``row`` for format ``fmt`` (``None`` if it is valid)."""
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
+    if fmt == "messages":
+        from .chat import check_messages
+
+        return check_messages(row)
     if fmt == "choices":
         for key in ("input", "choices", "label"):
             if key not in row:
@@ -168,7 +178,8 @@ def _resolve_format(format: str, first_row: Any, where: str) -> RowFormat:
         keys = sorted(first_row) if isinstance(first_row, dict) else type(first_row).__name__
         raise DataError(
             f"{where}: cannot detect the data format from the first row (fields: {keys}); expected "
-            f"'input'/'choices'/'label' (choices format) or 'instruction'/'output' (alpaca format)"
+            f"'input'/'choices'/'label' (choices format), 'instruction'/'output' (alpaca format) or "
+            f"'messages' (messages format)"
         )
     return fmt
 
@@ -176,6 +187,15 @@ def _resolve_format(format: str, first_row: Any, where: str) -> RowFormat:
 def _normalise(row: dict[str, Any], fmt: RowFormat) -> dict[str, Any]:
     if fmt == "alpaca" and row.get("input") is None:
         row = dict(row, input="")
+    return row
+
+
+def _prepare(row: Any) -> Any:
+    """ShareGPT turns become OpenAI turns before validation (see :mod:`molora.run.chat`)."""
+    if isinstance(row, dict) and "messages" in row:
+        from .chat import normalise_messages
+
+        return dict(row, messages=normalise_messages(row["messages"]))
     return row
 
 
@@ -189,7 +209,7 @@ def validate_rows(
         DataError: naming ``source`` and the 0-based row index of the first broken row, or an
             empty input.
     """
-    rows = list(rows)
+    rows = [_prepare(r) for r in rows]
     if not rows:
         raise DataError(f"{source}: no rows (empty dataset)")
     fmt = _resolve_format(format, rows[0], source)
@@ -206,26 +226,35 @@ def _id_hint(row: Any) -> str:
     return f" (id={row['id']!r})" if isinstance(row, dict) and "id" in row else ""
 
 
-def load_rows(
-    path: str | os.PathLike,
-    format: str = "auto",
-    max_examples: int | None = None,
-) -> list[dict[str, Any]]:
-    """Read and validate a data file.
+#: table files read with pyarrow (a dependency of ``datasets``)
+TABLE_SUFFIXES = (".parquet", ".arrow")
 
-    Args:
-        path: a ``.jsonl`` file (one object per line) or a JSON file holding a list of objects.
-        format: ``"choices"``, ``"alpaca"`` or ``"auto"`` (detected from the first row).
-        max_examples: keep only the first ``max_examples`` rows (all rows are still validated).
 
-    Returns:
-        The rows as dicts, in file order.
+def read_table_rows(path: str | os.PathLike) -> list[Any]:
+    """Rows of a Parquet file or an Arrow IPC file/stream (``datasets``' ``.arrow`` files) as Python dicts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    Raises:
-        DataError: unreadable file, bad JSON, a broken row (message: ``<file>:<line>: <problem>``
-            for JSONL, ``<file>, item [<index>]: <problem>`` for a JSON list), or no rows at all.
-    """
     path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        if path.suffix.lower() == ".parquet":
+            table = pq.read_table(path)
+        else:
+            try:
+                with pa.memory_map(str(path)) as src:
+                    table = pa.ipc.open_stream(src).read_all()
+            except pa.ArrowInvalid:
+                with pa.memory_map(str(path)) as src:
+                    table = pa.ipc.open_file(src).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: cannot read as {path.suffix[1:]}: {exc}") from exc
+    return table.to_pylist()
+
+
+def _read_json_entries(path: Path) -> list[tuple[str, Any]]:
+    """(location, row) of a JSONL file or a JSON list."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -250,12 +279,40 @@ def load_rows(
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: bad JSON: {exc.msg} (column {exc.colno})") from None
             entries.append((f"{path}:{lineno}", row))
+    return entries
 
+
+def load_rows(
+    path: str | os.PathLike,
+    format: str = "auto",
+    max_examples: int | None = None,
+) -> list[dict[str, Any]]:
+    """Read and validate a data file.
+
+    Args:
+        path: a ``.jsonl`` file (one object per line), a JSON file holding a list of objects, a
+            ``.parquet`` file or an ``.arrow`` file.
+        format: ``"choices"``, ``"alpaca"``, ``"messages"`` or ``"auto"`` (detected from the first row).
+        max_examples: keep only the first ``max_examples`` rows (all rows are still validated).
+
+    Returns:
+        The rows as dicts, in file order.
+
+    Raises:
+        DataError: unreadable file, bad JSON, a broken row (message: ``<file>:<line>: <problem>``
+            for JSONL, ``<file>, item [<index>]: <problem>`` for a JSON list), or no rows at all.
+    """
+    path = Path(path)
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        entries = [(f"{path}, row [{i}]", row) for i, row in enumerate(read_table_rows(path))]
+    else:
+        entries = _read_json_entries(path)
     if not entries:
         raise DataError(f"{path}: no rows (empty dataset)")
     fmt = _resolve_format(format, entries[0][1], entries[0][0])
     rows = []
     for where, row in entries:
+        row = _prepare(row)
         problem = _check_row(row, fmt)
         if problem:
             raise DataError(f"{where}{_id_hint(row)}: {problem}")
@@ -356,6 +413,9 @@ class PromptTemplate:
         fmt = detect_format(row)
         if fmt is None:
             raise DataError(f"row{_id_hint(row)} is neither choices nor alpaca format: fields {sorted(row)}")
+        if fmt == "messages":
+            raise DataError(f"row{_id_hint(row)} is a messages row: its prompt comes from the tokenizer's chat "
+                            f"template (molora.run.chat), not from a prompt template")
         text = self.template
         if text is None or text == "alpaca":
             if fmt == "choices" and text is None:
@@ -498,7 +558,8 @@ def tokenize_row(
     prompt_truncation: Literal["left", "right"] = "left",
     lengths: dict[str, int] | None = None,
 ) -> dict[str, list[int]]:
-    """Training features of one row (``lengths``: see :func:`encode_prompt_target`).
+    """Training features of one row (``lengths``: see :func:`encode_prompt_target`). Messages rows are rendered
+    with the tokenizer's chat template instead of ``template`` (:func:`molora.run.chat.tokenize_messages`).
 
     Returns:
         ``{"input_ids": [L], "attention_mask": [L], "labels": [L]}`` (lists of ints, ``L <=
@@ -506,6 +567,10 @@ def tokenize_row(
         ones, labels equal to ``input_ids`` except the prompt positions are -100 unless
         ``train_on_inputs``.
     """
+    if detect_format(row) == "messages":
+        from .chat import tokenize_messages
+
+        return tokenize_messages(row, tokenizer, cutoff_len, train_on_inputs, lengths)
     template = template if isinstance(template, PromptTemplate) else PromptTemplate(template)
     prompt, target = template.render(row)
     p_ids, t_ids = encode_prompt_target(tokenizer, prompt, target, cutoff_len, add_eos, prompt_truncation, lengths)

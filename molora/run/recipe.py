@@ -4,8 +4,9 @@ A recipe has six sections (every key optional except where noted; unknown keys a
 
     model:       name_or_path (packaged name like smollm2-135m, local HF checkpoint dir, or cached HF id), dtype,
                  load_in_4bit / load_in_8bit (+ bnb_4bit_quant_type, bnb_4bit_use_double_quant, ...)
-    data:        packaged (bbc-news) | train_file [+ eval_file], format, prompt_template, cutoff_len,
-                 train_on_inputs, max_train_examples, max_eval_examples, validation_size
+    data:        packaged (bbc-news) | train_file [+ eval_file] | hf_dataset (+ hf_subset, hf_split,
+                 hf_eval_split, hf_where, columns), format (choices | alpaca | messages | auto), prompt_template,
+                 cutoff_len, train_on_inputs, max_train_examples, max_eval_examples, validation_size
     allocation:  everything MoLoRAConfig takes (num_experts "2,4,6,8", top_k, r, lora_alpha, lora_dropout, ...)
     train:       Hugging Face TrainingArguments names (output_dir, max_steps, num_train_epochs,
                  per_device_train_batch_size, gradient_accumulation_steps, learning_rate, lr_scheduler_type,
@@ -100,7 +101,13 @@ class DataSection(_Section):
     packaged: Optional[str] = None
     train_file: Optional[str] = None
     eval_file: Optional[str] = None
-    format: Literal["auto", "choices", "alpaca"] = "auto"
+    hf_dataset: Optional[str] = None                       # a Hub id or a local dataset folder (molora.run.hf_data)
+    hf_subset: Optional[str] = None                        # the dataset's configuration, e.g. "rte" of nyu-mll/glue
+    hf_split: str = "train"
+    hf_eval_split: Optional[str] = None                    # None: carve validation_size rows out of the train split
+    hf_where: Optional[dict[str, Any]] = None              # keep rows whose columns equal these values
+    columns: Optional[dict[str, Any]] = None               # molora field -> column, "a.b" path, "{a} {b}" or a literal
+    format: Literal["auto", "choices", "alpaca", "messages"] = "auto"
     prompt_template: Optional[str] = None
     cutoff_len: int = Field(256, ge=2)
     train_on_inputs: bool = False
@@ -117,10 +124,17 @@ class DataSection(_Section):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if self.packaged is None and self.train_file is None:
-            raise ValueError("give either data.packaged (e.g. bbc-news) or data.train_file")
-        if self.packaged is not None and self.train_file is not None:
-            raise ValueError("data.packaged and data.train_file are exclusive; give one")
+        given = [k for k in ("packaged", "train_file", "hf_dataset") if getattr(self, k) is not None]
+        if not given:
+            raise ValueError("give one of data.packaged (e.g. bbc-news), data.train_file or data.hf_dataset")
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join('data.' + k for k in given)} are exclusive; give one")
+        if self.hf_dataset is None:
+            extra = [k for k in ("hf_subset", "hf_eval_split", "hf_where", "columns") if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(f"{', '.join('data.' + k for k in extra)} only apply with data.hf_dataset")
+        elif self.eval_file is not None and self.hf_eval_split is not None:
+            raise ValueError("data.eval_file and data.hf_eval_split are exclusive; give one")
         return self
 
 
@@ -527,6 +541,13 @@ def _check_files(recipe: Recipe, base: Optional[Path]) -> None:
             problems.append(f"{key}: file not found: {value}" + (f" (looked in {Path.cwd()} and {base})" if base else ""))
         else:
             setattr(recipe.data, key.split(".")[1], str(found))
+    hf = recipe.data.hf_dataset
+    if hf is not None:  # a local dataset folder (beside the recipe, too), else a Hub id
+        found = _resolve_existing(hf, base)
+        if found is not None and found.is_dir():
+            recipe.data.hf_dataset = str(found)
+        elif hf.startswith((".", "/", "~")):
+            problems.append(f"data.hf_dataset: folder not found: {hf} (a Hub id looks like owner/name)")
     ds = recipe.train.deepspeed
     if ds is not None:
         found = _resolve_existing(ds, base)

@@ -30,6 +30,7 @@ NOT_FINGERPRINTED = {
     "train.save_steps", "train.save_strategy", "train.save_total_limit", "train.eval_strategy", "train.eval_steps",
     "train.per_device_eval_batch_size", "train.dataloader_num_workers", "train.run_name", "train.deepspeed",
     "train.nonfinite", "train.max_nonfinite_skips", "data.train_file", "data.eval_file", "data.packaged",
+    "data.hf_dataset", "data.hf_eval_split",
     "data.max_eval_examples", "data.validation_size", "data.max_train_examples",
 }
 NOT_FINGERPRINTED_SECTIONS = ("eval.", "report.")
