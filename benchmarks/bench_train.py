@@ -5,7 +5,12 @@ One step = forward, backward, AdamW update, on a causal LM with the same target 
 * ``frozen``     the base model with no adapter (forward + backward to the inputs): the floor;
 * ``lora-r{r}``  PEFT LoRA of rank r (the target to match);
 * ``molora-▽``   molora with ``num_experts="2,4,6,8"``, ``top_k=2``, rank r (MoLA's best shape);
-* ``molora-□``   molora with 5 experts everywhere (same total experts as ▽).
+* ``molora-□``   molora with 5 experts everywhere (same total experts as ▽);
+* ``molora-▽ per-module`` ▽ with ``share_sibling_shrink=False``: every projection its own shrink GEMM and its
+  own dropout mask (the default shares one shrink GEMM and one mask among q/k/v and among gate/up).
+
+Every variant uses the same ``lora_dropout`` (``--dropout``, default 0.05: the recipes' setting; PEFT LoRA then
+draws one mask per projection, as it does in training).
 
 Variants are timed alternated in one run (benchmarks/common.py); the table gives the median step time,
 tokens/s and the ratio to LoRA, plus the activation memory one step saves for backward (bytes of the
@@ -13,7 +18,7 @@ tensors autograd keeps, measured with saved-tensor hooks: the same on any device
 allocated memory. Default model: the packaged SmolLM2-135M (real weights); ``--random`` builds a random
 model of the same shape (no packages needed).
 
-    python benchmarks/bench_train.py [--random] [--batch 4] [--seq 128] [--reps 8] [--out benchmarks/results]
+    python benchmarks/bench_train.py [--random] [--batch 4] [--seq 128] [--dropout 0.05] [--reps 8] [--threads 2]
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ def build_base(random_init: bool, model_name: str):
     return load_model_and_tokenizer(model_name)[0]
 
 
-def build_variants(base, r: int, backend: str) -> dict[str, torch.nn.Module]:
+def build_variants(base, r: int, backend: str, dropout: float = 0.05) -> dict[str, torch.nn.Module]:
     import molora
     from peft import LoraConfig, get_peft_model
 
@@ -54,10 +59,13 @@ def build_variants(base, r: int, backend: str) -> dict[str, torch.nn.Module]:
     frozen.requires_grad_(False)
     frozen.enable_input_require_grads()
     out["frozen"] = frozen
-    out[f"lora-r{r}"] = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
-    for name, spec in (("molora-▽", "2,4,6,8"), ("molora-□", 5)):
+    out[f"lora-r{r}"] = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
+                                                                         target_modules=TARGETS))
+    for name, spec, share in (("molora-▽", "2,4,6,8", True), ("molora-□", 5, True),
+                              ("molora-▽ per-module", "2,4,6,8", False)):
         cfg = molora.MoLoRAConfig(num_experts=spec, top_k=2, r=r, lora_alpha=2 * r, target_modules=TARGETS,
-                                  backend=backend, init_weights=False)
+                                  backend=backend, init_weights=False, lora_dropout=dropout,
+                                  share_sibling_shrink=share)
         out[name] = get_peft_model(copy.deepcopy(base), cfg)
     for m in out.values():
         m.train()
@@ -103,6 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--backend", default="auto")
+    p.add_argument("--dropout", type=float, default=0.05, help="lora_dropout of every variant (recipes: 0.05)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = p.parse_args(argv)
@@ -111,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = build_base(a.random, a.model).to(device)
-    models = build_variants(base, a.r, a.backend)
+    models = build_variants(base, a.r, a.backend, a.dropout)
     del base
     g = torch.Generator().manual_seed(0)
     vocab = models["frozen"].config.vocab_size
@@ -143,11 +152,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         rows.append([name, t * 1e3, res["tokens_per_s"], res["ratio_to_lora"], f"{trainable[name]:,}",
                      res["saved_activation_mb"]])
     model_desc = "random SmolLM2-135M shape" if a.random else a.model
-    print(f"\nTraining step (fwd+bwd+AdamW), {model_desc}, {a.batch}x{a.seq} tokens, fp32, {device}, "
+    print(f"\nTraining step (fwd+bwd+AdamW), {model_desc}, {a.batch}x{a.seq} tokens, lora_dropout {a.dropout}, fp32, "
+          f"{device}, "
           f"{torch.get_num_threads()} threads, median of {int(timing['frozen']['n'])} alternated reps")
     print(format_table(["variant", "ms/step", "tokens/s", "x LoRA", "trainable", "saved act. MB"], rows))
     out = Path(a.out)
     payload = {"benchmark": "train_step", "model": model_desc, "batch": a.batch, "seq": a.seq, "r": a.r,
+               "lora_dropout": a.dropout,
                "device": str(device), "environment": environment(), "results": results}
     jpath = write_json(out / "bench_train.json", payload)
     ppath = plot_ratio_bars(out / "bench_train.png", [model_desc], {r["variant"]: [r["ratio_to_lora"]] for r in results},

@@ -56,6 +56,9 @@ class MoLoRAConfig(PeftConfig):
         layout: expert layout (:mod:`molora_kernels.layouts`): ``"stacked"`` (an A and a B per expert, MoLA) or
             ``"shared_a"`` (HydraLoRA: one A shared by the experts, one B head each; fewer parameters and one shrink).
             Recorded in the allocation table; an adapter loads only into its own layout.
+        share_sibling_shrink: modules that read the same input (q/k/v, gate/up) compute their shrink and router
+            GEMMs as one (:mod:`molora.tuner.siblings`); with ``lora_dropout > 0`` they then share one dropout mask
+            per group. False: every module on its own (own dropout mask). Not part of the saved allocation.
         init_weights: MoLA init (router and A kaiming-uniform(a=sqrt(5)), B = 0); False: random B (tests).
         modules_to_save: extra modules trained and saved in full (e.g. a classification head).
         allocation: filled in when the adapter is injected: the resolved per-layer table
@@ -82,6 +85,7 @@ class MoLoRAConfig(PeftConfig):
     aux_loss_mode: str = field(default="masked", metadata={"help": "masked or original"})
     backend: str = field(default="auto", metadata={"help": "MoE-LoRA op backend"})
     layout: str = field(default="stacked", metadata={"help": "expert layout: stacked (MoLA) or shared_a (HydraLoRA)"})
+    share_sibling_shrink: bool = field(default=True, metadata={"help": "one shrink GEMM for q/k/v and gate/up"})
     init_weights: bool = field(default=True)
     modules_to_save: Optional[list[str]] = field(default=None)
     allocation: Optional[list[dict[str, Any]]] = field(default=None)

@@ -55,6 +55,8 @@ class MoLoRALayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.collector: Optional[RouterCollector] = None
+        #: the modules reading the same input (q/k/v, gate/up) that share one shrink GEMM with this one, or None
+        self.sibling_group = None
 
         #: how this base layer's weight is read and written (nn.Linear, Conv1D, bitsandbytes 4-bit/8-bit ...)
         self.base_type = base_layer_type(self.get_base_layer())
@@ -180,23 +182,27 @@ class Linear(nn.Module, MoLoRALayer):
             if collector is not None and self.aux_loss_mode[name] == "masked":
                 mask = collector.mask_for(x)
             want_stats = collector is not None and collector.enabled
-            out = moe_lora(
-                x,
-                self.molora_A[name],
-                self.molora_B[name],
-                self.molora_router[name],
-                top_k=self.top_k[name],
-                scaling=self.scaling[name],
-                dropout=self.lora_dropout[name],
-                training=self.training,
-                router=self.router_type[name],
-                token_mask=mask,
-                compute_stats=want_stats,
-                backend=self.backend[name],
-                router_options=self.router_options[name] or None,
-                layout=self.layout.get(name, "stacked"),
-                token_ids=self._token_ids(name, x),
-            )
+            token_ids = self._token_ids(name, x)
+            group = self.sibling_group  # q/k/v, gate/up: one shared shrink GEMM (molora.tuner.siblings)
+            out = None if group is None else group.output_for(self, name, x, mask, want_stats, token_ids)
+            if out is None:
+                out = moe_lora(
+                    x,
+                    self.molora_A[name],
+                    self.molora_B[name],
+                    self.molora_router[name],
+                    top_k=self.top_k[name],
+                    scaling=self.scaling[name],
+                    dropout=self.lora_dropout[name],
+                    training=self.training,
+                    router=self.router_type[name],
+                    token_mask=mask,
+                    compute_stats=want_stats,
+                    backend=self.backend[name],
+                    router_options=self.router_options[name] or None,
+                    layout=self.layout.get(name, "stacked"),
+                    token_ids=token_ids,
+                )
             delta = out.delta
             if want_stats:
                 router = get_router(self.router_type[name])

@@ -18,6 +18,7 @@ from .injection import block_containers, block_position, default_target_regex, l
 from .layer import Linear, MoLoRALayer, RoutedMergeError
 from .aux_output import advertise_aux_loss, aux_output, neutralise_router_logits_kwarg
 from .router_state import LossGradProbe, RouterCollector, summarize
+from .siblings import build_groups
 
 
 class MoLoRAModel(BaseTuner):
@@ -148,6 +149,12 @@ class MoLoRAModel(BaseTuner):
                 trains_aux = trains_aux or any(get_router(r).aux_loss is not None for r in m.router_type.values())
         if trains_aux:  # TRL's trainers then weight and log `outputs.aux_loss` (see molora.tuner.aux_output)
             advertise_aux_loss(model, config.aux_loss_coef)
+        # q/k/v and gate/up: one shrink GEMM per group (molora.tuner.siblings)
+        self.sibling_groups = build_groups(model, MoLoRALayer) if config.share_sibling_shrink else []
+        if not config.share_sibling_shrink:
+            for m in model.modules():
+                if isinstance(m, MoLoRALayer):
+                    m.sibling_group = None
         self.last_aux_loss: Optional[torch.Tensor] = None
 
     def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
