@@ -156,8 +156,22 @@ def test_hf_dataset_parquet_folder_templates_literals_and_where(tmp_path, offlin
         from molora.run.hf_data import map_row
 
         map_row({"q": "x", "a": "maybe"}, {"input": "q", "choices": ["yes", "no"], "label": "a"}, "row [0]")
-    with pytest.raises(DataError, match=r"could not be loaded.*HF_DATASETS_OFFLINE"):
-        load_hf_rows("nobody-owns-this/not-a-dataset-xyz", None, "train", cols)
+
+
+def test_an_unreachable_hub_dataset_says_how_to_work_offline(monkeypatch):
+    """What `datasets` raises offline for a Hub id that is not cached becomes a message naming the dataset, the
+    split and the ways out (the network is not used: load_dataset is replaced by what it raises offline)."""
+    import datasets
+
+    from molora.run.hf_data import load_hf_rows
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'nobody/none' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"'nobody/none' \(subset None, split 'train'\) could not be loaded: "
+                                        r"Couldn't reach.*HF_DATASETS_OFFLINE=1.*local copy"):
+        load_hf_rows("nobody/none", None, "train", {"input": "q"})
 
 
 def test_recipe_trains_from_an_hf_dataset_folder(tmp_path, offline, monkeypatch):

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from .data_errors import IGNORE_INDEX, DataError
+
 ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "tool": "tool", "function": "tool", "observation": "tool"}
@@ -63,8 +65,6 @@ def assistant_spans(tokenizer, messages: list[Mapping[str, str]]) -> tuple[str, 
     Raises:
         DataError: the tokenizer has no chat template, or the template is not prefix-stable at a turn.
     """
-    from .data import DataError
-
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("messages rows need a tokenizer with a chat template (tokenizer.chat_template is empty); "
                         "use an instruct/chat model's tokenizer or set one")
@@ -100,11 +100,7 @@ def tokenize_messages(row: Mapping[str, Any], tokenizer, cutoff_len: int | None,
     """Training features of a messages row: ``{"input_ids", "attention_mask", "labels"}`` (lists of ints, length
     ``<= cutoff_len``), labels -100 outside assistant turns unless ``train_on_inputs``. ``lengths`` receives
     ``prompt`` (unlabelled tokens), ``target`` (labelled tokens) before truncation and ``target_kept`` after."""
-    from .data import IGNORE_INDEX
-
     if not getattr(tokenizer, "is_fast", False):
-        from .data import DataError
-
         raise DataError("messages rows need a fast tokenizer (character offsets locate the assistant turns); "
                         f"{type(tokenizer).__name__} is a slow one")
     messages = normalise_messages(row["messages"])

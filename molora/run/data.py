@@ -98,12 +98,10 @@ TEMPLATE_PRESETS = {
     "alpaca": "alpaca",  # the two Alpaca variants, chosen per row by whether `input` is empty
 }
 DEFAULT_CUTOFF_LEN = 256
-IGNORE_INDEX = -100
 OPTION_LETTERS = string.ascii_uppercase
 
 
-class DataError(ValueError):
-    """A data file or row is unusable; the message names the file and line / item."""
+from .data_errors import IGNORE_INDEX, DataError  # noqa: E402  (also used by molora.run.chat)
 
 
 # --------------------------------------------------------------------------------------------------
