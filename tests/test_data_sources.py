@@ -251,3 +251,34 @@ def test_paper_recipes_map_their_hub_datasets(task, tmp_path, offline):
         assert got and all(isinstance(r["input"], str) and r["input"] for r in got)
         assert len(got) == (3 if task == "scienceqa" else 6)  # text-only problems
         assert all(0 <= r["label"] < len(r["choices"]) for r in got)
+
+
+def test_recipe_trains_on_messages_rows(tmp_path, monkeypatch, capsys):
+    """`molora train` on a messages JSONL file: the chat template renders the rows, the run trains and reports an
+    eval loss (accuracy needs choices rows and is skipped with a note)."""
+    from transformers import AutoTokenizer
+
+    from molora.run.train import main
+    from test_train import make_assets
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assets = make_assets(tmp_path / "assets", num_layers=2, n_train=8, n_eval=4)
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    tok.save_pretrained(assets["model"])
+    rows = [{"messages": [{"role": "user", "content": f"which animal {i}?"},
+                          {"role": "assistant", "content": "the dog barks" if i % 2 else "the cat sat"}]}
+            for i in range(16)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"model": {"name_or_path": str(assets["model"])},
+              "data": {"train_file": str(tmp_path / "chat.jsonl"), "cutoff_len": 48, "validation_size": 4},
+              "allocation": {"num_experts": "2,2", "top_k": 1, "r": 2},
+              "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
+                        "logging_steps": 1, "save_steps": 100, "eval_strategy": "steps", "eval_steps": 2},
+              "report": {"wandb": False, "plots": False}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main([str(tmp_path / "r.yaml")]) == 0
+    assert "not in the choices format" in capsys.readouterr().out
+    evals = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in r for r in evals)
