@@ -42,8 +42,9 @@ setup(
         "quant": ["bitsandbytes>=0.50,<0.51"],       # model.load_in_4bit / load_in_8bit
         "trl": ["trl>=1.16,<1.17"],                  # SFTTrainer / DPOTrainer with peft_config=MoLoRAConfig(...)
         "lm-eval": ["lm-eval>=0.4.13,<0.5"],         # lm_eval --model hf --model_args ...,peft=ADAPTER
+        # weightwatcher: the alpha-hill signal is tested against it (tests/test_allocate.py)
         "dev": ["pytest>=8", "triton>=3.9,<3.10", "bitsandbytes>=0.50,<0.51", "trl>=1.16,<1.17",
-                "lm-eval>=0.4.13,<0.5"],
+                "lm-eval>=0.4.13,<0.5", "weightwatcher>=0.7.7,<0.8"],
     },
     entry_points={"console_scripts": ["molora=molora_cli:main"]},
 )

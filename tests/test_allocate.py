@@ -144,6 +144,52 @@ def test_alpha_hill_equals_the_direct_computation(tiny_model):
     assert alpha_hill_of(heavy) < alpha_hill_of(iso)
 
 
+def test_alpha_hill_agrees_with_weightwatcher():
+    """Our alpha-Hill against weightwatcher (Martin & Mahoney's tool, which AlphaLoRA's spectra come from): WW's
+    eigenvalues of every block weight are ours up to its normalisation (alpha is scale-free), and WW's own
+    power-law fit, evaluated at AlphaLoRA's xmin (the median eigenvalue), gives our alpha. WW then picks its xmin
+    by the KS distance; AlphaLoRA (and molora) fix it at the median, so only that candidate is compared. WW fits
+    tails of fewer than 20 eigenvalues with another estimator, so the matrices here all have 64 (or 63)."""
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from molora.allocation.signals import alpha_hill_of
+
+    with warnings.catch_warnings():  # weightwatcher's powerlaw module sets a global "ignore" filter on import
+        ww = pytest.importorskip("weightwatcher")
+        from weightwatcher.WW_powerlaw import WWFit
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=4))
+        # give one weight a heavy tail, as training does, so the alphas are not all alike
+        w = model.model.layers[1].mlp.down_proj.weight
+        u, s, v = torch.linalg.svd(w.detach(), full_matrices=False)
+        w.data = u @ torch.diag(s * torch.logspace(1.5, 0, s.numel())) @ v
+        watcher = ww.WeightWatcher(model=model)
+        frame = watcher.analyze(min_evals=1, plot=False)
+        modules = dict(model.named_modules())
+        compared = []
+        for _, row in frame.iterrows():
+            if ".layers." not in row.longname:
+                continue
+            evals = np.sort(np.asarray(watcher.get_ESD(layer=int(row.layer_id)), dtype=np.float64))
+            weight = modules[row.longname].weight
+            ours_evals = np.sort(torch.linalg.svdvals(weight.detach().double()).numpy() ** 2)
+            ratio = ours_evals / evals
+            np.testing.assert_allclose(ratio, ratio[0], rtol=1e-8)  # the same spectrum up to WW's scale
+            # AlphaLoRA/TempBalance drop eigenvalues of W^T W below 1e-5 *before* any normalisation (a random
+            # square matrix often has one there); WW keeps them: compare on the same set
+            evals = evals[ours_evals > 1e-5]
+            fit = WWFit(evals, xmin=evals[len(evals) // 2])
+            assert alpha_hill_of(weight) == pytest.approx(fit.alphas[0], rel=1e-5), row.longname
+            compared.append((row.longname, alpha_hill_of(weight)))
+    assert len(compared) == 14  # 2 blocks x 7 projections
+    alphas = dict(compared)
+    assert alphas["model.layers.1.mlp.down_proj"] < min(a for n, a in compared if "down_proj" not in n)
+
+
 def test_grad_norm_equals_the_direct_computation(tiny_model):
     """The probe's dL/dB per layer equals scaling * dL/dW @ A^T computed on the bare model (same A: the probe is
     drawn with the same seed), and the model comes back unchanged."""
