@@ -16,6 +16,24 @@ import warnings as _warnings
 # which torch 2.10+ marks deprecated: ten identical notices per process that a user cannot act on.
 _warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated", category=DeprecationWarning)
 
+
+def _quiet_bnb_hub_kernel_notice() -> None:
+    """bitsandbytes 0.50, imported on CPUs with AVX512-BF16, tries to fetch a 4-bit GEMM from the Hugging Face Hub
+    (``kernels`` package) and logs "Failed to load CPU gemm_4bit_forward from kernels-community ... pip install
+    kernels" when it cannot: on every ``import molora`` (PEFT imports bitsandbytes), for runs that do not quantize
+    at all. molora never fetches from a hub and bitsandbytes falls back to its own CPU kernel, so the notice is
+    dropped; every other message of that logger stays."""
+    import logging
+
+    class _DropHubKernelNotice(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "kernels-community" not in str(record.msg)
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropHubKernelNotice())
+
+
+_quiet_bnb_hub_kernel_notice()
+
 from ._moved import install as _install_moved_paths
 
 _install_moved_paths()  # the flat 0.1 import paths (molora.config, molora.train, ...) keep working until 0.3

@@ -3,6 +3,7 @@ errors a person can act on. Each test drives `molora train` / `molora eval` on a
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -51,9 +52,12 @@ def test_diverging_run_stops_with_the_step_and_writes_nothing_non_finite(assets,
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", assets, out, eval={"before": False},
                           train={"max_steps": 6, "save_steps": 1, "lr_scheduler_type": "constant"})
-    assert _train([recipe, "--train.learning_rate", "1e6"]) == 2
+    # 1e30: one Adam step makes the adapter weights ~1e30, so the next forward overflows float32 on any CPU (at 1e6
+    # some CPUs saturate to a finite loss with zero gradients instead)
+    assert _train([recipe, "--train.learning_rate", "1e30"]) == 2
     err = capsys.readouterr().err
-    assert "non-finite" in err and "step " in err and "Training stopped" in err, err
+    # the loss, a gradient or a weight is named as non-finite, with the step
+    assert re.search(r"step \d of 6: .*(non-finite|is nan|is inf)", err) and "Training stopped" in err, err
     assert not (out / "adapter").exists(), "a diverged run must not write a final adapter"
     cps = sorted(out.glob("checkpoint-*"))
     for cp in cps:  # every checkpoint that exists is a good one
@@ -318,7 +322,8 @@ def test_a_run_prints_no_deprecation_warnings(assets, tmp_path):
     """A fresh process (transformers warns once per process) trains with activation checkpointing and
     evaluates (KV-cache option scoring, generation), loads the adapter with `molora eval`: no deprecation
     notice from transformers or PEFT (`is_gradient_checkpointing`, `gradient_checkpointing_enable`,
-    `past_key_values`)."""
+    `past_key_values`), and no bitsandbytes notice asking to install the Hub `kernels` package (printed on
+    AVX512-BF16 CPUs when PEFT imports bitsandbytes)."""
     import subprocess
     import sys
 
@@ -331,7 +336,7 @@ def test_a_run_prints_no_deprecation_warnings(assets, tmp_path):
         proc = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         text = proc.stdout + proc.stderr
-        for needle in ("deprecated", "FutureWarning", "DeprecationWarning"):
+        for needle in ("deprecated", "FutureWarning", "DeprecationWarning", "kernels-community"):
             assert needle not in text, [line for line in text.splitlines() if needle in line][:5]
 
 
