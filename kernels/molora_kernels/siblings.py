@@ -111,7 +111,7 @@ class GatedExpand(torch.autograd.Function):
         probs, gates, idx = routing.probs, routing.gates, routing.topk_idx
         if gates is probs:
             gates = probs.clone()
-        gs = (gates * scaling).to(h.dtype)
+        gs = (gates.to(torch.promote_types(h.dtype, torch.float32)) * scaling).to(h.dtype)
         hgs = (h.reshape(tokens, num_experts, rank) * gs[:, :, None]).view(tokens, num_experts * rank)
         out = torch.mm(hgs, b_all.t()) if base is None else torch.addmm(base, hgs, b_all.t())
         ctx.save_for_backward(h, b_all, hgs, gs, probs, idx)

@@ -235,7 +235,8 @@ class SparseGroupedMoLoRA(torch.autograd.Function):
         experts = _Experts(a_all, b_all, num_experts, offs, impl)
         xin = x if xd is None else xd
         xs = xin.index_select(0, tok)                                   # [N, d_in]
-        gsort = (weights.reshape(-1)[order] * scaling).to(x.dtype)      # [N]
+        gdt = torch.promote_types(x.dtype, torch.float32)           # the scaled gate in >= fp32 (float64 stays)
+        gsort = (weights.reshape(-1)[order].to(gdt) * scaling).to(x.dtype)  # [N]
         with _expert_threads(x.device):
             hs = experts.shrink(xs)                                     # [N, r]
             ys = experts.expand(hs * gsort[:, None])                    # [N, d_out]

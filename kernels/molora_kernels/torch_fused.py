@@ -102,7 +102,9 @@ class DenseGatedMoLoRA(torch.autograd.Function):
         probs, gates, idx = routing.probs, routing.gates, routing.topk_idx
         if gates is probs:  # soft router / E == k: separate outputs (probs keeps its gradient)
             gates = probs.clone()
-        gs = (gates * scaling).to(x.dtype)                  # scaling folded into the [T, E] gate
+        # scaling folded into the [T, E] gate, multiplied in at least fp32 (a float64 model keeps float64: alpha / r
+        # is rarely exact in fp32)
+        gs = (gates.to(torch.promote_types(x.dtype, torch.float32)) * scaling).to(x.dtype)
         hgs = (h.view(tokens, num_experts, rank) * gs[:, :, None]).view(tokens, rank_all)
         if base is None:
             out = torch.mm(hgs, b_all.t())

@@ -46,10 +46,29 @@ def _bnb_dequantize(base: nn.Module) -> torch.Tensor:
     from peft.utils.integrations import dequantize_bnb_weight
 
     weight = base.weight
+    _unpack_cpu_4bit(base)
     state = getattr(base, "state", None)
     if state is not None and getattr(state, "SCB", None) is None and hasattr(weight, "SCB"):
         state.SCB = weight.SCB
     return dequantize_bnb_weight(weight, state=state if state is not None else getattr(weight, "quant_state", None)).float()
+
+
+def _unpack_cpu_4bit(base: nn.Module) -> None:
+    """Undo bitsandbytes' CPU repacking of a 4-bit weight, in place. On CPUs with AVX512-BF16, bitsandbytes 0.50
+    rewrites a ``Linear4bit`` weight into a kernel-specific layout at its first forward in eval mode without
+    gradients (``quant_state.packing_format_for_cpu``); ``dequantize_4bit`` does not understand that layout and
+    returns wrong values (0.18 off on a random 128 x 64 nf4 weight). bitsandbytes undoes it the same way before
+    saving; its next eval forward packs the weight again."""
+    weight = base.weight
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        nested = state.original_nested
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        absmax = weight.quant_state.absmax
+        if not nested and absmax.dim() == 2:  # 0.50 restores only a double-quantized absmax from its [K/64, N] form
+            weight.quant_state.absmax = absmax.T.reshape(-1).float()  # bnb keeps absmax in fp32
 
 
 def _bnb4_replace(base: nn.Module, w: torch.Tensor) -> None:
@@ -74,6 +93,12 @@ def _bnb8_replace(base: nn.Module, w: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------- plain float layers
+def _float_weight(base: nn.Module) -> torch.Tensor:
+    """The weight in at least float32 (bf16/fp16 are merged in fp32; a float64 weight stays float64)."""
+    w = base.weight.detach()
+    return w.to(torch.promote_types(w.dtype, torch.float32))
+
+
 def _float_replace(base: nn.Module, w: torch.Tensor) -> None:
     base.weight.data = w.to(base.weight.device, base.weight.dtype)
 
@@ -96,11 +121,11 @@ BASE_LAYERS: list[BaseLayerType] = [
     BaseLayerType("nn.Linear",
                   matches=lambda m: isinstance(m, nn.Linear),
                   features=lambda m: (m.in_features, m.out_features),
-                  dequantize=lambda m: m.weight.detach().float(), replace_weight=_float_replace),
+                  dequantize=_float_weight, replace_weight=_float_replace),
     BaseLayerType("transformers Conv1D",
                   matches=lambda m: isinstance(m, Conv1D),
                   features=_conv1d_features,
-                  dequantize=lambda m: m.weight.detach().float(), replace_weight=_float_replace,
+                  dequantize=_float_weight, replace_weight=_float_replace,
                   fan_in_fan_out=True),
 ]
 

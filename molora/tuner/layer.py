@@ -118,9 +118,9 @@ class MoLoRALayer(BaseTunerLayer):
                 f"each token, so it cannot be folded into a static weight. Only layers with num_experts=1 merge; "
                 f"use model.merge_static_experts() to merge those and keep the routed ones."
             )
-        a = self.molora_A[adapter_name].float()
-        b = self.molora_B[adapter_name].float()
-        return (b @ a) * self.scaling[adapter_name]
+        a, b = self.molora_A[adapter_name], self.molora_B[adapter_name]
+        dtype = torch.promote_types(a.dtype, torch.float32)  # bf16/fp16 adapters in fp32; a float64 model stays exact
+        return (b.to(dtype) @ a.to(dtype)) * self.scaling[adapter_name]
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
