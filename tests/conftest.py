@@ -24,14 +24,16 @@ torch.set_num_threads(int(os.environ.get("MOLORA_TEST_THREADS", "1")))
 TINY_VOCAB = 64
 
 
-def build_tiny_model(arch: str, num_layers: int = 4, seed: int = 0):
-    """A tiny randomly initialised model of ``arch`` (llama, qwen2, mistral, bert, gpt2), in eval mode, fp32."""
+def build_tiny_model(arch: str, num_layers: int = 4, seed: int = 0, hidden_size: int = 32):
+    """A tiny randomly initialised model of ``arch`` (llama, qwen2, mistral, bert, gpt2), in eval mode, fp32
+    (``hidden_size`` 64 or more for bitsandbytes' 4-bit CPU kernels, which need 64-wide blocks)."""
     import torch
     from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                               MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                  num_hidden_layers=num_layers,
                   num_attention_heads=4, max_position_embeddings=64)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common))
@@ -43,7 +45,7 @@ def build_tiny_model(arch: str, num_layers: int = 4, seed: int = 0):
     elif arch == "bert":
         model = BertModel(BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common))
     elif arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=TINY_VOCAB, n_embd=32, n_layer=num_layers, n_head=4,
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=TINY_VOCAB, n_embd=hidden_size, n_layer=num_layers, n_head=4,
                                            n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                            bos_token_id=0, eos_token_id=0))
     else:

@@ -109,6 +109,27 @@ def test_dequantized_reference_equals_peft_dequantize():
             assert torch.allclose(q(x), x @ w.t(), atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_dequantize_understands_the_cpu_packed_4bit_layout(kind):
+    """On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight at its first eval forward without gradients (its
+    absmax rounded to bf16 on the way); dequantize then read the packed bytes as if unpacked (0.18 off). The
+    packing is done here with bitsandbytes' own converter, so the case runs on every CPU."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    torch.manual_seed(0)
+    q = quantize_linear(nn.Linear(D_IN, D_OUT, bias=False), kind)
+    before = base_layer_type(q).dequantize(q).clone()
+    q.weight.data, q.weight.quant_state = _convert_weight_packed_for_cpu(q.weight.data, q.weight.quant_state)
+    assert q.weight.quant_state.packing_format_for_cpu
+    after = base_layer_type(q).dequantize(q)
+    assert not q.weight.quant_state.packing_format_for_cpu  # back in the layout dequantize_4bit reads
+    # equal up to the bf16 rounding of the per-block absmax that the packing applied
+    torch.testing.assert_close(after, before, rtol=1e-2, atol=1e-2 * float(before.abs().max()))
+    # and the layer still computes with it (in its standard 4-bit path)
+    x = torch.randn(3, D_IN)
+    torch.testing.assert_close(q(x), x @ after.t(), rtol=1e-4, atol=1e-4)
+
+
 def test_merge_single_expert_into_4bit_weight_requantizes():
     torch.manual_seed(0)
     lin = nn.Linear(D_IN, D_OUT).requires_grad_(False)
@@ -197,7 +218,7 @@ def _quantized_tiny(tmp_path, tiny_model, kind: str):
 
     from molora.run.assets import _quantized_kwargs
 
-    src = tiny_model("llama", num_layers=2)
+    src = tiny_model("llama", num_layers=2, hidden_size=64)  # bitsandbytes' packed CPU 4-bit path needs K >= 64
     src.save_pretrained(tmp_path / "fp32")
     q = ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16"} if kind == "4bit"
          else {"load_in_8bit": True})
@@ -281,7 +302,7 @@ def test_molora_train_with_a_4bit_base(tmp_path, capsys, monkeypatch):
     from molora.run.train import main
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assets = make_assets(tmp_path / "tiny", num_layers=2, n_train=16, n_eval=8)
+    assets = make_assets(tmp_path / "tiny", num_layers=2, n_train=16, n_eval=8, hidden_size=64)
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", assets, out, model={"load_in_4bit": True}, allocation={"num_experts": "2,4"},
                           train={"max_steps": 2, "save_steps": 2},

@@ -19,7 +19,8 @@ WORDS_A = "the cat sat on the mat a bird".split()
 WORDS_B = "Question which animal barks dog fish".split()
 
 
-def make_assets(root: Path, num_layers: int = 4, n_train: int = 64, n_eval: int = 16) -> dict[str, Path]:
+def make_assets(root: Path, num_layers: int = 4, n_train: int = 64, n_eval: int = 16,
+                hidden_size: int = 32) -> dict[str, Path]:
     """A tiny random Llama checkpoint with its tokenizer, and choices-format JSONL data in two vocabularies
     (rows alternate in pairs: A A B B ...), labels 'cat' for A rows and 'dog' for B rows."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -27,7 +28,8 @@ def make_assets(root: Path, num_layers: int = 4, n_train: int = 64, n_eval: int 
     root.mkdir(parents=True, exist_ok=True)
     tok = build_tiny_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=num_layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       tie_word_embeddings=False)
