@@ -70,3 +70,32 @@ def test_report_prints_and_draws_the_diagnostics(tmp_path, capsys):
     data = json.loads((tmp_path / "plots" / "router_diagnostics.json").read_text())
     assert [x["state"] for x in data] == ["dead", "near-uniform"]
     assert (tmp_path / "plots" / "expert_load.png").stat().st_size > 5000
+
+
+def test_report_draws_and_prints_dropped_tokens(tmp_path, capsys):
+    """A Switch run whose capacity drops tokens: router.png gets a third panel (records written before the
+    'dropped' key existed are left blank, not an error) and the diagnostics name the layer and the remedy."""
+    import matplotlib.image
+
+    from molora.run.report import main
+
+    run = _run([[0.25, 0.25, 0.25, 0.25], [0.3, 0.2, 0.3, 0.2]], [0.7, 0.7], [4, 4], [1, 1])
+    for rec in run["train"][1:]:
+        rec["router"]["dropped"] = [0.0, 0.2]
+    with open(tmp_path / "metrics.jsonl", "w") as fh:
+        for r in run["train"]:
+            fh.write(json.dumps({"type": "train", "loss": 1.0, **r}) + "\n")
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "layer 1: E=4 k=1 entropy 0.700 max load x E 1.20 dropped 20.0%" in out
+    assert "capacity: 1 layer(s) leave more than 1% of their tokens to no expert (worst: layer 1, 20.0%)" in out
+    width = matplotlib.image.imread(str(tmp_path / "plots" / "router.png")).shape[1]
+    for rec in run["train"]:
+        rec["router"].pop("dropped", None)
+    with open(tmp_path / "metrics.jsonl", "w") as fh:
+        for r in run["train"]:
+            fh.write(json.dumps({"type": "train", "loss": 1.0, **r}) + "\n")
+    assert main([str(tmp_path)]) == 0
+    assert "capacity:" not in capsys.readouterr().out
+    narrow = matplotlib.image.imread(str(tmp_path / "plots" / "router.png")).shape[1]
+    assert width > 1.3 * narrow  # three panels against two

@@ -417,6 +417,7 @@ def test_switch_matches_the_per_token_reference_with_capacity_and_gradients(back
     want, dropped = _naive_switch(x, a, b, w, capacity_factor, 0.5)
     assert (dropped > 0) == (capacity_factor < 4.0), dropped  # the small factors really drop tokens
     torch.testing.assert_close(out.delta, want, rtol=1e-5, atol=1e-5)
+    assert float(out.stats.dropped) == dropped  # the telemetry's count of tokens no expert computed
     # the load loss counts what the router asked for, dropped tokens included (as Switch's)
     want_counts = torch.bincount(torch.softmax(x @ w.t(), -1).argmax(-1), minlength=w.shape[0]).float()
     torch.testing.assert_close(out.stats.counts, want_counts)
@@ -503,6 +504,7 @@ def test_expert_choice_matches_the_per_expert_reference_with_gradients(backend, 
     want, per_token = _naive_expert_choice(x, a, b, w, capacity_factor, 0.5)
     assert len(set(per_token)) > 1, per_token  # tokens really get different numbers of experts
     torch.testing.assert_close(out.delta, want, rtol=1e-5, atol=1e-5)
+    assert float(out.stats.dropped) == sum(n == 0 for n in per_token)  # tokens no expert chose
     got = torch.autograd.grad((out.delta * up).sum(), (x, a, b, w))
     ref = torch.autograd.grad((want * up).sum(), (x, a, b, w))
     for name, gg, rr in zip("xabw", got, ref):
@@ -580,3 +582,74 @@ def test_new_routers_save_and_load(tiny_model, tmp_path, router, k, opts):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, want)
     assert loaded.peft_config["default"].router == router
+
+
+# ------------------------------------------------------------------------------------------ dropped tokens
+@pytest.mark.parametrize("router,k,opts", [("topk", 2, None), ("soft", 2, None), ("topp", 3, {"top_p": 0.5}),
+                                           ("switch", 1, {"capacity_factor": 0.5}),
+                                           ("expert_choice", 1, {"capacity_factor": 0.5})])
+def test_dropped_tokens_are_counted_over_the_real_tokens_only(router, k, opts):
+    """stats.dropped = real tokens whose gates are all 0 (no expert computed them): 0 for routers that route every
+    token; for capacity routers the direct count from the gates, padding (token_mask 0) left out."""
+    x, a, b, w = _topp_inputs(seed=9, T=24, E=4)
+    mask = torch.ones(x.shape[0], dtype=torch.bool)
+    mask[::5] = False
+    out = moe_lora(x, a, b, w, top_k=k, scaling=0.5, router=router, router_options=opts, token_mask=mask,
+                   backend="torch")
+    none = (out.routing.gates == 0).all(-1)
+    assert float(out.stats.dropped) == float((none & mask).sum())
+    if router in ("switch", "expert_choice"):
+        assert 0 < float(out.stats.dropped) < float(none.sum())  # some real and some padding positions dropped
+    else:
+        assert float(out.stats.dropped) == 0
+
+
+def test_dropped_tokens_reach_the_summary_telemetry_and_diagnostics(tiny_model):
+    """A Switch model with a small capacity: router_summary's dropped fraction is the modules' count over their
+    tokens, the interval telemetry averages it, and the diagnostics name the layer and the remedy."""
+    from molora.run.diagnostics import diagnose, diagnosis_text
+    from molora.run.telemetry import RouterTelemetry, flat_router_scalars, router_headline
+
+    model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(
+        num_experts=4, top_k=1, r=2, router="switch", router_options={"capacity_factor": 0.5}, init_weights=False,
+        task_type="CAUSAL_LM"))  # the telemetry hooks the tuner's forward, which a causal-LM PeftModel calls
+    model.train()
+    tele = RouterTelemetry(model)
+    ids = torch.randint(0, 64, (2, 12))
+    fractions = []
+    for _ in range(2):
+        model(input_ids=ids, labels=ids)
+        record = model.base_model.collector.current
+        summary = model.base_model.router_summary()
+        for layer, entry in record.layers.items():
+            want = sum(float(st.dropped) for st in entry.stats) / sum(float(st.n_tokens) for st in entry.stats)
+            assert summary[layer]["dropped"] == pytest.approx(want)
+        fractions.append([summary[layer]["dropped"] for layer in sorted(summary)])
+    router = tele.collect()
+    tele.close()
+    assert router["dropped"] == pytest.approx([sum(f) / 2 for f in zip(*fractions)], abs=1e-6)
+    assert min(router["dropped"]) > 0.25  # capacity 0.5 x T / E: at least half the tokens over capacity
+    assert "router/L00/dropped" in flat_router_scalars(router)
+    assert router_headline(router)["router_max_dropped"] == pytest.approx(max(router["dropped"]), abs=1e-4)
+    run = {"train": [{"step": s, "router": router} for s in (1, 2, 3)], "eval": [], "accuracy": {}, "runs": [],
+           "summary": None}
+    diags = diagnose(run)
+    assert [d.dropped for d in diags] == pytest.approx(router["dropped"], abs=1e-4)
+    text = diagnosis_text(diags)
+    assert "got no expert (over capacity): raise router_options.capacity_factor" in text
+    assert "capacity: 2 layer(s) leave more than 1% of their tokens to no expert" in text
+
+
+def test_no_dropped_tokens_no_capacity_lines(tiny_model):
+    from molora.run.telemetry import RouterTelemetry, flat_router_scalars, router_headline
+
+    model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(num_experts=4, top_k=2, r=2,
+                                                                            init_weights=False, task_type="CAUSAL_LM"))
+    model.train()
+    tele = RouterTelemetry(model)
+    model(input_ids=torch.randint(0, 64, (2, 12)))
+    router = tele.collect()
+    tele.close()
+    assert router["dropped"] == [0.0, 0.0]
+    assert not any(k.endswith("/dropped") for k in flat_router_scalars(router))
+    assert "router_max_dropped" not in router_headline(router)

@@ -50,6 +50,8 @@ class RouterStats:
     gate_sum:    [E] float32, sum_t gates[t, e] (no gradient): the "load" of a soft router.
     entropy_sum: []  float32, sum_t H(P[t]) in nats (no gradient).
     n_tokens:    []  float32, number of real tokens.
+    dropped:     []  float32, number of real tokens that no expert computed (all gates 0: over a Switch
+                 capacity, or picked by no expert under expert choice; always 0 for top-k, top-p, soft, hash).
     """
 
     prob_sum: torch.Tensor
@@ -57,6 +59,7 @@ class RouterStats:
     gate_sum: torch.Tensor
     entropy_sum: torch.Tensor
     n_tokens: torch.Tensor
+    dropped: Optional[torch.Tensor] = None
 
     @property
     def num_experts(self) -> int:
@@ -295,8 +298,11 @@ def routing_stats(routing: Routing, token_mask: Optional[torch.Tensor] = None) -
         counts = one_hot.sum(0)
         gate_sum = g.sum(0)
         entropy_sum = ent.sum()
+        none = (gates.detach() == 0).all(-1).to(probs.dtype)           # [T] 1 where no expert took the token
+        dropped = (none if w is None else none * w).sum()
     assert counts.shape[-1] == num_experts
-    return RouterStats(prob_sum=prob_sum, counts=counts, gate_sum=gate_sum, entropy_sum=entropy_sum, n_tokens=n_tokens)
+    return RouterStats(prob_sum=prob_sum, counts=counts, gate_sum=gate_sum, entropy_sum=entropy_sum, n_tokens=n_tokens,
+                       dropped=dropped)
 
 
 def merge_stats(stats: Sequence[RouterStats]) -> RouterStats:
@@ -315,6 +321,7 @@ def merge_stats(stats: Sequence[RouterStats]) -> RouterStats:
         gate_sum=torch.stack([s.gate_sum for s in stats]).sum(0),
         entropy_sum=torch.stack([s.entropy_sum for s in stats]).sum(),
         n_tokens=torch.stack([s.n_tokens for s in stats]).sum(),
+        dropped=torch.stack([torch.zeros_like(s.n_tokens) if s.dropped is None else s.dropped for s in stats]).sum(),
     )
 
 

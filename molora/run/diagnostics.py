@@ -15,17 +15,21 @@ For a layer with E experts and top-k routing, the load of expert e is its share 
   by small differences and the renormalised gates weight them about equally: the router has not specialised,
   the mixture acts like one wide LoRA of rank E·r, and the routing says nothing yet about where experts help.
 * **E = top-k**: every expert is used on every token; routing only weights them (no load signal at all).
+* **dropping**: a capacity router (``switch``, ``expert_choice``) left more than ``DROPPED`` of the layer's tokens
+  to no expert (they get the frozen layer only). Reported beside the state; the remedy is a larger
+  ``router_options.capacity_factor`` (or, for right-padded batches, packing: padding takes capacity too).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-__all__ = ["LayerDiagnosis", "diagnose", "diagnosis_text", "DEAD", "DOMINANT", "UNIFORM_ENTROPY"]
+__all__ = ["LayerDiagnosis", "diagnose", "diagnosis_text", "DEAD", "DOMINANT", "UNIFORM_ENTROPY", "DROPPED"]
 
 DEAD = 0.25
 DOMINANT = 2.0
 UNIFORM_ENTROPY = 0.95
+DROPPED = 0.01
 
 
 @dataclass
@@ -41,6 +45,8 @@ class LayerDiagnosis:
     state: str = "ok"            # "all-used" (E = k), "near-uniform", "dead", "dominant", "ok", "single"
     suggested_experts: int = 0
     note: str = ""
+    #: fraction of the layer's tokens no expert computed (capacity routers; None: not in the telemetry)
+    dropped: Optional[float] = None
 
 
 def _window(routers: list[dict]) -> list[dict]:
@@ -59,7 +65,7 @@ def diagnose(run: dict[str, Any]) -> list[LayerDiagnosis]:
     for i, layer in enumerate(last["layers"]):
         e, k = int(last["num_experts"][i]), int(last["top_k"][i])
         load = [0.0] * e
-        ent, w_sum = 0.0, 0.0
+        ent, w_sum, drop, drop_w = 0.0, 0.0, 0.0, 0.0
         for r in window:
             if layer not in r["layers"]:
                 continue
@@ -69,13 +75,16 @@ def diagnose(run: dict[str, Any]) -> list[LayerDiagnosis]:
                 load[x] += v * w
             if r.get("entropy_norm") and r["entropy_norm"][j] is not None:
                 ent += float(r["entropy_norm"][j]) * w
+            if r.get("dropped"):
+                drop += float(r["dropped"][j]) * w
+                drop_w += w
             w_sum += w
         load = [v / w_sum for v in load] if w_sum else load
         ent_n = ent / w_sum if w_sum else None
         imb = max(load) * e if load else 0.0
         d = LayerDiagnosis(layer=layer, num_experts=e, top_k=k, load=[round(v, 4) for v in load],
                            entropy_norm=None if ent_n is None else round(ent_n, 4), imbalance=round(imb, 3),
-                           suggested_experts=e)
+                           suggested_experts=e, dropped=round(drop / drop_w, 4) if drop_w else None)
         if e == 1:
             d.state = "single"
         elif e <= k:
@@ -95,6 +104,9 @@ def diagnose(run: dict[str, Any]) -> list[LayerDiagnosis]:
                           f"more capacity (+1)")
             elif ent_n is not None and ent_n >= UNIFORM_ENTROPY:
                 d.state = "near-uniform"
+        if d.dropped is not None and d.dropped > DROPPED:
+            d.note = "; ".join(filter(None, [d.note, f"{100 * d.dropped:.1f}% of its tokens got no expert (over "
+                                                     f"capacity): raise router_options.capacity_factor"]))
         out.append(d)
     return out
 
@@ -111,8 +123,16 @@ def diagnosis_text(diags: list[LayerDiagnosis]) -> str:
         ent = "-" if d.entropy_norm is None else f"{d.entropy_norm:.3f}"
         change = d.suggested_experts - d.num_experts
         sug = f" -> suggest {d.suggested_experts} ({change:+d})" if change else ""
+        dropped = f" dropped {100 * d.dropped:.1f}%" if d.dropped else ""
         lines.append(f"  layer {d.layer}: E={d.num_experts} k={d.top_k} entropy {ent} max load x E "
-                     f"{d.imbalance:.2f}  {d.state}{sug}" + (f"  ({d.note})" if d.note else ""))
+                     f"{d.imbalance:.2f}{dropped}  {d.state}{sug}" + (f"  ({d.note})" if d.note else ""))
+    dropping = [d for d in diags if d.dropped is not None and d.dropped > DROPPED]
+    if dropping:
+        worst = max(dropping, key=lambda d: d.dropped)
+        lines.append(f"capacity: {len(dropping)} layer(s) leave more than {100 * DROPPED:g}% of their tokens to no "
+                     f"expert (worst: layer {worst.layer}, {100 * worst.dropped:.1f}%); those tokens train and run "
+                     f"without an adapter. Raise router_options.capacity_factor, or pack sequences (padding takes "
+                     f"capacity too).")
     uniform = [d for d in routed if d.state == "near-uniform"]
     if routed and len(uniform) >= 0.75 * len(routed):
         ents = [d.entropy_norm for d in uniform if d.entropy_norm is not None]

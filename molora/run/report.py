@@ -8,7 +8,8 @@ Writes into ``OUTPUT_DIR/plots`` (or ``--out DIR``) and prints the paths:
   different expert counts (e.g. 2-4-6-8): cells past a layer's last expert are masked (hatched grey). A
   perfectly balanced layer shows 1/E everywhere.
 * ``router.png`` — normalised router entropy (1 = uniform router) and load imbalance (max load x E; 1 =
-  balanced) per layer over the logging steps (layers with a single expert route nothing: grey).
+  balanced) per layer over the logging steps (layers with a single expert route nothing: grey), and, when a
+  capacity router (Switch, expert choice) dropped tokens, the fraction of tokens no expert computed.
 
 A resumed run appends to the same metrics.jsonl; records past the checkpoint it resumed from are superseded by
 the resumed run's.
@@ -235,16 +236,22 @@ def _plot_router(run, out: Path, title: str) -> Optional[Path]:
         m = np.full((len(layers), len(routers)), np.nan)
         for j, rec in enumerate(routers):
             r = rec["router"]
+            if r.get(key) is None:  # a record written before the key existed (e.g. "dropped")
+                continue
             for i, layer in enumerate(r["layers"]):
                 if layer in layers and r["num_experts"][i] > 1:  # a single expert routes nothing: masked
                     m[layers.index(layer), j] = r[key][i]
         return np.ma.masked_invalid(m)
 
     height = max(3.5, 0.18 * len(layers) + 1.8)
-    fig, axes = plt.subplots(1, 2, figsize=(11, height))
+    panels = [("entropy_norm", "magma", "router entropy / log E (1 = uniform)"),
+              ("imbalance", "viridis", "load imbalance (max load x E; 1 = balanced)")]
+    if any(any(rec["router"].get("dropped") or [0]) for rec in routers):  # a capacity router dropped tokens
+        panels.append(("dropped", "Reds", "tokens no expert computed (fraction)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), height), squeeze=False)
+    axes = axes[0]
     labels = ["-" if l is None else str(l) for l in layers]
-    for ax, key, cmap, sub in ((axes[0], "entropy_norm", "magma", "router entropy / log E (1 = uniform)"),
-                               (axes[1], "imbalance", "viridis", "load imbalance (max load x E; 1 = balanced)")):
+    for ax, (key, cmap, sub) in zip(axes, panels):
         im = ax.imshow(matrix(key), aspect="auto", cmap=plt.get_cmap(cmap).with_extremes(bad="#dddddd"),
                        origin="lower", interpolation="nearest")
         ax.set_ylabel("layer")

@@ -17,7 +17,8 @@ task_loss, aux_loss, learning_rate, grad_norm, tokens_per_s, router), ``eval`` (
     {"layers": [0, 1, ...], "num_experts": [2, 2, ...], "top_k": [...], "tokens": [...],
      "load": [[f_e, ...], ...],           # fraction of the layer's top-k selections per expert (sums to 1)
      "entropy": [...], "entropy_norm": [...],   # mean router entropy per token (nats; / log E)
-     "imbalance": [...]}                  # max load * E (1 = balanced, E = one expert takes all)
+     "imbalance": [...],                  # max load * E (1 = balanced, E = one expert takes all)
+     "dropped": [...]}                    # fraction of tokens no expert computed (Switch / expert-choice capacity)
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ class RouterTelemetry:
         off = 0
         for layer, e in zip(self.layers, self.num_experts):
             self.offsets[layer] = off
-            off += 3 + e  # tokens, entropy*tokens, entropy_norm*tokens, load*tokens (E)
+            off += 4 + e  # tokens, entropy*tokens, entropy_norm*tokens, dropped*tokens, load*tokens (E)
         self.size = off
         self.buffer = torch.zeros(self.size, dtype=torch.float64)
         self.forwards = 0
@@ -86,7 +87,8 @@ class RouterTelemetry:
             buf[off] += w
             buf[off + 1] += float(s["entropy"]) * w
             buf[off + 2] += float(s["entropy_norm"]) * w
-            buf[off + 3: off + 3 + e] += torch.tensor(load, dtype=torch.float64) * w
+            buf[off + 3] += float(s.get("dropped", 0.0)) * w
+            buf[off + 4: off + 4 + e] += torch.tensor(load, dtype=torch.float64) * w
         self.forwards += 1
 
     def collect(self, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Optional[dict[str, Any]]:
@@ -105,13 +107,13 @@ class RouterTelemetry:
         if float(forwards[0]) == 0:
             return None
         out: dict[str, Any] = {"layers": [], "num_experts": [], "top_k": [], "tokens": [], "load": [], "entropy": [],
-                               "entropy_norm": [], "imbalance": [], "forwards": int(forwards[0])}
+                               "entropy_norm": [], "imbalance": [], "dropped": [], "forwards": int(forwards[0])}
         for layer, e, k, n_mod in zip(self.layers, self.num_experts, self.top_k, self.modules):
             off = self.offsets[layer]
             w = float(buf[off])
             if w <= 0:
                 continue
-            load = (buf[off + 3: off + 3 + e] / w).tolist()
+            load = (buf[off + 4: off + 4 + e] / w).tolist()
             out["layers"].append(layer)
             out["num_experts"].append(e)
             out["top_k"].append(k)
@@ -120,6 +122,7 @@ class RouterTelemetry:
             out["entropy"].append(round(float(buf[off + 1]) / w, 6))
             out["entropy_norm"].append(round(float(buf[off + 2]) / w, 6))
             out["imbalance"].append(round(max(load) * e, 6))
+            out["dropped"].append(round(float(buf[off + 3]) / w, 6))
         return out
 
     def close(self) -> None:
@@ -134,17 +137,23 @@ def flat_router_scalars(router: dict[str, Any], prefix: str = "router") -> dict[
                                            f"L{int(str(layer).split('.')[0]):02d}.{str(layer).split('.')[1]}")
         out[f"{prefix}/{tag}/entropy_norm"] = router["entropy_norm"][i]
         out[f"{prefix}/{tag}/imbalance"] = router["imbalance"][i]
+        if router.get("dropped") and any(router["dropped"]):  # only where a capacity router drops tokens
+            out[f"{prefix}/{tag}/dropped"] = router["dropped"][i]
         for e, v in enumerate(router["load"][i]):
             out[f"{prefix}/{tag}/load_e{e}"] = v
     return out
 
 
 def router_headline(router: dict[str, Any]) -> dict[str, float]:
-    """Two numbers for the console/progress log: mean normalised entropy and worst imbalance over layers."""
+    """Numbers for the console/progress log: mean normalised entropy and worst imbalance over layers (and the
+    worst fraction of dropped tokens, when a capacity router drops any)."""
     if not router or not router["layers"]:
         return {}
-    return {"router_entropy_norm": round(sum(router["entropy_norm"]) / len(router["entropy_norm"]), 4),
-            "router_max_imbalance": round(max(router["imbalance"]), 4)}
+    out = {"router_entropy_norm": round(sum(router["entropy_norm"]) / len(router["entropy_norm"]), 4),
+           "router_max_imbalance": round(max(router["imbalance"]), 4)}
+    if router.get("dropped") and any(router["dropped"]):
+        out["router_max_dropped"] = round(max(router["dropped"]), 4)
+    return out
 
 
 class MetricsWriter:

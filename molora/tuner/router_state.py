@@ -268,6 +268,7 @@ def summarize(record: ForwardRecord) -> dict[Optional[int], dict[str, object]]:
     load: [E] list, fraction of the top-k selections (topk router) per expert, sums to 1.
     entropy: mean router entropy per token in nats; entropy_norm: divided by log(E) (1 = uniform router).
     imbalance: max load / mean load (1 = perfectly balanced).
+    dropped: fraction of the tokens that no expert computed (capacity routers: Switch, expert choice; else 0).
     """
     out = {}
     for layer, entry in record.layers.items():
@@ -287,5 +288,6 @@ def summarize(record: ForwardRecord) -> dict[Optional[int], dict[str, object]]:
             "entropy": ent,
             "entropy_norm": ent / float(torch.log(torch.tensor(float(e)))) if e > 1 else 1.0,
             "imbalance": max(load) * e if e > 0 else 1.0,
+            "dropped": float(m.dropped) / n if m.dropped is not None else 0.0,
         }
     return out
