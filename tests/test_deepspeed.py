@@ -122,8 +122,6 @@ def test_deepspeed_two_ranks_match_one_process(stage, single, assets, tmp_path):
     for r1, r2 in zip(_records(single), _records(out)):
         assert r1["step"] == r2["step"]
         assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-3)
-    if case in ("switch", "expert_choice"):  # the capacity really dropped tokens somewhere in the run
-        assert max(max(r["router"]["dropped"]) for r in _records(tmp_path / "one")) > 0
         for l1, l2 in zip(r1["router"]["load"], r2["router"]["load"]):
             assert l2 == pytest.approx(l1, abs=1e-4)
         assert r2["router"]["tokens"] == pytest.approx(r1["router"]["tokens"])
