@@ -23,9 +23,10 @@ block, in block order. Nothing here changes the model: hooks and probes are remo
       alpha = 1 + n / (sum_{j >= i} ln(lambda_j) - n ln(lambda_i))
 
   averaged over the layer's targeted matrices. Eigenvalues below 1e-5 (of the unnormalised W^T W) are dropped
-  first, as in TempBalance. Checked against weightwatcher (its spectrum and its Hill fit at the same xmin;
-  weightwatcher itself then chooses xmin by the KS distance, which AlphaLoRA does not). A heavier tail (smaller alpha) means a better-trained layer;
-  AlphaLoRA gives layers with larger alpha more experts (E_l ∝ alpha_l^2.5). No data needed.
+  first, as in TempBalance. Checked against weightwatcher (its spectrum, and its Hill fit at the same xmin;
+  weightwatcher itself then picks xmin by the KS distance, which AlphaLoRA does not). A heavier tail (smaller
+  alpha) means a better-trained layer; AlphaLoRA gives layers with larger alpha more experts
+  (E_l ∝ alpha_l^2.5). No data needed.
 * :func:`grad_norm` -- the gradient norm a small LoRA probe (rank 4, B = 0 so the model's function is
   unchanged; one molora expert per targeted projection, which is exactly a LoRA) receives per layer on the
   calibration batches' causal-LM loss: ``sqrt(sum over the layer's probes of ||dL/dB||^2)``, averaged over

@@ -132,12 +132,13 @@ class RouterTelemetry:
 def flat_router_scalars(router: dict[str, Any], prefix: str = "router") -> dict[str, float]:
     """wandb-friendly scalars: ``router/L03/entropy_norm``, ``router/L03/imbalance``, ``router/L03/load_e2``."""
     out: dict[str, float] = {}
+    dropping = any(router.get("dropped") or [])  # only where a capacity router drops tokens
     for i, layer in enumerate(router["layers"]):
         tag = "all" if layer is None else (f"L{layer:02d}" if isinstance(layer, int) else
                                            f"L{int(str(layer).split('.')[0]):02d}.{str(layer).split('.')[1]}")
         out[f"{prefix}/{tag}/entropy_norm"] = router["entropy_norm"][i]
         out[f"{prefix}/{tag}/imbalance"] = router["imbalance"][i]
-        if router.get("dropped") and any(router["dropped"]):  # only where a capacity router drops tokens
+        if dropping:
             out[f"{prefix}/{tag}/dropped"] = router["dropped"][i]
         for e, v in enumerate(router["load"][i]):
             out[f"{prefix}/{tag}/load_e{e}"] = v
