@@ -612,7 +612,7 @@ def test_dropped_tokens_reach_the_summary_telemetry_and_diagnostics(tiny_model):
 
     model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(
         num_experts=4, top_k=1, r=2, router="switch", router_options={"capacity_factor": 0.5}, init_weights=False,
-        task_type="CAUSAL_LM"))  # the telemetry hooks the tuner's forward, which a causal-LM PeftModel calls
+        task_type="CAUSAL_LM"))
     model.train()
     tele = RouterTelemetry(model)
     ids = torch.randint(0, 64, (2, 12))
@@ -643,13 +643,15 @@ def test_dropped_tokens_reach_the_summary_telemetry_and_diagnostics(tiny_model):
 def test_no_dropped_tokens_no_capacity_lines(tiny_model):
     from molora.run.telemetry import RouterTelemetry, flat_router_scalars, router_headline
 
+    # no task_type: PeftModel calls the wrapped model directly, and the telemetry still sees each forward once
     model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(num_experts=4, top_k=2, r=2,
-                                                                            init_weights=False, task_type="CAUSAL_LM"))
+                                                                            init_weights=False))
     model.train()
     tele = RouterTelemetry(model)
     model(input_ids=torch.randint(0, 64, (2, 12)))
     router = tele.collect()
     tele.close()
+    assert router["forwards"] == 1 and router["tokens"] == [24.0, 24.0]
     assert router["dropped"] == [0.0, 0.0]
     assert not any(k.endswith("/dropped") for k in flat_router_scalars(router))
     assert "router_max_dropped" not in router_headline(router)

@@ -1,6 +1,6 @@
 """Training telemetry: router statistics accumulated over micro-batches, ``metrics.jsonl`` and wandb.
 
-* :class:`RouterTelemetry` hooks the MoLoRA tuner's forward. After every *training* forward it reads
+* :class:`RouterTelemetry` hooks the wrapped model's forward. After every *training* forward it reads
   :func:`molora.router_summary` (per layer: load per expert, router entropy) and adds it, weighted by the tokens
   the layer routed, into one flat float64 buffer laid out from the model's allocation (the same on every rank,
   so the buffer can be all-reduced). :meth:`RouterTelemetry.collect` turns the buffer into per-layer averages
@@ -64,7 +64,9 @@ class RouterTelemetry:
         self.size = off
         self.buffer = torch.zeros(self.size, dtype=torch.float64)
         self.forwards = 0
-        self._handle = self.tuner.register_forward_hook(self._hook)
+        # on the wrapped model, as the tuner's own hooks: a PeftModel without a task type calls it directly, never
+        # the tuner's forward; registered after the tuner's, so the forward's routing is complete when this runs
+        self._handle = self.tuner.model.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output) -> None:
         if not module.training:
