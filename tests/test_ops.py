@@ -334,8 +334,9 @@ def test_dropout_is_replayed_not_saved():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_float64_inputs_stay_float64(backend, router):
     """A float64 model (gradient checks) gets float64 arithmetic on every backend: the same result as the reference
-    to float64 rounding, outputs and the expert gradients. The gates are float32 on every backend (the routing softmax is),
-    but the scaling alpha / r used to be folded into them in float32 too: 16 / 3 is not exact there (3e-8 off)."""
+    to float64 rounding, outputs and the expert gradients. The gates are float32 on every backend (the routing
+    softmax is), but the scaling alpha / r used to be folded into them in float32 too: 16 / 3 is not exact there
+    (3e-8 off)."""
     E, k, r = 4, 2, 3
     x, a, b, w, dy, c = _inputs((9,), 12, 10, E, r, torch.float64, 7)
     a, b, w = (t.detach().double().requires_grad_() for t in (a, b, w))

@@ -3,8 +3,8 @@ errors a person can act on. Each test drives `molora train` / `molora eval` on a
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 from pathlib import Path
 
 import pytest
