@@ -50,3 +50,19 @@ def test_gpu_check_script_runs_tiny_on_cpu(tmp_path):
     assert [r["variant"] for r in data["train"]] == ["peft-lora-r8", "molora-▽"]
     assert data["train"][1]["params_trainable"] > data["train"][0]["params_trainable"]
     assert (tmp_path / "gpu_check.png").stat().st_size > 1000
+
+
+def test_generation_benchmark_runs_tiny(tmp_path):
+    """`molora bench generate --tiny`: every variant generates the requested tokens; JSON and PNG are written."""
+    cmd = [sys.executable, "-m", "molora", "bench", "generate", "--tiny", "--batch", "2", "--prompt", "8",
+           "--new-tokens", "4", "--reps", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "bench_generate.json").read_text())
+    assert [r["variant"] for r in data["results"]] == ["frozen", "lora-r8", "lora-r8 merged", "molora-▽",
+                                                        "molora-▽ no stats"]
+    assert all(r["median_s"] > 0 for r in data["results"])
+    assert (tmp_path / "bench_generate.png").stat().st_size > 1000
+    bad = subprocess.run([*cmd[:5], "--tiny", "--new-tokens", "0"], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert bad.returncode == 2 and "--new-tokens=0 must be at least 1" in bad.stderr

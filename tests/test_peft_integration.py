@@ -350,3 +350,28 @@ def test_kernels_import_name_is_left_alone(tmp_path):
 def importlib_spec(name):
     import importlib.util
     return importlib.util.find_spec(name)
+
+
+def test_router_stats_can_be_switched_off_for_inference(tiny_model):
+    """record_router_stats = False: the same outputs, no statistics recorded (router_summary empty, no aux loss);
+    a training forward that would lose its aux loss to it is refused, one without an aux term trains."""
+    model, _ = build(tiny_model, "llama", num_experts=4, top_k=2)
+    batch = inputs()
+    tuner = model.base_model
+    assert tuner.record_router_stats is True
+    with torch.no_grad():
+        want = main_output(model(**batch))
+        assert tuner.router_summary()
+        tuner.record_router_stats = False
+        got = main_output(model(**batch))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert tuner.router_summary() == {} and tuner.last_aux_loss is None
+    model.train()
+    with pytest.raises(RuntimeError, match=r"record_router_stats is False in a training forward, but .* trains with "
+                                           r"aux_loss_coef=0.001"):
+        model(**batch)
+    for m in molora_modules(model):
+        m[1].aux_loss_coef["default"] = 0.0
+    main_output(model(**batch)).sum().backward()  # nothing to lose: trains
+    assert any(p.grad is not None for n, p in model.named_parameters() if "molora_B" in n)
+    tuner.record_router_stats = True

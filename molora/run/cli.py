@@ -2,7 +2,7 @@
 
     molora train RECIPE.yaml [--key value ...]        fine-tune from a YAML recipe (see recipes/)
     molora report OUTPUT_DIR                          loss curves and expert-load heatmap as PNG
-    molora bench kernels|train [options]              benchmarks (JSON + PNG + table)
+    molora bench kernels|train|generate [options]     benchmarks (JSON + PNG + table)
     molora convert-mola SRC DST --num-experts 2,4,6,8 --top-k 2
     molora allocation MODEL --num-experts ▽ --top-k 2 --r 8   print the resolved per-layer table
     molora allocate RECIPE.yaml --method block-influence --budget 120   data-driven allocation
@@ -212,7 +212,7 @@ def _plot_allocation(res, path: Path):
 
 
 def _bench(argv: Sequence[str]) -> int:
-    names = {"kernels": "bench_kernels.py", "train": "bench_train.py"}
+    names = {"kernels": "bench_kernels.py", "train": "bench_train.py", "generate": "bench_generate.py"}
     if not argv or argv[0] not in names:
         print(f"usage: molora bench {{{'|'.join(names)}}} [options]  (--help for the benchmark's options)",
               file=sys.stderr)
@@ -243,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "train": "fine-tune from a YAML recipe",
         "eval": "accuracy of a saved adapter (or the untuned model) under a recipe",
         "report": "render loss curves and the expert-load heatmap of a run",
-        "bench": "run a benchmark (kernels | train)",
+        "bench": "run a benchmark (kernels | train | generate)",
         "convert-mola": "import a checkpoint of the original MoLA code",
         "allocation": "print the resolved per-layer allocation for a model",
         "allocate": "data-driven allocation: per-layer scores -> experts per layer (table, PNG, YAML)",
