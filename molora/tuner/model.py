@@ -205,8 +205,9 @@ class MoLoRAModel(BaseTuner):
         """Whether each forward records the routers' statistics (what :meth:`router_summary`, the aux loss, the
         router regularisers and the training telemetry are computed from). Default True. Switch it off for
         inference that never reads them: they are ~16 % of greedy generation with SmolLM2-135M and ▽ on CPU
-        (``molora bench generate``). A training forward that needs them (a load-balancing loss or a router regulariser with a
-        positive coefficient) refuses to run without them instead of silently dropping those terms."""
+        (``molora bench generate``). A training forward that needs them (a load-balancing loss or a router
+        regulariser with a positive coefficient) refuses to run without them instead of silently dropping those
+        terms."""
         return self.collector.enabled
 
     @record_router_stats.setter
