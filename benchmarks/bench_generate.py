@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import TARGETS, build_base  # noqa: E402
-from common import environment, format_table, plot_ratio_bars, time_alternating, write_json  # noqa: E402
+from common import (environment, format_table, plot_ratio_bars, ratio_results, time_alternating,  # noqa: E402
+                    write_json)
 
 
 def build_tiny():
@@ -102,15 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     mask = torch.ones_like(ids)
     calls = {name: make_generate(m, ids, mask, a.new_tokens) for name, m in models.items()}
     timing = time_alternating(calls, warmup=a.warmup, reps=a.reps, device=device)
-    ref = timing[f"lora-r{a.r}"]["median"]
-    tokens = a.batch * a.new_tokens
-    rows, results = [], []
-    for name in models:
-        t = timing[name]["median"]
-        res = {"variant": name, "median_s": t, "iqr_s": timing[name]["iqr"], "new_tokens_per_s": tokens / t,
-               "ratio_to_lora": t / ref}
-        results.append(res)
-        rows.append([name, t * 1e3, res["new_tokens_per_s"], res["ratio_to_lora"]])
+    results = ratio_results(timing, f"lora-r{a.r}", a.batch * a.new_tokens, rate_key="new_tokens_per_s")
+    rows = [[r["variant"], r["median_s"] * 1e3, r["new_tokens_per_s"], r["ratio_to_lora"]] for r in results]
     model_desc = "tiny random Llama" if a.tiny else ("random SmolLM2-135M shape" if a.random else a.model)
     print(f"\nGreedy generation, {model_desc}, batch {a.batch}, prompt {a.prompt} + {a.new_tokens} new tokens, fp32, "
           f"{device}, {torch.get_num_threads()} threads, median of {int(timing['frozen']['n'])} alternated reps")

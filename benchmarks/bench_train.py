@@ -31,7 +31,8 @@ from typing import Optional, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, format_table, plot_ratio_bars, time_alternating, write_json  # noqa: E402
+from common import (environment, format_table, plot_ratio_bars, ratio_results, time_alternating,  # noqa: E402
+                    write_json)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -140,16 +141,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             fn()
             peak[name] = torch.cuda.max_memory_allocated()
     timing = time_alternating(steps, warmup=a.warmup, reps=a.reps, device=device)
-    ref = timing[f"lora-r{a.r}"]["median"]
-    tokens = a.batch * a.seq
-    rows, results = [], []
-    for name in models:
-        t = timing[name]["median"]
-        res = {"variant": name, "median_s": t, "iqr_s": timing[name]["iqr"], "tokens_per_s": tokens / t,
-               "ratio_to_lora": t / ref, "trainable_params": trainable[name], "saved_activation_mb": act[name] / 2**20,
-               "peak_mem_mb": peak.get(name, 0) / 2**20 if peak else None}
-        results.append(res)
-        rows.append([name, t * 1e3, res["tokens_per_s"], res["ratio_to_lora"], f"{trainable[name]:,}",
+    results = ratio_results(timing, f"lora-r{a.r}", a.batch * a.seq)
+    rows = []
+    for res in results:
+        name = res["variant"]
+        res.update(trainable_params=trainable[name], saved_activation_mb=act[name] / 2**20,
+                   peak_mem_mb=peak.get(name, 0) / 2**20 if peak else None)
+        rows.append([name, res["median_s"] * 1e3, res["tokens_per_s"], res["ratio_to_lora"], f"{trainable[name]:,}",
                      res["saved_activation_mb"]])
     model_desc = "random SmolLM2-135M shape" if a.random else a.model
     print(f"\nTraining step (fwd+bwd+AdamW), {model_desc}, {a.batch}x{a.seq} tokens, lora_dropout {a.dropout}, fp32, "

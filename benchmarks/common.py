@@ -74,6 +74,15 @@ def time_alternating(
     return {n: summarize(v) for n, v in times.items()}
 
 
+def ratio_results(timing: Mapping[str, Mapping[str, float]], reference: str, tokens: int,
+                  rate_key: str = "tokens_per_s") -> list[dict[str, Any]]:
+    """One result row per variant of :func:`time_alternating`'s output: ``variant``, ``median_s``, ``iqr_s``,
+    ``rate_key`` (``tokens`` per median second) and ``ratio_to_lora`` (median / the ``reference`` variant's)."""
+    ref = timing[reference]["median"]
+    return [{"variant": name, "median_s": t["median"], "iqr_s": t["iqr"], rate_key: tokens / t["median"],
+             "ratio_to_lora": t["median"] / ref} for name, t in timing.items()]
+
+
 def summarize(samples: Sequence[float]) -> dict[str, float]:
     s = sorted(samples)
     q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0], s[0], s[0]]
