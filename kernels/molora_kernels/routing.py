@@ -59,7 +59,7 @@ class RouterStats:
     gate_sum: torch.Tensor
     entropy_sum: torch.Tensor
     n_tokens: torch.Tensor
-    dropped: Optional[torch.Tensor] = None
+    dropped: torch.Tensor
 
     @property
     def num_experts(self) -> int:
@@ -321,7 +321,7 @@ def merge_stats(stats: Sequence[RouterStats]) -> RouterStats:
         gate_sum=torch.stack([s.gate_sum for s in stats]).sum(0),
         entropy_sum=torch.stack([s.entropy_sum for s in stats]).sum(),
         n_tokens=torch.stack([s.n_tokens for s in stats]).sum(),
-        dropped=torch.stack([torch.zeros_like(s.n_tokens) if s.dropped is None else s.dropped for s in stats]).sum(),
+        dropped=torch.stack([s.dropped for s in stats]).sum(),
     )
 
 

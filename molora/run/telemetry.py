@@ -89,7 +89,7 @@ class RouterTelemetry:
             buf[off] += w
             buf[off + 1] += float(s["entropy"]) * w
             buf[off + 2] += float(s["entropy_norm"]) * w
-            buf[off + 3] += float(s.get("dropped", 0.0)) * w
+            buf[off + 3] += float(s["dropped"]) * w
             buf[off + 4: off + 4 + e] += torch.tensor(load, dtype=torch.float64) * w
         self.forwards += 1
 
@@ -154,7 +154,7 @@ def router_headline(router: dict[str, Any]) -> dict[str, float]:
         return {}
     out = {"router_entropy_norm": round(sum(router["entropy_norm"]) / len(router["entropy_norm"]), 4),
            "router_max_imbalance": round(max(router["imbalance"]), 4)}
-    if router.get("dropped") and any(router["dropped"]):
+    if any(router.get("dropped") or []):  # only where a capacity router drops tokens
         out["router_max_dropped"] = round(max(router["dropped"]), 4)
     return out
 

@@ -21,6 +21,9 @@ from molora_kernels import get_layout, get_router, moe_lora
 from .base_layers import base_layer_type
 from .router_state import AuxLossGrad, RegularizerGrad, RouterCollector, in_backward, mean_entropy, mean_z
 
+#: router options that weight a regulariser computed from the routing (option -> the term it weights)
+REGULARIZER_OPTIONS = {"entropy_coef": "entropy", "z_loss_coef": "z"}
+
 
 class RoutedMergeError(RuntimeError):
     """Routed experts cannot be folded into a static weight."""
@@ -230,14 +233,24 @@ class Linear(nn.Module, MoLoRALayer):
                              f"model with input_ids; inputs_embeds, packed or re-shaped inputs cannot be hashed)")
         return ids
 
+    def terms_needing_stats(self, name: str) -> list[str]:
+        """The loss terms of adapter ``name`` computed from the routing statistics (``"aux_loss_coef=0.001"``,
+        ``"z_loss_coef=0.01"``): what a training forward loses when ``record_router_stats`` is off."""
+        if self.num_experts.get(name, 1) <= 1:
+            return []
+        terms = []
+        if self.aux_loss_coef[name] > 0 and get_router(self.router_type[name]).aux_loss is not None:
+            terms.append(f"aux_loss_coef={self.aux_loss_coef[name]:g}")
+        opts = self.router_options[name] or {}
+        return terms + [f"{key}={opts[key]:g}" for key in REGULARIZER_OPTIONS if opts.get(key, 0.0) > 0]
+
     def _router_regularizers(self, name: str, x: torch.Tensor, delta: torch.Tensor, probs: torch.Tensor,
                              mask: Optional[torch.Tensor], record) -> torch.Tensor:
         """The router's loss terms besides the aux loss, from its options: ``entropy_coef`` (mean router entropy,
         top-p) and ``z_loss_coef`` (mean logsumexp(logits)^2, Switch). Their weighted values go to the forward
         record (added to the returned loss), their gradients are injected in backward like the aux gradient."""
         opts = self.router_options[name]
-        terms = [(c, kind) for c, kind in ((opts.get("entropy_coef", 0.0), "entropy"), (opts.get("z_loss_coef", 0.0), "z"))
-                 if c > 0]
+        terms = [(opts[key], kind) for key, kind in REGULARIZER_OPTIONS.items() if opts.get(key, 0.0) > 0]
         if not terms or self.num_experts[name] <= 1:
             return delta
         weights = (mask.reshape(-1).to(torch.float32) if mask is not None

@@ -216,16 +216,9 @@ class MoLoRAModel(BaseTuner):
 
     def _check_stats_for_training(self) -> None:
         """Raise when a training forward would lose its aux loss or router regularisers to record_router_stats."""
-        needs = []
         for m in self.model.modules():
             if isinstance(m, MoLoRALayer):
-                for name in m.active_adapters:
-                    if name not in m.router_type or m.num_experts.get(name, 1) <= 1:
-                        continue
-                    if m.aux_loss_coef[name] > 0 and get_router(m.router_type[name]).aux_loss is not None:
-                        needs.append(f"aux_loss_coef={m.aux_loss_coef[name]:g}")
-                    needs += [f"{k}={v:g}" for k, v in (m.router_options[name] or {}).items()
-                              if k in ("entropy_coef", "z_loss_coef") and v > 0]
+                needs = [t for name in m.active_adapters if name in m.router_type for t in m.terms_needing_stats(name)]
                 if needs:
                     raise RuntimeError(
                         f"record_router_stats is False in a training forward, but {m.module_name} trains with "

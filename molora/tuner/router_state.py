@@ -288,6 +288,6 @@ def summarize(record: ForwardRecord) -> dict[Optional[int], dict[str, object]]:
             "entropy": ent,
             "entropy_norm": ent / float(torch.log(torch.tensor(float(e)))) if e > 1 else 1.0,
             "imbalance": max(load) * e if e > 0 else 1.0,
-            "dropped": float(m.dropped) / n if m.dropped is not None else 0.0,
+            "dropped": float(m.dropped) / n,
         }
     return out
