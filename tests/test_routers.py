@@ -315,7 +315,7 @@ def test_routers_per_layer_groups_and_lists(tiny_model):
         if hasattr(m, "router_type") and "default" in m.router_type:
             by_layer.setdefault(m.layer_index, set()).add((m.router_type["default"],
                                                            tuple(sorted(m.router_options["default"].items()))))
-    assert by_layer[0] == by_layer[1] == {("topk", ())}
+    assert by_layer[0] == by_layer[1] == {("topk", (("z_loss_coef", 0.0),))}  # topk's one option: the z-loss
     assert by_layer[2] == by_layer[3] == {("topp", (("entropy_coef", 0.0), ("top_p", 0.6)))}
     cfg = model.peft_config["default"]
     assert [row["router"] for row in cfg.allocation] == ["topk", "topk", "topp", "topp"]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from molora.run.sweep import SweepError, parse_cells_spec, plan_cells, summary_markdown
+from molora.run.sweep import (SweepError, parse_arm, parse_cells_spec, parse_search, plan_cells, plan_search_cells,
+                              summary_markdown)
 
 from test_train import _isolated_env, assets, write_recipe  # noqa: F401 (fixtures)
 
@@ -80,14 +81,18 @@ def test_sweep_killed_mid_cell_resumes_to_the_same_table(assets, tmp_path, capsy
     assert out.count(": resumed (") == 4
     a = json.loads((tmp_path / "full" / "sweep" / "summary.json").read_text())
     b = json.loads((sweep_dir / "summary.json").read_text())
-    assert a["rows"] == b["rows"] and a["paired"] == b["paired"]
-    assert b["cells_done"] == 4 and {"val loglik", "validation loglik"} <= set(b["metrics"])
+    untimed = lambda rows: [{k: v for k, v in r.items() if k != "train seconds"} for r in rows]  # noqa: E731
+    assert untimed(a["rows"]) == untimed(b["rows"]) and a["paired"] == b["paired"]
+    assert b["cells_done"] == 4 and {"val loglik accuracy", "val loglik accuracy_norm", "validation loglik accuracy",
+                                     "validation loglik accuracy_norm"} <= set(b["metrics"])
     lora = next(r for r in b["rows"] if r["allocation"] == "lora")
     tri = next(r for r in b["rows"] if r["allocation"] == "inverted_triangle")
     assert abs(lora["trainable params"]["mean"] - tri["trainable params"]["mean"]) / tri["trainable params"]["mean"] \
         < 0.1, "LoRA's rank matches the mixtures' trainable parameters"
     assert (sweep_dir / "summary.png").stat().st_size > 1000
-    assert "Paired per seed, vs inverted_triangle" in (sweep_dir / "summary.md").read_text()
+    md = (sweep_dir / "summary.md").read_text()
+    assert "Paired vs inverted_triangle" in md and "paired over 8 questions × 2 seeds" in md
+    assert (sweep_dir / "lora-seed0" / "predictions_after.json").is_file()
     # a third run skips everything; --report alone re-merges
     assert _sweep([part, *args]) == 0
     assert capsys.readouterr().out.count("skipped (finished)") == 4
@@ -96,11 +101,101 @@ def test_sweep_killed_mid_cell_resumes_to_the_same_table(assets, tmp_path, capsy
 
 def test_summary_statistics():
     """mean, sample std and the 95 % t half-width over seeds; paired differences."""
-    from molora.run.sweep import _ci
+    from molora.run.paired_stats import t_interval
 
-    mean, sd, half = _ci([0.5, 0.6, 0.7])
+    mean, sd, half = t_interval([0.5, 0.6, 0.7])
     assert mean == pytest.approx(0.6) and sd == pytest.approx(0.1) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
-    text = summary_markdown({"cells_done": 1, "cells_planned": 2, "metrics": ["val loglik"], "paired": {},
-                             "rows": [{"allocation": "lora", "seeds": [0], "val loglik": {
+    text = summary_markdown({"cells_done": 1, "cells_planned": 2, "metrics": ["val loglik accuracy"], "paired": {},
+                             "rows": [{"allocation": "lora", "seeds": [0], "val loglik accuracy": {
                                  "mean": 0.5, "std": float("nan"), "ci95": float("nan"), "n": 1, "values": [0.5]}}]})
     assert "| lora | 1 | 0.500 (n=1) | - | - |" in text
+
+
+def test_arms_and_search_grid_parse_and_refuse_bad_input():
+    arm = parse_arm("▽@allocation.router_init=zeros@train.router_lr_multiplier=10")
+    assert arm.allocation == "▽" and arm.overrides == (("allocation.router_init", "zeros"),
+                                                        ("train.router_lr_multiplier", "10"))
+    assert arm.slug == "inverted_triangle-router_initzeros-router_lr_multiplier10"
+    assert parse_arm("lora-active").slug == "lora-active" and parse_arm("base").slug == "base"
+    grid = parse_search(["train.learning_rate=1e-4,3e-4", "allocation.top_k=1,2"])
+    assert grid == [{"train.learning_rate": "1e-4", "allocation.top_k": "1"},
+                    {"train.learning_rate": "1e-4", "allocation.top_k": "2"},
+                    {"train.learning_rate": "3e-4", "allocation.top_k": "1"},
+                    {"train.learning_rate": "3e-4", "allocation.top_k": "2"}]
+    cells = plan_search_cells(["▽", "lora", "base"], grid, [0])
+    assert len(cells) == 8 and cells[0].folder == "search/inverted_triangle-g0-seed0"
+    assert cells[1].extra == ("--train.learning_rate", "1e-4", "--allocation.top_k", "2")
+    final = plan_cells(["▽", "base"], [0, 1], {"inverted_triangle": {"train.learning_rate": "3e-4"}})
+    assert [c.name for c in final] == ["inverted_triangle-seed0", "inverted_triangle-seed1", "base"]
+    assert final[0].extra == ("--train.learning_rate", "3e-4") and final[2].seed is None
+    for bad, match in [("▽@lr=1", "not a recipe key"), ("▽@train.learning_rate", "not section.key=value"),
+                       ("base@train.seed=1", "takes no overrides")]:
+        with pytest.raises(SweepError, match=match):
+            parse_arm(bad)
+    for bad, match in [(["train.learning_rate="], "has no value"), (["train.seed=1,2"], "set by the sweep"),
+                       (["train.learning_rate=1,1"], "a value repeats"),
+                       (["train.learning_rate=1", "train.learning_rate=2"], "given twice")]:
+        with pytest.raises(SweepError, match=match):
+            parse_search(bad)
+
+
+def test_search_selects_on_validation_then_reruns_the_choice_over_seeds(assets, tmp_path, capsys):
+    """Every arm gets the same grid; the selection is the best validation score; the final cells train the selected
+    setting over the seeds and are scored on held-out data; the untuned model is a row; matched LoRAs both ways."""
+    recipe = write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run",
+                          train={"max_steps": 2, "save_steps": 2, "logging_steps": 1},
+                          eval={"before": False, "loglik_max_examples": 8, "generation": False},
+                          report={"wandb": False, "plots": False})
+    args = ["--allocations", "▽,lora,lora-active,base", "--seeds", "0,1", "--search", "train.learning_rate=1e-6,0.05",
+            "--eval-file", assets["validation"]]
+    assert _sweep([recipe, *args]) == 0
+    out = capsys.readouterr().out
+    sweep_dir = tmp_path / "run" / "sweep"
+    sel = json.loads((sweep_dir / "search.json").read_text())
+    assert sel["primary"] == "val loglik accuracy" and set(sel["arms"]) == {"inverted_triangle", "lora", "lora-active"}
+    from molora.run.sweep_report import cell_metrics
+
+    for slug, s in sel["arms"].items():
+        scores = [cell_metrics(sweep_dir / "search" / f"{slug}-g{g}-seed0")["val loglik accuracy"] for g in (0, 1)]
+        assert s["scores"] == scores
+        best = max(range(2), key=lambda g: (scores[g], -g))
+        assert s["selected"] == best and s["setting"] == sel["grid"][best]
+        lr = float(s["setting"]["train.learning_rate"])
+        run = json.loads((sweep_dir / f"{slug}-seed1" / "metrics.jsonl").read_text().splitlines()[0])
+        assert run["recipe"]["train"]["learning_rate"] == pytest.approx(lr), "final cells train the selection"
+    assert "selected for inverted_triangle on validation" in out
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    rows = {r["allocation"]: r for r in summary["rows"]}
+    assert rows["base"]["untuned"] and rows["base"]["seeds"] == []
+    assert rows["lora-active"]["trainable params"]["mean"] < rows["lora"]["trainable params"]["mean"]
+    assert not (sweep_dir / "search" / "lora-g0-seed0" / "eval-validation.json").exists(), "held-out: final only"
+    vs_base = {(i["allocation"], i["metric"]): i for i in summary["paired"]["vs base"]}
+    item = vs_base[("lora", "validation loglik accuracy")]
+    assert item["bootstrap"]["n_seeds"] == 2 and item["bootstrap"]["n_questions"] == 8
+    assert item["diff_mean"] == pytest.approx(rows["lora"]["validation loglik accuracy"]["mean"]
+                                              - rows["base"]["validation loglik accuracy"]["mean"])
+    md = (sweep_dir / "summary.md").read_text()
+    assert "base (untuned)" in md and "Settings selected on validation" in md and "resolvable ≥" in md
+
+
+def test_paired_bootstrap_matches_the_paired_difference_and_its_standard_error():
+    import random
+
+    from molora.run.paired_stats import MDE_FACTOR, paired_bootstrap
+
+    rng = random.Random(0)
+    q = 400
+    b = {0: {str(i): rng.random() < 0.5 for i in range(q)}}
+    a = {0: {k: (v if rng.random() < 0.8 else not v) or rng.random() < 0.1 for k, v in b[0].items()}}
+    d = [int(a[0][k]) - int(b[0][k]) for k in b[0]]
+    mean = sum(d) / q
+    se = (sum((x - mean) ** 2 for x in d) / (q - 1) / q) ** 0.5
+    r = paired_bootstrap(a, b, n_boot=8000)
+    assert r["diff"] == pytest.approx(mean) and r["n_questions"] == q and r["n_seeds"] == 1
+    assert r["se"] == pytest.approx(se, rel=0.08)
+    assert r["lo"] < mean < r["hi"] and r["mde"] == pytest.approx(MDE_FACTOR * r["se"])
+    assert r["wins"] == sum(x > 0 for x in d) and r["losses"] == sum(x < 0 for x in d)
+    # a seed-independent reference pairs with every seed; identical arms differ by exactly 0
+    same = paired_bootstrap({0: b[0], 1: b[0]}, {None: b[0]})
+    assert same["diff"] == 0 and same["lo"] == same["hi"] == 0 and same["n_seeds"] == 2 and same["p"] == 1.0
+    assert paired_bootstrap(a, {5: b[0]}) is None

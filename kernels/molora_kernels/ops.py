@@ -237,7 +237,8 @@ def moe_lora(
     name = "shared_a" if shared else resolve_backend(backend, x2, a_all, b_all, router_weight, top_k, router,
                                                       needs_backward)
     kw = dict(top_k=top_k, scaling=scaling, dropout=dropout, training=training, router=router)
-    if router_options:  # only routers with options take them, and those run on the torch/reference backends
+    router_options = get_router(router).routing_options(router_options)  # loss weights are the tuner's business
+    if router_options:  # only routers with routing options take them, and those run on the torch/reference backends
         kw["router_options"] = router_options
     if token_ids is not None:  # likewise for routers that route by token id
         if token_ids.shape != lead:

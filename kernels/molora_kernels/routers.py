@@ -43,6 +43,9 @@ class RouterOption:
     low_open: bool = True      # the interval excludes ``low``
     high_open: bool = False    # the interval excludes ``high``
     doc: str = ""
+    #: the option changes the routing itself (passed to ``route_fn``); False: a loss weight the tuner applies
+    #: (``z_loss_coef``, ``entropy_coef``), which any backend can run with
+    routing: bool = True
 
     def interval(self) -> str:
         return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
@@ -105,6 +108,11 @@ class Router:
             raise ValueError(f"router {self.name!r} has no option {unknown[0]!r}; its options: {allowed}")
         return {name: o.check(given.get(name, o.default), self.name) for name, o in known.items()}
 
+    def routing_options(self, options=None) -> dict:
+        """The options that change the routing (what ``route_fn`` and the backends see); loss weights dropped."""
+        names = {o.name for o in self.options if o.routing}
+        return {k: v for k, v in (options or {}).items() if k in names}
+
     def route(self, logits, top_k: int, options=None, token_ids=None):
         """``Routing`` of [T, E] logits (float32 inside); ``options`` as :meth:`resolve_options` takes them;
         ``token_ids`` [T] for routers that route by them (refused naming the router when missing)."""
@@ -164,7 +172,7 @@ CAPACITY_FACTOR = RouterOption("capacity_factor", 1.25, 0.0, 1e6, low_open=True,
                                    "skip the adapter")
 Z_LOSS_COEF = RouterOption("z_loss_coef", 0.0, 0.0, 1e6, low_open=False, high_open=False,
                            doc="weight of the router z-loss mean(logsumexp(logits)^2) added to the loss (0 disables "
-                               "it; the paper uses 0.001)")
+                               "it; the paper uses 0.001)", routing=False)
 
 #: Expert choice (Zhou et al., 2022): the average number of experts per token
 EC_CAPACITY = RouterOption("capacity_factor", 2.0, 0.0, 1e6, low_open=True, high_open=False,
@@ -176,7 +184,7 @@ TOP_P = RouterOption("top_p", 0.75, 0.0, 1.0, low_open=True, high_open=False,
                      doc="probability mass the selected experts must reach")
 ENTROPY_COEF = RouterOption("entropy_coef", 0.0, 0.0, 1e6, low_open=False, high_open=False,
                             doc="weight of the mean router entropy added to the loss (the dynamic-routing "
-                                "regulariser; 0 disables it)")
+                                "regulariser; 0 disables it)", routing=False)
 
 
 def router_names() -> list[str]:
@@ -209,10 +217,12 @@ def get_router(name: str) -> Router:
 
 register_router(Router(
     "topk", "MoLA: softmax over the experts, top-k, renormalise the chosen weights (the default)",
-    route_fn="routing:route_topk", logits_grad_fn="routing:topk_logits_grad", selects_top_k=True, aux_loss="mola"))
+    route_fn="routing:route_topk", logits_grad_fn="routing:topk_logits_grad", selects_top_k=True, aux_loss="mola",
+    options=(Z_LOSS_COEF,)))
 register_router(Router(
     "soft", "LoRAMoE-style dense softmax: every expert, weighted by its probability (no load-balancing loss)",
-    route_fn="routing:route_soft", logits_grad_fn="routing:soft_logits_grad", selects_top_k=False, aux_loss=None))
+    route_fn="routing:route_soft", logits_grad_fn="routing:soft_logits_grad", selects_top_k=False, aux_loss=None,
+    options=(Z_LOSS_COEF,)))
 register_router(Router(
     "topp", "dynamic top-p: experts in order of probability until their mass reaches top_p (at most top_k), "
             "weighted by their probabilities (Huang et al. 2024; MoE-PEFT's dynamic MixLoRA)",

@@ -6,6 +6,8 @@
     molora convert-mola SRC DST --num-experts 2,4,6,8 --top-k 2
     molora allocation MODEL --num-experts ▽ --top-k 2 --r 8   print the resolved per-layer table
     molora allocate RECIPE.yaml --method block-influence --budget 120   data-driven allocation
+    molora sweep RECIPE.yaml --allocations ▽,lora,base --search train.learning_rate=1e-4,3e-4   tuned study
+    molora split FILE.jsonl --out DIR --sizes dev=500,test=500       carve validation / test slices
 """
 from __future__ import annotations
 
@@ -250,6 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "sweep": "equal-budget allocation study: one training run per allocation x seed, merged table",
         "merge-experts": "fewer experts per layer after training (exact where unused, else lossy and measured)",
         "lm-eval": "lm-evaluation-harness with molora adapters (and local tasks from molora JSONL files)",
+        "split": "carve disjoint validation/test slices out of a data file (seeded, recorded)",
     }
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: molora COMMAND [args]\n\ncommands:")
@@ -289,6 +292,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .lm_eval_cmd import main as lm_eval_main
 
         return lm_eval_main(rest)
+    if cmd == "split":
+        from .split_cmd import main as split_main
+
+        return split_main(rest)
     print(f"molora: unknown command {cmd!r}; commands: {', '.join(commands)}", file=sys.stderr)
     return 2
 

@@ -75,13 +75,16 @@ def evaluate_adapter(recipe, adapter: Optional[Path], progress: bool = True) -> 
         molora.register()  # under the `molora` command the package was imported without registering
         model = load_adapter_checked(model, adapter, checked=checked)
     model.eval()
-    return recipe_accuracy(model, tokenizer, rows, PromptTemplate(recipe.data.prompt_template), recipe, progress)
+    return recipe_accuracy(model, tokenizer, rows, PromptTemplate(recipe.data.prompt_template), recipe, progress,
+                           predictions=recipe.eval.save_predictions)
 
 
-def recipe_accuracy(model, tokenizer, rows, template, recipe, progress: bool = True) -> dict[str, Any]:
+def recipe_accuracy(model, tokenizer, rows, template, recipe, progress: bool = True,
+                    predictions: bool = False) -> dict[str, Any]:
     """Loglik and/or generation accuracy of ``model`` on ``rows`` with the recipe's ``eval`` settings and
     ``data.cutoff_len`` (the protocol of ``molora train`` before/after and of ``molora eval``); each entry
-    also has its wall time in ``seconds``."""
+    also has its wall time in ``seconds`` and its speed in ``examples_per_s``. ``predictions``: the loglik entry
+    also holds ``"predictions"`` (per question: id, label, pred, pred_norm, option scores)."""
     from .evaluation import evaluate_generation, evaluate_loglik
 
     e, d = recipe.eval, recipe.data
@@ -89,8 +92,10 @@ def recipe_accuracy(model, tokenizer, rows, template, recipe, progress: bool = T
     if e.loglik:
         t0 = time.perf_counter()
         r = evaluate_loglik(model, tokenizer, rows, template, batch_size=e.batch_size,
-                            max_examples=e.loglik_max_examples, cutoff_len=d.cutoff_len, progress=progress)
-        result["loglik"] = {**r, "seconds": round(time.perf_counter() - t0, 1)}
+                            max_examples=e.loglik_max_examples, cutoff_len=d.cutoff_len, progress=progress,
+                            return_predictions=predictions)
+        dt = time.perf_counter() - t0
+        result["loglik"] = {**r, "seconds": round(dt, 1), "examples_per_s": round(r["n"] / max(dt, 1e-9), 2)}
     if e.generation:
         t0 = time.perf_counter()
         r = evaluate_generation(model, tokenizer, rows, template, max_new_tokens=e.max_new_tokens,
@@ -136,7 +141,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(output, record)
     for kind, r in result.items():
-        print(f"molora eval: {kind} accuracy {r['accuracy']:.3f} (n={r['n']})")
+        norm = f", accuracy_norm {r['accuracy_norm']:.3f}" if "accuracy_norm" in r else ""
+        print(f"molora eval: {kind} accuracy {r['accuracy']:.3f}{norm} (n={r['n']})")
     print(f"  results: {output}")
     return 0
 

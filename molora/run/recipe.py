@@ -155,6 +155,9 @@ class AllocationSection(_Section):
     backend: str = "auto"
     layout: str = "stacked"                                # expert layout: stacked (MoLA) or shared_a (HydraLoRA)
     init_weights: bool = True
+    router_init: Literal["kaiming", "zeros"] = "kaiming"     # zeros: every token starts uniform over the experts
+    expert_init: Literal["kaiming", "orthogonal"] = "kaiming"  # orthogonal: experts start on disjoint directions
+    shared_expert_r: int = Field(0, ge=0)                  # rank of an always-on shared expert (0: none)
     # num_experts: "auto:METHOD" (molora.run.allocate): how the per-layer scores become expert counts
     auto_beta: Optional[float] = Field(None, ge=0)         # E_l ∝ score^beta (None: the method's default)
     auto_min: Optional[int] = Field(None, ge=1)            # experts per layer, at least (None: top_k, or 1)
@@ -231,6 +234,9 @@ class TrainSection(_Section):
     dataloader_num_workers: int = Field(0, ge=0)
     #: compute the LM head only at positions that carry a label (same loss; faster with answer-only data)
     logits_at_labels_only: bool = True
+    #: the routers' learning rate = learning_rate x this (routers see tiny gradients while B is small; > 1 lets
+    #: them specialise sooner)
+    router_lr_multiplier: float = Field(1.0, gt=0)
     deepspeed: Optional[str] = None
     run_name: Optional[str] = None
     #: what a non-finite loss or gradient does: "error" stops the run naming the step (the last checkpoint is
@@ -275,6 +281,12 @@ class EvalSection(_Section):
     generation_max_examples: Optional[int] = Field(50, ge=1)
     max_new_tokens: int = Field(8, ge=1)
     batch_size: int = Field(8, ge=1)
+    #: the metric a sweep selects settings by and lists first (lm-eval's convention per task: accuracy for
+    #: CSQA/ScienceQA/GLUE, accuracy_norm -- log-likelihood per byte of the option -- for OpenBookQA/ARC/HellaSwag)
+    primary_metric: Literal["accuracy", "accuracy_norm"] = "accuracy"
+    #: keep per-question predictions of the log-likelihood scoring (predictions_<stage>.json beside results.json):
+    #: what paired comparisons between runs read
+    save_predictions: bool = True
 
 
 class ReportSection(_Section):

@@ -1,60 +1,79 @@
-"""``molora sweep``: equal-budget allocation studies, one normal ``molora train`` run per cell.
+"""``molora sweep``: equal-budget allocation studies with tuned baselines, one normal ``molora train`` run per cell.
 
-    molora sweep RECIPE.yaml --allocations ▽,□,△,⋈,◇,auto:block-influence,lora --seeds 0,1,2
+    molora sweep RECIPE.yaml --allocations ▽,□,auto:block-influence,lora,lora-active,base --seeds 0,1,2
+                 [--search KEY=V1,V2,... ...] [--search-seeds 0] [--phase search|final|all]
                  [--cells i/N] [--eval-file FILE ...] [--report] [--section.key value ...]
 
-A *cell* is one allocation × one seed. Every cell trains with the recipe as it is (same data, steps, batch,
-schedule; the same ``--section.key value`` overrides as ``molora train``) except:
+An *arm* is one entry of ``--allocations``; a *cell* is one arm × one seed (× one search setting). Every cell trains
+with the recipe as it is (same data, steps, batch, schedule; the same ``--section.key value`` overrides as ``molora
+train``) except:
 
 * shapes (presets, block strings) and ``auto:METHOD`` get ``allocation.expert_budget`` = the sweep's budget (the
-  recipe's ``expert_budget``, else the total of its own ``num_experts`` on this model), so every mixture has
-  (about) the same number of experts; the exact total of each cell is reported;
-* ``lora`` is plain LoRA (one expert per layer, top-1) whose rank matches the mixtures' trainable parameters
-  (``round(P_mix / sum(d_in + d_out))`` over the targeted projections): the comparison is at equal parameters;
-* ``train.seed`` = the cell's seed, ``train.output_dir`` = ``<output_dir>/sweep/<allocation>-seed<seed>``.
+  recipe's ``expert_budget``, else the total of its own ``num_experts`` on this model), so every mixture has (about)
+  the same number of experts;
+* ``lora`` is plain LoRA (one expert per layer) whose rank matches the mixtures' trainable parameters
+  (``round(P_mix / sum(d_in + d_out))``); ``lora-active`` is plain LoRA whose rank equals the mixtures' active rank
+  per token (``top_k x r``): the two ways to match a mixture;
+* ``base`` is the untuned model: scored once (no training, no seeds) on every split, a row in every table;
+* ``ARM@section.key=value@...`` adds overrides to one arm (a lever such as ``▽@allocation.router_init=zeros``);
+* ``train.seed`` = the cell's seed, ``train.output_dir`` = ``<output_dir>/sweep/<cell>``.
+
+**Search.** ``--search KEY=V1,V2`` (repeatable; the grid is their product) tunes every trained arm with the same
+budget: each arm trains every grid point on ``--search-seeds`` (default: the first seed) in ``sweep/search/``, is
+scored on the recipe's evaluation rows (``data.eval_file``: the *validation* split; never a split you report as held
+out), and keeps the grid point with the best ``eval.primary_metric`` (ties: the earlier point). The final cells
+then train each arm's selected setting over ``--seeds``; score them on held-out data with ``--eval-file``. The
+selection is written to ``sweep/search.json`` and reused by later runs.
 
 Cells run as ``python -m molora.run.train`` subprocesses, one at a time. Resumable: a cell with ``results.json`` is
-skipped; one that was killed is resumed (``--resume latest``: from its newest checkpoint, or from scratch when it
-died before one). ``--cells i/N`` runs only the cells with ``index % N == i - 1`` (several machines, one output
-directory or copies merged later). ``--eval-file`` scores every finished cell on extra choices-format files with
-``molora eval``. At the end (and with ``--report`` alone) the results found are merged into
-``sweep/summary.json``, ``sweep/summary.md`` and ``sweep/summary.png``: mean ± std and a 95 % t-interval per
-allocation and metric, and paired per-seed differences of each allocation against ▽ and against LoRA.
+skipped; one that was killed is resumed (``--resume latest``). ``--cells i/N`` runs only the cells of the phase with
+``index % N == i - 1`` (several processes or machines; ``--phase search`` in all of them first, then ``--phase
+final``). ``--eval-file`` scores every finished cell on extra choices-format files with ``molora eval``. At the end
+(and with ``--report`` alone) the results are merged into ``sweep/summary.{json,md,png}``
+(:mod:`molora.run.sweep_report`).
 
-Over 400 lines because one command plans cells, runs them resumably and merges their results into the
-statistics table; each part is small and they share the cell naming.
+Over 400 lines because one command plans arms, search and final cells, runs them resumably and selects settings;
+the statistics live in :mod:`molora.run.sweep_report` and :mod:`molora.run.paired_stats`.
 """
 from __future__ import annotations
 
+import itertools
 import json
-import math
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .paired_stats import t_interval as _ci  # noqa: F401 (re-exported for callers of the 0.2 name)
 from .recipe import Recipe, RecipeError, load_recipe, parse_overrides
+from .sweep_report import summarise, summary_markdown
 
-__all__ = ["main", "plan_cells", "summarise", "parse_cells_spec", "SweepError"]
+__all__ = ["main", "plan_cells", "plan_search_cells", "parse_arm", "parse_search", "summarise", "summary_markdown",
+           "parse_cells_spec", "SweepError", "Arm", "Cell"]
 
-USAGE = """usage: molora sweep RECIPE.yaml --allocations A,B,... [--seeds 0,1,2] [--cells i/N] [--eval-file FILE ...]
+USAGE = """usage: molora sweep RECIPE.yaml --allocations A,B,... [--seeds 0,1,2] [--search KEY=V1,V2 ...]
+                    [--search-seeds 0] [--phase search|final|all] [--cells i/N] [--eval-file FILE ...]
                     [--report] [--section.key VALUE ...]
 
   --allocations   presets (▽ □ △ ⋈ ◇ or their names), block strings ("2|4|6|8" with | between values, or
-                  run-together digits 2468), auto:METHOD, lora
-  --seeds         comma-separated seeds (default: 0)
-  --cells i/N     run only cells i, i+N, i+2N, ... (1-based) of the plan
-  --eval-file F   also score every cell on this choices-format JSONL (repeatable)
+                  run-together digits 2468), auto:METHOD, lora (matched parameters), lora-active (matched
+                  active rank top_k x r), base (the untuned model); ARM@section.key=value adds overrides to one arm
+  --seeds         comma-separated seeds of the final cells (default: 0)
+  --search K=V,.. tune every arm over these values of recipe key K (repeatable: the grid is the product), chosen
+                  on the recipe's eval_file by eval.primary_metric, with the same budget for every arm
+  --search-seeds  seeds of the search cells (default: the first of --seeds)
+  --phase         search, final or all (default): with --cells, run the search in every process first
+  --cells i/N     run only cells i, i+N, i+2N, ... (1-based) of the phase
+  --eval-file F   also score every final cell (and base) on this choices-format JSONL (repeatable): held-out data
   --report        only merge the results that exist into sweep/summary.{json,md,png}"""
 
-#: t_{0.975, df} for df = 1..30 (two-sided 95 % intervals of a mean over few seeds)
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+#: arms that are not mixtures of the sweep's budget
+LORA_ARMS = ("lora", "lora-active")
+BASE_ARM = "base"
 
 
 class SweepError(ValueError):
@@ -62,15 +81,38 @@ class SweepError(ValueError):
 
 
 @dataclass(frozen=True)
+class Arm:
+    """One entry of ``--allocations``: an allocation and the recipe overrides of this arm alone."""
+
+    spec: str                                   # as given
+    allocation: str                             # canonical: preset, blocks, auto:M, lora, lora-active, base
+    overrides: tuple[tuple[str, str], ...] = ()  # (section.key, raw value)
+    slug: str = ""                              # folder-safe name
+
+    def override_args(self) -> list[str]:
+        return [a for k, v in self.overrides for a in (f"--{k}", v)]
+
+
+@dataclass(frozen=True)
 class Cell:
     index: int
-    allocation: str   # as given
-    slug: str         # folder-safe name
-    seed: int
+    allocation: str   # the arm's canonical allocation
+    slug: str         # the arm's folder-safe name
+    seed: Optional[int]                                  # None: the untuned model (seed-independent)
+    arm: Optional[Arm] = field(default=None, compare=False)
+    setting: Optional[int] = None                        # search grid point, None for final cells
+    extra: tuple[str, ...] = ()                          # CLI overrides of the grid point / selected setting
 
     @property
     def name(self) -> str:
-        return f"{self.slug}-seed{self.seed}"
+        if self.seed is None:
+            return self.slug
+        g = f"-g{self.setting}" if self.setting is not None else ""
+        return f"{self.slug}{g}-seed{self.seed}"
+
+    @property
+    def folder(self) -> str:
+        return f"search/{self.name}" if self.setting is not None else self.name
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -79,8 +121,8 @@ class Cell:
 def _slug(alloc: str) -> str:
     from ..allocation.specs import is_auto, preset_name
 
-    if alloc == "lora":
-        return "lora"
+    if alloc in LORA_ARMS or alloc == BASE_ARM:
+        return alloc
     if is_auto(alloc):
         return "auto-" + alloc.split(":", 1)[1].strip().lower()
     p = preset_name(alloc)
@@ -90,13 +132,13 @@ def _slug(alloc: str) -> str:
 
 
 def _check_allocation_name(alloc: str) -> str:
-    """Canonical form of one ``--allocations`` entry, or SweepError naming it."""
+    """Canonical form of one ``--allocations`` entry's allocation, or SweepError naming it."""
     from ..allocation.methods import get_method
     from ..allocation.specs import auto_method, is_auto, preset_name
 
     a = alloc.strip()
-    if a.lower() == "lora":
-        return "lora"
+    if a.lower() in LORA_ARMS or a.lower() == BASE_ARM:
+        return a.lower()
     if is_auto(a):
         try:
             get_method(auto_method(a))
@@ -108,7 +150,55 @@ def _check_allocation_name(alloc: str) -> str:
     if re.fullmatch(r"\d+(\|\d+)+|\d{2,}", a):
         return a.replace("|", ",")
     raise SweepError(f"--allocations: unknown allocation {a!r}; allowed: presets (▽ □ △ ⋈ ◇ or inverted_triangle, "
-                     f"uniform, triangle, hourglass, diamond), block strings like 2|4|6|8 or 2468, auto:METHOD, lora")
+                     f"uniform, triangle, hourglass, diamond), block strings like 2|4|6|8 or 2468, auto:METHOD, lora, "
+                     f"lora-active, base")
+
+
+def _split_assignment(text: str, where: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise SweepError(f"{where}: {text!r} is not section.key=value (e.g. allocation.router_init=zeros)")
+    key, value = (t.strip() for t in text.split("=", 1))
+    if not re.fullmatch(r"[a-z_]+\.[A-Za-z0-9_]+", key):
+        raise SweepError(f"{where}: {key!r} is not a recipe key section.key (e.g. train.learning_rate)")
+    if value == "":
+        raise SweepError(f"{where}: {key} has no value")
+    return key, value
+
+
+def parse_arm(spec: str) -> Arm:
+    """``"▽@allocation.router_init=zeros@train.learning_rate=1e-3"`` -> an :class:`Arm`."""
+    head, *assigns = spec.strip().split("@")
+    alloc = _check_allocation_name(head)
+    overrides = tuple(_split_assignment(a, f"--allocations {spec!r}") for a in assigns)
+    if alloc == BASE_ARM and overrides:
+        raise SweepError(f"--allocations {spec!r}: base is the untuned model; it takes no overrides")
+    slug = _slug(alloc)
+    for k, v in overrides:
+        slug += "-" + re.sub(r"[^A-Za-z0-9._]+", "", k.split(".", 1)[1]) + re.sub(r"[^A-Za-z0-9.+-]+", "", v)
+    return Arm(spec.strip(), alloc, overrides, slug)
+
+
+def parse_search(items: Sequence[str]) -> list[dict[str, str]]:
+    """``["train.learning_rate=1e-4,3e-4", "allocation.top_k=1,2"]`` -> the grid (list of {key: raw value})."""
+    axes: list[tuple[str, list[str]]] = []
+    for item in items:
+        key, values = _split_assignment(item, "--search")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not vals:
+            raise SweepError(f"--search {item!r}: no values")
+        if len(set(vals)) != len(vals):
+            raise SweepError(f"--search {item!r}: a value repeats")
+        if key in (k for k, _ in axes):
+            raise SweepError(f"--search: {key} is given twice; list all its values in one --search")
+        if key in ("train.seed", "train.output_dir"):
+            raise SweepError(f"--search: {key} is set by the sweep itself; tune other keys")
+        axes.append((key, vals))
+    return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])] \
+        if axes else []
+
+
+def _setting_args(setting: dict[str, str]) -> tuple[str, ...]:
+    return tuple(a for k, v in setting.items() for a in (f"--{k}", v))
 
 
 def parse_cells_spec(spec: Optional[str]) -> tuple[int, int]:
@@ -124,16 +214,40 @@ def parse_cells_spec(spec: Optional[str]) -> tuple[int, int]:
     return i, n
 
 
-def plan_cells(allocations: Sequence[str], seeds: Sequence[int]) -> list[Cell]:
-    cells, seen = [], set()
+def _arms(allocations: Sequence[str]) -> list[Arm]:
+    arms, seen = [], set()
     for a in allocations:
-        canon = _check_allocation_name(a)
-        slug = _slug(canon)
-        if slug in seen:
-            raise SweepError(f"--allocations: {a!r} repeats {slug}")
-        seen.add(slug)
+        arm = parse_arm(a)
+        if arm.slug in seen:
+            raise SweepError(f"--allocations: {a!r} repeats {arm.slug}")
+        seen.add(arm.slug)
+        arms.append(arm)
+    return arms
+
+
+def plan_cells(allocations: Sequence[str], seeds: Sequence[int],
+               selected: Optional[dict[str, dict[str, str]]] = None) -> list[Cell]:
+    """The final cells: every arm × seed (``base`` once), each with its arm's selected search setting."""
+    cells: list[Cell] = []
+    for arm in _arms(allocations):
+        if arm.allocation == BASE_ARM:
+            cells.append(Cell(len(cells), arm.allocation, arm.slug, None, arm))
+            continue
+        extra = _setting_args((selected or {}).get(arm.slug) or {})
         for s in seeds:
-            cells.append(Cell(len(cells), canon, slug, int(s)))
+            cells.append(Cell(len(cells), arm.allocation, arm.slug, int(s), arm, None, extra))
+    return cells
+
+
+def plan_search_cells(allocations: Sequence[str], grid: Sequence[dict[str, str]], seeds: Sequence[int]) -> list[Cell]:
+    """The search cells: every trained arm × grid point × search seed (the same budget for every arm)."""
+    cells: list[Cell] = []
+    for arm in _arms(allocations):
+        if arm.allocation == BASE_ARM:
+            continue
+        for g, setting in enumerate(grid):
+            for s in seeds:
+                cells.append(Cell(len(cells), arm.allocation, arm.slug, int(s), arm, g, _setting_args(setting)))
     return cells
 
 
@@ -180,20 +294,40 @@ def budget_and_lora_rank(recipe: Recipe) -> tuple[int, int, int, int]:
     mix = sum(layer_params(model, experts, ranks, targets))
     per_rank = sum(layer_params(model, [1] * n, 1, targets)) - sum(
         layer_params(model, [1] * n, 0, targets))  # sum(d_in + d_out) over the targeted projections
+    shared = getattr(a, "shared_expert_r", 0) or 0
+    mix += shared * per_rank  # an always-on shared expert of rank s is a rank-s LoRA beside the routed experts
     rank = max(1, round(mix / per_rank))
     lora = rank * per_rank
     return budget, rank, mix, lora
 
 
-def _cell_overrides(cell: Cell, budget: int, lora_rank: int, out: Path) -> list[str]:
-    ov = ["--train.seed", str(cell.seed), "--train.output_dir", str(out / cell.name)]
+def active_rank(recipe: Recipe) -> int:
+    """Rank of one LoRA with the mixtures' active rank per token: top_k x r (+ the shared expert's rank)."""
+    a = recipe.allocation
+    if not (isinstance(a.top_k, int) and isinstance(a.r, int)):
+        raise SweepError(f"lora-active needs one top_k and one r for all layers (got top_k={a.top_k!r}, r={a.r!r}); "
+                         f"give them as ints or drop lora-active")
+    return a.top_k * a.r + (getattr(a, "shared_expert_r", 0) or 0)
+
+
+def _lora_overrides(rank: int) -> list[str]:
+    return ["--allocation.num_experts", "1", "--allocation.top_k", "1", "--allocation.r", str(rank),
+            "--allocation.lora_alpha", str(2 * rank), "--allocation.expert_budget", "null",
+            "--allocation.num_experts_mlp", "null", "--allocation.aux_loss_coef", "0",
+            "--allocation.shared_expert_r", "0"]
+
+
+def _cell_overrides(cell: Cell, budget: int, lora_rank: int, out: Path, active: Optional[int] = None) -> list[str]:
+    ov = ["--train.seed", str(cell.seed), "--train.output_dir", str(out / cell.folder)]
     if cell.allocation == "lora":
-        ov += ["--allocation.num_experts", "1", "--allocation.top_k", "1", "--allocation.r", str(lora_rank),
-               "--allocation.lora_alpha", str(2 * lora_rank), "--allocation.expert_budget", "null",
-               "--allocation.aux_loss_coef", "0"]
+        ov += _lora_overrides(lora_rank)
+    elif cell.allocation == "lora-active":
+        ov += _lora_overrides(active if active is not None else lora_rank)
     else:
         ov += ["--allocation.num_experts", json.dumps(cell.allocation), "--allocation.expert_budget", str(budget)]
-    return ov
+    if cell.arm is not None:
+        ov += cell.arm.override_args()
+    return ov + list(cell.extra)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -209,15 +343,36 @@ def _run(cmd: list[str], log: Path) -> int:
         return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
 
 
+def _eval_cmd(recipe_path: str, overrides: list[str], cell_ov: list[str], adapter: str, target: Path,
+              eval_file: Optional[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "molora.run.eval_run", recipe_path, *overrides, *cell_ov]
+    if eval_file is not None:
+        cmd += ["--data.eval_file", str(Path(eval_file).resolve())]
+    return cmd + ["--adapter", adapter, "--output", str(target)]
+
+
 def run_cell(recipe_path: str, cell: Cell, overrides: list[str], budget: int, lora_rank: int, out: Path,
-             eval_files: Sequence[str]) -> str:
+             eval_files: Sequence[str], active: Optional[int] = None) -> str:
     """Train (or resume, or skip) one cell, then score the extra eval files. Returns what happened."""
-    cell_dir = out / cell.name
-    log = out / f"{cell.name}.log"
+    cell_dir = out / cell.folder
+    log = out / f"{cell.folder}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if cell.allocation == BASE_ARM:  # the untuned model: scored, never trained
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        status = "skipped (finished)"
+        base_ov = ["--train.output_dir", str(cell_dir)]
+        for ef, target in [(None, cell_dir / "eval-val.json")] + [
+                (ef, cell_dir / f"eval-{Path(ef).stem}.json") for ef in eval_files]:
+            if target.is_file():
+                continue
+            status = "scored"
+            if _run(_eval_cmd(recipe_path, overrides, base_ov, "none", target, ef), log) != 0:
+                raise SweepError(f"{cell.name}: scoring the untuned model failed; see {log}")
+        return status
+    cell_ov = _cell_overrides(cell, budget, lora_rank, out, active)
     status = "skipped (finished)"
     if not (cell_dir / "results.json").is_file():
-        cmd = [sys.executable, "-m", "molora.run.train", recipe_path, *overrides,
-               *_cell_overrides(cell, budget, lora_rank, out)]
+        cmd = [sys.executable, "-m", "molora.run.train", recipe_path, *overrides, *cell_ov]
         if cell_dir.exists():
             cmd += ["--resume", "latest"]
             status = "resumed"
@@ -226,153 +381,49 @@ def run_cell(recipe_path: str, cell: Cell, overrides: list[str], budget: int, lo
         rc = _run(cmd, log)
         if rc != 0:
             raise SweepError(f"cell {cell.name} failed (exit {rc}); see {log}")
-    for ef in eval_files:
+    for ef in eval_files if cell.setting is None else ():  # held-out data: final cells only
         target = cell_dir / f"eval-{Path(ef).stem}.json"
         if target.is_file():
             continue
-        cmd = [sys.executable, "-m", "molora.run.eval_run", recipe_path, *overrides,
-               *_cell_overrides(cell, budget, lora_rank, out), "--data.eval_file", str(Path(ef).resolve()),
-               "--adapter", str(cell_dir / "adapter"), "--output", str(target)]
-        rc = _run(cmd, log)
+        rc = _run(_eval_cmd(recipe_path, overrides, cell_ov, str(cell_dir / "adapter"), target, ef), log)
         if rc != 0:
             raise SweepError(f"cell {cell.name}: evaluation on {ef} failed (exit {rc}); see {log}")
     return status
 
 
-# ------------------------------------------------------------------------------------------------ report
+# ------------------------------------------------------------------------------------------------ search
 
 
-def _ci(values: Sequence[float]) -> tuple[float, float, float]:
-    """(mean, std, half-width of the 95 % t-interval); std and interval are nan for one value."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, float("nan"), float("nan")
-    sd = statistics.stdev(values)
-    t = _T975[min(n - 1, len(_T975)) - 1]
-    return mean, sd, t * sd / math.sqrt(n)
+def select_settings(out: Path, search_cells: Sequence[Cell], grid: Sequence[dict[str, str]], primary: str,
+                    require_all: bool) -> dict[str, Any]:
+    """Per arm, the grid point with the best mean ``primary`` metric on the validation rows of its search cells.
 
+    Returns ``{"grid", "primary", "arms": {slug: {"scores": [mean or None per point], "selected": i,
+    "setting": {...}}}, "missing": [cell names]}``; SweepError when ``require_all`` and cells are missing."""
+    from .sweep_report import cell_metrics
 
-def _cell_metrics(cell_dir: Path) -> dict[str, float]:
-    res = json.loads((cell_dir / "results.json").read_text(encoding="utf-8"))
-    out: dict[str, float] = {}
-    for kind, v in (res.get("accuracy", {}).get("after") or {}).items():
-        out[f"val {kind}"] = v["accuracy"]
-    for f in sorted(cell_dir.glob("eval-*.json")):
-        rec = json.loads(f.read_text(encoding="utf-8"))
-        for kind, v in rec.get("accuracy", {}).items():
-            out[f"{f.stem[5:]} {kind}"] = v["accuracy"]
-    try:
-        from .telemetry import read_metrics
-
-        run = next(r for r in read_metrics(cell_dir / "metrics.jsonl") if r.get("type") == "run")
-        out["trainable params"] = run.get("trainable_params")
-        # per layer; a layer whose attention and MLP have their own counts counts their mean (as the budget does)
-        out["experts"] = sum((x["num_experts"] + x["num_experts_mlp"]) / 2 if x.get("num_experts_mlp") is not None
-                             else x["num_experts"] for x in run.get("allocation") or [])
-    except (OSError, StopIteration, ValueError):
-        pass
-    return out
-
-
-def summarise(out: Path, cells: Sequence[Cell]) -> dict[str, Any]:
-    """Merge the finished cells' results (see the module doc) and write summary.{json,md,png}."""
-    by_alloc: dict[str, dict[int, dict[str, float]]] = {}
-    for c in cells:
-        d = out / c.name
-        if (d / "results.json").is_file():
-            by_alloc.setdefault(c.slug, {})[c.seed] = _cell_metrics(d)
-    metrics = sorted({k for runs in by_alloc.values() for r in runs.values() for k in r
-                      if k not in ("trainable params", "experts")})
-    rows = []
-    for slug, runs in by_alloc.items():
-        row: dict[str, Any] = {"allocation": slug, "seeds": sorted(runs)}
-        for m in metrics + ["trainable params", "experts"]:
-            vals = [r[m] for r in runs.values() if r.get(m) is not None]
-            if vals:
-                mean, sd, half = _ci(vals)
-                row[m] = {"mean": mean, "std": sd, "ci95": half, "n": len(vals), "values": vals}
-        rows.append(row)
-    paired = {}
-    for ref in ("inverted_triangle", "lora"):
-        if ref not in by_alloc:
+    key = f"val loglik {primary}"
+    scores: dict[str, dict[int, list[float]]] = {}
+    missing = []
+    for c in search_cells:
+        d = out / c.folder
+        if not (d / "results.json").is_file():
+            missing.append(c.name)
             continue
-        for slug, runs in by_alloc.items():
-            if slug == ref:
-                continue
-            for m in metrics:
-                seeds = [s for s in runs if s in by_alloc[ref] and m in runs[s] and m in by_alloc[ref][s]]
-                if not seeds:
-                    continue
-                diffs = [runs[s][m] - by_alloc[ref][s][m] for s in seeds]
-                mean, sd, half = _ci(diffs)
-                paired.setdefault(f"vs {ref}", []).append(
-                    {"allocation": slug, "metric": m, "seeds": seeds, "diff_mean": mean, "diff_ci95": half,
-                     "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs)})
-    summary = {"cells_done": sum(len(r) for r in by_alloc.values()), "cells_planned": len(cells),
-               "metrics": metrics, "rows": rows, "paired": paired}
-    from .common import write_json_atomic as _write_json_atomic
-
-    _write_json_atomic(out / "summary.json", summary)
-    (out / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
-    _plot(summary, out / "summary.png")
-    return summary
-
-
-def _fmt(cell: Optional[dict]) -> str:
-    if not cell:
-        return "-"
-    if cell["n"] < 2:
-        return f"{cell['mean']:.3f} (n=1)"
-    return f"{cell['mean']:.3f} ± {cell['std']:.3f} [±{cell['ci95']:.3f}]"
-
-
-def summary_markdown(summary: dict[str, Any]) -> str:
-    metrics = summary["metrics"]
-    head = "| allocation | seeds | " + " | ".join(metrics) + " | experts | trainable params |"
-    lines = [f"{summary['cells_done']} of {summary['cells_planned']} cells finished. Accuracy mean ± std over "
-             f"seeds [95 % t-interval half-width].", "", head, "|" + "---|" * (len(metrics) + 4)]
-    for row in summary["rows"]:
-        params, experts = row.get("trainable params"), row.get("experts")
-        cells = [row["allocation"], str(len(row["seeds"]))] + [_fmt(row.get(m)) for m in metrics]
-        cells.append(f"{experts['mean']:.0f}" if experts else "-")
-        cells.append(f"{params['mean']:,.0f}" if params else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    for ref, items in summary["paired"].items():
-        lines += ["", f"Paired per seed, {ref} (difference of means [95 % t-interval half-width], wins/losses):", ""]
-        for it in items:
-            half = "n/a" if math.isnan(it["diff_ci95"]) else f"±{it['diff_ci95']:.3f}"
-            lines.append(f"- {it['allocation']}, {it['metric']}: {it['diff_mean']:+.3f} [{half}], "
-                         f"{it['wins']}/{it['losses']} over seeds {it['seeds']}")
-    return "\n".join(lines) + "\n"
-
-
-def _plot(summary: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:  # noqa: BLE001
-        return
-    metrics = summary["metrics"]
-    rows = summary["rows"]
-    if not rows or not metrics:
-        return
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
-        names = [r["allocation"] for r in rows if m in r]
-        means = [r[m]["mean"] for r in rows if m in r]
-        errs = [0.0 if math.isnan(r[m]["ci95"]) else r[m]["ci95"] for r in rows if m in r]
-        ax.bar(range(len(names)), means, yerr=errs, capsize=4)
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=40, ha="right", fontsize=8)
-        ax.set_title(m)
-        ax.set_ylabel("accuracy (95 % CI)")
-    fig.tight_layout()
-    from .report import save_figure
-
-    save_figure(fig, path)
+        v = cell_metrics(d).get(key)
+        if v is None:
+            raise SweepError(f"search cell {c.name} has no {key!r} (the recipe must score its eval_file by "
+                             f"log-likelihood: eval.after and eval.loglik true)")
+        scores.setdefault(c.slug, {}).setdefault(c.setting, []).append(v)
+    if missing and require_all:
+        raise SweepError(f"the search is not finished ({len(missing)} cells missing, e.g. {missing[0]}); run "
+                         f"--phase search (in every --cells part) first")
+    arms: dict[str, Any] = {}
+    for slug, per in scores.items():
+        means = [sum(per[g]) / len(per[g]) if g in per else None for g in range(len(grid))]
+        best = max((g for g in range(len(grid)) if means[g] is not None), key=lambda g: (means[g], -g))
+        arms[slug] = {"scores": means, "selected": best, "setting": grid[best]}
+    return {"grid": list(grid), "primary": key, "arms": arms, "missing": missing}
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -380,7 +431,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
 
 def _parse(argv: Sequence[str]) -> dict[str, Any]:
     opts: dict[str, Any] = {"recipe": None, "allocations": None, "seeds": "0", "cells": None, "eval_files": [],
-                            "report": False, "rest": []}
+                            "report": False, "rest": [], "search": [], "search-seeds": None, "phase": "all"}
     args, i = list(argv), 0
     while i < len(args):
         a = args[i]
@@ -390,11 +441,13 @@ def _parse(argv: Sequence[str]) -> dict[str, Any]:
         elif a == "--report":
             opts["report"] = True
             i += 1
-        elif a in ("--allocations", "--seeds", "--cells", "--eval-file"):
+        elif a in ("--allocations", "--seeds", "--cells", "--eval-file", "--search", "--search-seeds", "--phase"):
             if i + 1 >= len(args):
                 raise SweepError(f"{a} needs a value")
             if a == "--eval-file":
                 opts["eval_files"].append(args[i + 1])
+            elif a == "--search":
+                opts["search"].append(args[i + 1])
             else:
                 opts[a[2:]] = args[i + 1]
             i += 2
@@ -405,6 +458,16 @@ def _parse(argv: Sequence[str]) -> dict[str, Any]:
             opts["rest"].append(a)
             i += 1
     return opts
+
+
+def _seeds(text: str, flag: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SweepError(f"{flag} {text!r}: expected comma-separated integers") from None
+    if not seeds:
+        raise SweepError(f"{flag} is empty")
+    return seeds
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -419,38 +482,61 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SweepError("no recipe given (e.g. molora sweep recipes/csqa_smollm2_cpu.yaml --allocations ▽,□,lora)")
         if not opts["allocations"]:
             raise SweepError("--allocations is required, e.g. --allocations ▽,□,auto:block-influence,lora")
-        try:
-            seeds = [int(s) for s in opts["seeds"].split(",") if s.strip()]
-        except ValueError:
-            raise SweepError(f"--seeds {opts['seeds']!r}: expected comma-separated integers") from None
-        if not seeds:
-            raise SweepError("--seeds is empty")
-        cells = plan_cells(opts["allocations"].split(","), seeds)
+        if opts["phase"] not in ("search", "final", "all"):
+            raise SweepError(f"--phase {opts['phase']!r}; allowed: search, final, all")
+        seeds = _seeds(opts["seeds"], "--seeds")
+        search_seeds = _seeds(opts["search-seeds"], "--search-seeds") if opts["search-seeds"] else seeds[:1]
+        grid = parse_search(opts["search"])
+        allocations = opts["allocations"].split(",")
+        cells = plan_cells(allocations, seeds)
+        search_cells = plan_search_cells(allocations, grid, search_seeds)
         part, parts = parse_cells_spec(opts["cells"])
-        if parts > len(cells):
-            raise SweepError(f"--cells {opts['cells']}: N={parts} is more than the {len(cells)} cells of the plan")
+        phase_cells = search_cells if opts["phase"] == "search" else cells
+        if parts > max(1, len(phase_cells)):
+            raise SweepError(f"--cells {opts['cells']}: N={parts} is more than the {len(phase_cells)} cells of the "
+                             f"{'search' if opts['phase'] == 'search' else 'plan'}")
         for ef in opts["eval_files"]:
             if not Path(ef).is_file():
                 raise SweepError(f"--eval-file {ef}: no such file")
         overrides = opts["rest"]
         recipe = load_recipe(opts["recipe"], parse_overrides(overrides))
+        for arm in {c.arm.slug: c.arm for c in cells if c.arm is not None}.values():  # every arm's overrides load
+            for setting in grid or [{}]:
+                try:
+                    load_recipe(opts["recipe"], parse_overrides(overrides + arm.override_args()
+                                                                + list(_setting_args(setting))))
+                except RecipeError as e:
+                    raise SweepError(f"arm {arm.spec!r}{f' with search setting {setting}' if setting else ''}: "
+                                     f"{e}") from None
+        if grid and not recipe.data.eval_file:
+            raise SweepError("--search selects on the recipe's validation rows: give data.eval_file (a split carved "
+                             "from train, never the held-out one)")
+        active = active_rank(recipe) if any(c.allocation == "lora-active" for c in cells) else None
     except (SweepError, RecipeError) as e:
         print(f"molora sweep: error: {e}", file=sys.stderr)
         return 2
     out = Path(recipe.train.output_dir) / "sweep"
     out.mkdir(parents=True, exist_ok=True)
+    primary = recipe.eval.primary_metric
     if opts["report"]:
-        summary = summarise(out, cells)
+        selection = select_settings(out, search_cells, grid, primary, require_all=False) if grid else None
+        final = plan_cells(allocations, seeds, {k: v["setting"] for k, v in (selection or {}).get("arms", {}).items()})
+        summary = summarise(out, final, primary=primary, selection=selection)
         print(summary_markdown(summary))
         return 0
     budget, lora_rank, mix_params, lora_params = budget_and_lora_rank(recipe)
     plan = {"recipe": str(Path(opts["recipe"]).resolve()), "overrides": overrides, "budget": budget,
-            "lora_rank": lora_rank, "mixture_params": mix_params, "lora_params": lora_params,
-            "cells": [c.name for c in cells], "eval_files": [str(Path(e).resolve()) for e in opts["eval_files"]]}
+            "lora_rank": lora_rank, "lora_active_rank": active, "mixture_params": mix_params,
+            "lora_params": lora_params, "cells": [c.name for c in cells], "search": opts["search"],
+            "search_seeds": search_seeds, "eval_files": [str(Path(e).resolve()) for e in opts["eval_files"]]}
     plan_path = out / "plan.json"
     if plan_path.is_file():
-        old = json.loads(plan_path.read_text(encoding="utf-8"))
-        diff = [k for k in ("overrides", "budget", "lora_rank") if old.get(k) != plan.get(k)]
+        try:
+            old = json.loads(plan_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+        diff = [k for k in ("overrides", "budget", "lora_rank", "search", "search_seeds") if k in old
+                and old.get(k) != plan.get(k)]
         if diff:
             print(f"molora sweep: error: {out} holds a sweep with other settings ({', '.join(diff)}: "
                   f"{[old.get(k) for k in diff]} there, {[plan.get(k) for k in diff]} now); use another "
@@ -459,22 +545,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .common import write_json_atomic as _write_json_atomic
 
     _write_json_atomic(plan_path, plan)
-    mine = [c for c in cells if c.index % parts == part - 1]
-    print(f"molora sweep: {len(cells)} cells ({len(mine)} here{f', part {part}/{parts}' if parts > 1 else ''}); "
-          f"budget {budget} experts (~{mix_params:,} trainable params), lora rank {lora_rank} "
-          f"({lora_params:,}); output in {out}", flush=True)
-    failed = []
-    for c in mine:
-        t0 = time.perf_counter()
+    print(f"molora sweep: {len(cells)} final cells, {len(search_cells)} search cells "
+          f"({len(grid)} settings per arm); budget {budget} experts (~{mix_params:,} trainable params), lora rank "
+          f"{lora_rank} ({lora_params:,}){f', lora-active rank {active}' if active else ''}; output in {out}",
+          flush=True)
+    failed: list[str] = []
+
+    def run_all(todo: list[Cell], total: int, what: str, eval_files: Sequence[str]) -> None:
+        mine = [c for c in todo if c.index % parts == part - 1]
+        print(f"molora sweep: {what}: {len(mine)} of {total} cells here"
+              f"{f' (part {part}/{parts})' if parts > 1 else ''}", flush=True)
+        for c in mine:
+            t0 = time.perf_counter()
+            try:
+                status = run_cell(opts["recipe"], c, overrides, budget, lora_rank, out, eval_files, active)
+            except SweepError as e:  # the other cells still run; re-running the sweep resumes this one
+                print(f"molora sweep: error: {e}", file=sys.stderr, flush=True)
+                failed.append(c.name)
+                continue
+            print(f"molora sweep: {what} cell {c.index + 1}/{total} {c.name}: {status} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    selection = None
+    if grid and opts["phase"] in ("search", "all"):
+        run_all(search_cells, len(search_cells), "search", ())
+    if grid:
         try:
-            status = run_cell(opts["recipe"], c, overrides, budget, lora_rank, out, opts["eval_files"])
-        except SweepError as e:  # the other cells still run; re-running the sweep resumes this one
-            print(f"molora sweep: error: {e}", file=sys.stderr, flush=True)
-            failed.append(c.name)
-            continue
-        print(f"molora sweep: cell {c.index + 1}/{len(cells)} {c.name}: {status} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    summary = summarise(out, cells)
+            selection = select_settings(out, search_cells, grid, primary,
+                                        require_all=opts["phase"] != "search" and not failed)
+        except SweepError as e:
+            print(f"molora sweep: error: {e}", file=sys.stderr)
+            return 1 if failed else 2
+        if not selection["missing"]:
+            _write_json_atomic(out / "search.json", selection)
+            for slug, s in selection["arms"].items():
+                print(f"molora sweep: selected for {slug} on validation ({selection['primary']} "
+                      f"{s['scores'][s['selected']]:.3f}): {s['setting']}", flush=True)
+    final = plan_cells(allocations, seeds, {k: v["setting"] for k, v in (selection or {}).get("arms", {}).items()})
+    if opts["phase"] in ("final", "all") and not (grid and failed):
+        run_all(final, len(final), "final", opts["eval_files"])
+    summary = summarise(out, final, primary=primary, selection=selection)
     print(summary_markdown(summary))
     print(f"molora sweep: wrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'summary.png'}")
     if failed:

@@ -314,9 +314,13 @@ def _accuracy(ctx: RunContext, model, tokenizer, rows, template, stage: str, all
         return None
     result: dict[str, Any] = {"stage": stage}
     if ctx.is_main or all_ranks:
-        result.update(recipe_accuracy(model, tokenizer, rows, template, ctx.recipe, progress=ctx.is_main))
+        result.update(recipe_accuracy(model, tokenizer, rows, template, ctx.recipe, progress=ctx.is_main,
+                                      predictions=e.save_predictions))
     if not all_ranks:
         barrier()
+    preds = (result.get("loglik") or {}).pop("predictions", None)
+    if ctx.is_main and preds is not None:
+        write_json_atomic(Path(ctx.recipe.train.output_dir) / f"predictions_{stage}.json", {"stage": stage, "predictions": preds})
     if ctx.is_main:
         ctx.metrics.write({"type": "accuracy", **result})
         if ctx.use_wandb:
@@ -324,7 +328,9 @@ def _accuracy(ctx: RunContext, model, tokenizer, rows, template, stage: str, all
         parts = []
         for kind in ("loglik", "generation"):
             if kind in result:
-                parts.append(f"{kind} {result[kind]['accuracy']:.3f} (n={result[kind]['n']})")
+                norm = (f", accuracy_norm {result[kind]['accuracy_norm']:.3f}" if "accuracy_norm" in result[kind]
+                        else "")
+                parts.append(f"{kind} {result[kind]['accuracy']:.3f}{norm} (n={result[kind]['n']})")
         print(f"molora: accuracy {stage} training: " + ", ".join(parts), flush=True)
     return result if ctx.is_main else None
 
@@ -419,6 +425,11 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
             raise RunError("train.nonfinite: skip is not available under DeepSpeed (its engine applies the step inside "
                            "backward, before the step can be dropped; its fp16 loss scaler skips overflow steps "
                            "itself); use train.nonfinite: error")
+        if recipe.train.router_lr_multiplier != 1.0 and "optimizer" in ds_config:
+            raise RunError(f"train.router_lr_multiplier={recipe.train.router_lr_multiplier:g} needs the Trainer's "
+                           f"optimizer (its parameter groups), but {recipe.train.deepspeed} defines an \"optimizer\" "
+                           f"DeepSpeed builds itself; drop that section (the Trainer then passes its AdamW) or the "
+                           f"multiplier")
     report_to = ["wandb"] if wandb_mode else []
     precision = _precision(recipe, torch.cuda.is_available())
     setup = resume_mod.setup_of(ds_config is not None, zero_stage, world)
@@ -640,7 +651,7 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
         before = results.get("before") or _previous_accuracy(out / "metrics.jsonl", "before")
         for stage, res in (("before", before), ("after", results.get("after"))):
             if res:
-                summary["accuracy"][stage] = {k: {kk: v[kk] for kk in ("accuracy", "n") if kk in v}
+                summary["accuracy"][stage] = {k: {kk: v[kk] for kk in ("accuracy", "accuracy_norm", "n") if kk in v}
                                               for k, v in res.items() if isinstance(v, dict)}
         if wandb_mode:
             summary["wandb"] = {"mode": wandb_mode, "dir": os.environ.get("WANDB_DIR")}
@@ -749,6 +760,10 @@ def _print_summary(summary: dict, recipe: Recipe) -> None:
             lines.append(f"  accuracy ({kind}, {n} rows): "
                          f"{'before %.3f' % b['accuracy'] if b else 'before -'} -> "
                          f"{'after %.3f' % a['accuracy'] if a else 'after -'}")
+            if (a or b or {}).get("accuracy_norm") is not None:
+                lines.append(f"  accuracy_norm ({kind}, per byte of the option): "
+                             f"{'before %.3f' % b['accuracy_norm'] if b else 'before -'} -> "
+                             f"{'after %.3f' % a['accuracy_norm'] if a else 'after -'}")
     lines.append(f"  adapter:  {summary['adapter']}  (PeftModel.from_pretrained(base, path) after `import molora`)")
     if summary.get("metrics"):
         lines.append(f"  metrics:  {summary['metrics']}")

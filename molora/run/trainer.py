@@ -13,6 +13,27 @@ from . import common
 from .common import RunContext, SimulatedCrash, barrier, dist
 
 
+def split_router_groups(optimizer, model, multiplier: float) -> int:
+    """Move the router weights (``molora_router``) of every parameter group into a group of their own whose lr is
+    ``multiplier`` x the group's; returns how many router tensors moved (0 when ``multiplier`` is 1)."""
+    if multiplier == 1.0:
+        return 0
+    ids = {id(p) for n, p in model.named_parameters() if "molora_router" in n and p.requires_grad}
+    moved, extra = 0, []
+    for g in optimizer.param_groups:
+        routers = [p for p in g["params"] if id(p) in ids]
+        if not routers:
+            continue
+        g["params"] = [p for p in g["params"] if id(p) not in ids]
+        extra.append({**{k: v for k, v in g.items() if k != "params"}, "params": routers,
+                      "lr": g["lr"] * multiplier})
+        moved += len(routers)
+    for g in extra:
+        optimizer.add_param_group(g)
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    return moved
+
+
 def build_trainer_class():
     import torch
     from transformers import Trainer
@@ -40,6 +61,13 @@ def build_trainer_class():
             self._grads_checked_at = -1
             self.nonfinite_skipped = 0                     # steps dropped so far (train.nonfinite: skip)
             self._skips_in_a_row = 0
+
+        def create_optimizer(self, model=None):
+            """The Trainer's optimizer, with the routers in groups of their own at ``router_lr_multiplier`` x the
+            learning rate (the scheduler scales every group's initial lr alike)."""
+            opt = super().create_optimizer(model) if model is not None else super().create_optimizer()
+            split_router_groups(opt, self.model, self.molora.recipe.train.router_lr_multiplier)
+            return opt
 
         # ---------------------------------------------------------------- non-finite guard (molora.run.nonfinite)
         def _trainable(self):

@@ -15,6 +15,8 @@ from ..allocation.specs import router_names_of
 from .peft_type import PEFT_TYPE
 
 AUX_LOSS_MODES = ("masked", "original")
+ROUTER_INITS = ("kaiming", "zeros")
+EXPERT_INITS = ("kaiming", "orthogonal")
 
 
 @dataclass
@@ -60,6 +62,15 @@ class MoLoRAConfig(PeftConfig):
             GEMMs as one (:mod:`molora.tuner.siblings`); with ``lora_dropout > 0`` they then share one dropout mask
             per group. False: every module on its own (own dropout mask). Not part of the saved allocation.
         init_weights: MoLA init (router and A kaiming-uniform(a=sqrt(5)), B = 0); False: random B (tests).
+        router_init: ``"kaiming"`` (MoLA: kaiming-uniform router weights, so each token starts with its own random
+            preference) or ``"zeros"`` (every token starts uniform over the experts; the router learns from the
+            experts' differences only).
+        expert_init: ``"kaiming"`` (MoLA: every expert's A drawn independently) or ``"orthogonal"`` (the stacked
+            A_all = [E·r, d_in] has orthogonal rows of the same norm: the experts start reading disjoint input
+            directions -- diversified initial experts; needs E·r <= d_in to be exact).
+        shared_expert_r: rank of an always-on shared expert beside the routed ones (DeepSeekMoE / MixLoRA style):
+            a plain LoRA of this rank with the same alpha/r scaling rule, added to every token's output whatever
+            the router does; 0 (default): none. Its parameters count toward the sweep's matched-LoRA rank.
         modules_to_save: extra modules trained and saved in full (e.g. a classification head).
         allocation: filled in when the adapter is injected: the resolved per-layer table
             (``[{"layer", "num_experts", "top_k", "r"}, ...]``); saved in adapter_config.json and checked
@@ -87,6 +98,9 @@ class MoLoRAConfig(PeftConfig):
     layout: str = field(default="stacked", metadata={"help": "expert layout: stacked (MoLA) or shared_a (HydraLoRA)"})
     share_sibling_shrink: bool = field(default=True, metadata={"help": "one shrink GEMM for q/k/v and gate/up"})
     init_weights: bool = field(default=True)
+    router_init: str = field(default="kaiming", metadata={"help": "kaiming (MoLA) or zeros (uniform start)"})
+    expert_init: str = field(default="kaiming", metadata={"help": "kaiming (MoLA) or orthogonal (diversified A)"})
+    shared_expert_r: int = field(default=0, metadata={"help": "rank of an always-on shared expert (0: none)"})
     modules_to_save: Optional[list[str]] = field(default=None)
     allocation: Optional[list[dict[str, Any]]] = field(default=None)
     num_layers: Optional[int] = field(default=None)
@@ -148,6 +162,14 @@ class MoLoRAConfig(PeftConfig):
             raise AllocationError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise AllocationError(f"lora_alpha={self.lora_alpha!r} must be a finite number > 0")
+        if self.router_init not in ROUTER_INITS:
+            raise AllocationError(f"router_init={self.router_init!r}; allowed: {', '.join(ROUTER_INITS)}")
+        if self.expert_init not in EXPERT_INITS:
+            raise AllocationError(f"expert_init={self.expert_init!r}; allowed: {', '.join(EXPERT_INITS)}")
+        if isinstance(self.shared_expert_r, bool) or not isinstance(self.shared_expert_r, int) or \
+                self.shared_expert_r < 0:
+            raise AllocationError(f"shared_expert_r={self.shared_expert_r!r} must be an int >= 0 (0: no shared "
+                                  f"expert)")
         if self.backend not in BACKENDS:
             raise AllocationError(f"backend={self.backend!r}; allowed: {', '.join(BACKENDS)}")
         try:

@@ -30,15 +30,23 @@ class RoutedMergeError(RuntimeError):
 
 
 class MoLoRALayer(BaseTunerLayer):
-    adapter_layer_names = ("molora_A", "molora_B", "molora_router")
+    adapter_layer_names = ("molora_A", "molora_B", "molora_router", "molora_shared_A", "molora_shared_B")
     other_param_names = ("num_experts", "top_k", "r", "scaling", "lora_dropout", "router_type", "router_options",
-                         "router_group", "aux_loss_coef", "aux_loss_mode", "backend", "layout")
+                         "router_group", "aux_loss_coef", "aux_loss_mode", "backend", "layout", "router_init",
+                         "expert_init", "shared_r", "shared_scaling")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         self.molora_A = nn.ParameterDict({})
         self.molora_B = nn.ParameterDict({})
         self.molora_router = nn.ParameterDict({})
+        #: the always-on shared expert (rank shared_r > 0 only): A [s, d_in], B [d_out, s]
+        self.molora_shared_A = nn.ParameterDict({})
+        self.molora_shared_B = nn.ParameterDict({})
+        self.shared_r: dict[str, int] = {}
+        self.shared_scaling: dict[str, float] = {}
+        self.router_init: dict[str, str] = {}
+        self.expert_init: dict[str, str] = {}
         self.num_experts: dict[str, int] = {}
         self.top_k: dict[str, int] = {}
         self.r: dict[str, int] = {}
@@ -69,7 +77,8 @@ class MoLoRALayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, num_experts: int, top_k: int, r: int, lora_alpha: float,
                      lora_dropout: float, router: str, aux_loss_coef: float, aux_loss_mode: str, backend: str,
                      init_weights: bool = True, inference_mode: bool = False, router_group: Any = None,
-                     router_options: Optional[dict] = None, layout: str = "stacked") -> None:
+                     router_options: Optional[dict] = None, layout: str = "stacked", router_init: str = "kaiming",
+                     expert_init: str = "kaiming", shared_expert_r: int = 0) -> None:
         """Create (or re-create) the experts and router of ``adapter_name`` for this layer.
 
         ``router_group``: the key this module's router statistics and aux loss are grouped under (None: the
@@ -95,6 +104,13 @@ class MoLoRALayer(BaseTunerLayer):
                                                                self.in_features))
         self.molora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, er))
         self.molora_router[adapter_name] = nn.Parameter(torch.empty(num_experts, self.in_features))
+        self.router_init[adapter_name] = router_init
+        self.expert_init[adapter_name] = expert_init
+        self.shared_r[adapter_name] = int(shared_expert_r)
+        if shared_expert_r > 0:
+            self.shared_scaling[adapter_name] = lora_alpha / shared_expert_r
+            self.molora_shared_A[adapter_name] = nn.Parameter(torch.empty(shared_expert_r, self.in_features))
+            self.molora_shared_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, shared_expert_r))
         self.reset_parameters(adapter_name, init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -103,14 +119,29 @@ class MoLoRALayer(BaseTunerLayer):
     def reset_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
         """MoLA init: router and every expert's A ~ kaiming_uniform(a=sqrt(5)) (fan_in = d_in), B = 0.
 
+        ``router_init="zeros"``: router weights 0 (uniform routing at the start). ``expert_init="orthogonal"``: the
+        stacked A has orthogonal rows, each of kaiming-uniform's expected norm sqrt(1/3) (experts start on disjoint
+        input directions). The shared expert (if any) is initialised as one more expert: kaiming A, B = 0.
         ``init_weights=False`` draws B like A as well (non-zero experts, for tests).
         """
-        nn.init.kaiming_uniform_(self.molora_A[adapter_name], a=math.sqrt(5))
-        nn.init.kaiming_uniform_(self.molora_router[adapter_name], a=math.sqrt(5))
-        if init_weights:
-            nn.init.zeros_(self.molora_B[adapter_name])
+        a = self.molora_A[adapter_name]
+        if self.expert_init.get(adapter_name, "kaiming") == "orthogonal":
+            nn.init.orthogonal_(a, gain=math.sqrt(1.0 / 3.0))  # row norm of kaiming_uniform(a=sqrt(5)) on average
         else:
-            nn.init.kaiming_uniform_(self.molora_B[adapter_name], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if self.router_init.get(adapter_name, "kaiming") == "zeros":
+            nn.init.zeros_(self.molora_router[adapter_name])
+        else:
+            nn.init.kaiming_uniform_(self.molora_router[adapter_name], a=math.sqrt(5))
+        bs = [self.molora_B[adapter_name]]
+        if adapter_name in self.molora_shared_A:
+            nn.init.kaiming_uniform_(self.molora_shared_A[adapter_name], a=math.sqrt(5))
+            bs.append(self.molora_shared_B[adapter_name])
+        for b in bs:
+            if init_weights:
+                nn.init.zeros_(b)
+            else:
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -123,7 +154,11 @@ class MoLoRALayer(BaseTunerLayer):
             )
         a, b = self.molora_A[adapter_name], self.molora_B[adapter_name]
         dtype = torch.promote_types(a.dtype, torch.float32)  # bf16/fp16 adapters in fp32; a float64 model stays exact
-        return (b.to(dtype) @ a.to(dtype)) * self.scaling[adapter_name]
+        delta = (b.to(dtype) @ a.to(dtype)) * self.scaling[adapter_name]
+        if adapter_name in self.molora_shared_A:  # the always-on shared expert is static: it merges too
+            sa, sb = self.molora_shared_A[adapter_name], self.molora_shared_B[adapter_name]
+            delta = delta + (sb.to(dtype) @ sa.to(dtype)) * self.shared_scaling[adapter_name]
+        return delta
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -207,6 +242,8 @@ class Linear(nn.Module, MoLoRALayer):
                     token_ids=token_ids,
                 )
             delta = out.delta
+            if name in self.molora_shared_A:
+                delta = delta + self._shared_expert(name, x).to(delta.dtype)
             if want_stats:
                 router = get_router(self.router_type[name])
                 record = collector.current
@@ -221,6 +258,16 @@ class Linear(nn.Module, MoLoRALayer):
                 delta = self._router_regularizers(name, x, delta, out.routing.probs, mask, record)
             result = result + delta.to(result.dtype)
         return result
+
+    def _shared_expert(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The always-on shared expert: ``s_shared * B_s (A_s dropout(x))`` on every token ([..., d_out]); its
+        dropout mask is its own (the routed experts' op draws theirs inside)."""
+        a, b = self.molora_shared_A[name], self.molora_shared_B[name]
+        h = x.to(a.dtype) if not torch.is_autocast_enabled(x.device.type) else x
+        p = self.lora_dropout[name]
+        if p > 0 and self.training:
+            h = torch.nn.functional.dropout(h, p=p, training=True)
+        return torch.nn.functional.linear(torch.nn.functional.linear(h, a), b) * self.shared_scaling[name]
 
     def _token_ids(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The token ids of x's positions, for routers that route by them (``hash``); None for the others."""

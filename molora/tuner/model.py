@@ -119,7 +119,9 @@ class MoLoRAModel(BaseTuner):
                       lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, router=router,
                       aux_loss_coef=config.aux_loss_coef, aux_loss_mode=config.aux_loss_mode, backend=config.backend,
                       init_weights=config.init_weights, inference_mode=config.inference_mode, router_options=options,
-                      layout=config.layout)
+                      layout=config.layout, router_init=getattr(config, "router_init", "kaiming"),
+                      expert_init=getattr(config, "expert_init", "kaiming"),
+                      shared_expert_r=getattr(config, "shared_expert_r", 0) or 0)
         if isinstance(target, MoLoRALayer):
             target.update_layer(adapter_name, **kwargs)
             return

@@ -1,0 +1,204 @@
+"""Levers that help routers specialise (issue 18): router z-loss for topk/soft, router init, orthogonal expert init,
+an always-on shared expert, the router learning-rate multiplier, and the expert-update cosine that measures whether
+experts differ. Each against a direct computation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+import molora
+from molora import MoLoRAConfig
+from molora.allocation import AllocationError
+
+from test_layer import batch, capture_inputs, causal_lm_loss
+from test_routers import _assert_loss_terms
+
+
+def _modules(model):
+    return [m for m in model.modules() if isinstance(m, molora.tuner.layer.MoLoRALayer) and "default" in m.molora_A]
+
+
+# ------------------------------------------------------------------------------------------ z-loss on topk / soft
+@pytest.mark.parametrize("router,backend", [("topk", "torch"), ("topk", "reference"), ("soft", "torch")])
+def test_z_loss_on_topk_and_soft_matches_its_formula_with_gradients(tiny_model, router, backend):
+    z = 0.05
+
+    def build(zc):
+        m = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(
+            num_experts=4, top_k=2, r=2, router=router, backend=backend, aux_loss_coef=0.0, init_weights=False,
+            router_options={"z_loss_coef": zc}))
+        m.train()
+        return m
+
+    model, ref = build(z), build(0.0)
+    ref.load_state_dict(model.state_dict())
+    ids, mask, labels = batch()
+    calls, hooks = capture_inputs(ref)
+    out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    for h in hooks:
+        h.remove()
+    keep = mask.reshape(-1).bool()
+    zl = torch.zeros(())
+    for mod, x in calls:
+        logits = (x.reshape(-1, x.shape[-1]) @ mod.molora_router["default"].t()).float()[keep]
+        zl = zl + z * (torch.logsumexp(logits, -1) ** 2).mean()
+    aux = out_ref["aux_loss"]  # reported (coefficient 0: not added); the z-loss does not change it
+    _assert_loss_terms(model, ref, out_ref, (ids, mask, labels), 0.0, torch.zeros(()) if aux is None else aux, zl)
+
+
+def test_z_loss_reaches_no_backend_as_a_routing_option():
+    """The z-loss weight is the tuner's; the op (every backend) gets only options that change the routing."""
+    from molora_kernels import get_router
+
+    assert get_router("topk").routing_options({"z_loss_coef": 0.1}) == {}
+    assert get_router("topp").routing_options({"top_p": 0.5, "entropy_coef": 0.1}) == {"top_p": 0.5}
+
+
+# ------------------------------------------------------------------------------------------ inits
+def test_router_init_zeros_starts_uniform_and_kaiming_does_not(tiny_model):
+    zeros = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(num_experts=4, top_k=2, r=2,
+                                                                           router_init="zeros"))
+    for m in _modules(zeros):
+        assert torch.count_nonzero(m.molora_router["default"]) == 0
+    kaiming = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(num_experts=4, top_k=2, r=2))
+    for m in _modules(kaiming):
+        w = m.molora_router["default"]
+        assert torch.count_nonzero(w) == w.numel()
+        assert w.abs().max() <= 1 / math.sqrt(w.shape[1]) + 1e-6  # kaiming_uniform(a=sqrt(5)) bound
+
+
+def test_orthogonal_expert_init_gives_orthogonal_rows_of_kaiming_norm(tiny_model):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama", num_layers=2, hidden_size=64), MoLoRAConfig(
+        num_experts=4, top_k=2, r=4, expert_init="orthogonal", target_modules=["q_proj", "o_proj"]))
+    for m in _modules(model):
+        a = m.molora_A["default"].detach().double()  # [16, 64]
+        gram = a @ a.T
+        torch.testing.assert_close(gram, torch.eye(a.shape[0], dtype=torch.float64) / 3, atol=1e-6, rtol=0)
+        assert torch.count_nonzero(m.molora_B["default"]) == 0  # still starts as the base model
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(router_init="normal"), r"router_init='normal'; allowed: kaiming, zeros"),
+    (dict(expert_init="svd"), r"expert_init='svd'; allowed: kaiming, orthogonal"),
+    (dict(shared_expert_r=-1), r"shared_expert_r=-1 must be an int >= 0"),
+    (dict(router_options={"z_loss_coef": -1}), r"z_loss_coef=-1 must be a number in \[0, 1e\+06\]"),
+])
+def test_bad_lever_values_are_refused_naming_the_allowed_ones(kw, match):
+    with pytest.raises(AllocationError, match=match):
+        MoLoRAConfig(num_experts=4, top_k=2, r=2, **kw)
+
+
+# ------------------------------------------------------------------------------------------ shared expert
+def test_shared_expert_adds_a_lora_on_every_token_with_gradients(tiny_model):
+    """y = base + routed mixture + (alpha / s) B_s A_s x on every token; the routed part is the model without it."""
+    cfg = dict(num_experts=4, top_k=2, r=2, lora_alpha=8, init_weights=False, lora_dropout=0.0, aux_loss_coef=0.0)
+    model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(shared_expert_r=3, **cfg))
+    plain = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(**cfg))
+    plain.load_state_dict(model.state_dict(), strict=False)
+    ids, mask, labels = batch()
+    calls, hooks = capture_inputs(model)
+    model.train()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    for h in hooks:
+        h.remove()
+    # each module's output = the routed module's output + the shared LoRA on its input
+    mods = _modules(model)
+    plain_mods = {m.module_name: m for m in _modules(plain)}
+    plain.train()
+    for mod, x in calls[: len(mods)]:
+        sa, sb = mod.molora_shared_A["default"], mod.molora_shared_B["default"]
+        assert sa.shape == (3, mod.in_features) and sb.shape == (mod.out_features, 3)
+        want = plain_mods[mod.module_name](x) + (x @ sa.T @ sb.T) * (8 / 3)
+        torch.testing.assert_close(mod(x), want, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    g = mods[0].molora_shared_B["default"].grad
+    assert g is not None and torch.count_nonzero(g) > 0
+    torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, labels))
+
+
+def test_shared_expert_saves_loads_and_merges_where_static(tiny_model, tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(
+        num_experts="1,4", top_k=1, r=2, shared_expert_r=2, init_weights=False))
+    model.eval()
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "a")
+    loaded = PeftModel.from_pretrained(tiny_model("llama", num_layers=2), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+    # a single-expert layer with a shared expert is static: delta_weight folds both
+    single = [m for m in _modules(model) if m.num_experts["default"] == 1][0]
+    x = torch.randn(5, single.in_features)
+    with torch.no_grad():
+        dw = single.delta_weight("default")
+        torch.testing.assert_close(single(x), single.get_base_layer()(x) + x @ dw.T, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ router lr multiplier
+def test_router_lr_multiplier_puts_routers_in_their_own_group(tiny_model):
+    from molora.run.trainer import split_router_groups
+
+    model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(num_experts=4, top_k=2, r=2))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": params, "weight_decay": 0.0, "lr": 1e-3}], lr=1e-3)
+    moved = split_router_groups(opt, model, 10.0)
+    routers = {id(p) for n, p in model.named_parameters() if "molora_router" in n}
+    assert moved == len(routers) > 0
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert by_lr[1e-2] == routers and not (by_lr[1e-3] & routers)
+    assert split_router_groups(opt, model, 1.0) == 0
+    # one AdamW step from zero moments moves every weight by ~lr: the routers by 10x as much
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in before:
+            step = (before[n] - p.detach()).abs().max().item()
+            assert step == pytest.approx(1e-2 if "molora_router" in n else 1e-3, rel=1e-3), n
+
+
+# ------------------------------------------------------------------------------------------ expert diversity
+def test_expert_update_cosines_equal_the_dense_computation():
+    from molora.run.expert_diversity import expert_update_cosines
+
+    g = torch.Generator().manual_seed(3)
+    e, r, d_in, d_out = 3, 2, 7, 5
+    a, b = torch.randn(e * r, d_in, generator=g), torch.randn(d_out, e * r, generator=g)
+    b[:, 4:] = b[:, :2] * 2.0   # expert 2 = 2 x expert 0 in B ...
+    a[4:] = a[:2]               # ... and the same A: the same direction
+    got = expert_update_cosines(a, b, e)
+    a, b = a.double(), b.double()
+    dw = [(b[:, i * r:(i + 1) * r] @ a[i * r:(i + 1) * r]).reshape(-1) for i in range(e)]
+    want = torch.tensor([[float(x @ y / (x.norm() * y.norm())) for y in dw] for x in dw], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert got[0, 2] == pytest.approx(1.0)
+    # shared_a: one A for every head
+    sa = torch.randn(r, d_in, generator=g).double()
+    got = expert_update_cosines(sa, b, e)
+    dw = [(b[:, i * r:(i + 1) * r] @ sa).reshape(-1) for i in range(e)]
+    want = torch.tensor([[float(x @ y / (x.norm() * y.norm())) for y in dw] for x in dw], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert expert_update_cosines(a, torch.zeros(d_out, e * r), e) is None  # untrained (B = 0): undefined
+
+
+def test_adapter_expert_similarity_reads_a_saved_adapter(tiny_model, tmp_path):
+    from molora.run.expert_diversity import adapter_expert_similarity, expert_update_cosines
+
+    model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(
+        num_experts="1,3", top_k=1, r=2, init_weights=False, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(tmp_path / "a")
+    sim = adapter_expert_similarity(tmp_path / "a")
+    assert set(sim) == {1}  # layer 0 has one expert: nothing to compare
+    want = []
+    for m in _modules(model):
+        if m.layer_index == 1:
+            c = expert_update_cosines(m.molora_A["default"], m.molora_B["default"], 3)
+            want.append(float(c[~torch.eye(3, dtype=torch.bool)].mean()))
+    assert sim[1] == pytest.approx(sum(want) / len(want), rel=1e-6)
