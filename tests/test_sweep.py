@@ -164,6 +164,12 @@ def test_search_selects_on_validation_then_reruns_the_choice_over_seeds(assets, 
         run = json.loads((sweep_dir / f"{slug}-seed1" / "metrics.jsonl").read_text().splitlines()[0])
         assert run["recipe"]["train"]["learning_rate"] == pytest.approx(lr), "final cells train the selection"
     assert "selected for inverted_triangle on validation" in out
+    assert out.count("reused ") == 3, "seed 0 of every arm is its selected search cell"
+    for slug, s in sel["arms"].items():
+        a = (sweep_dir / f"{slug}-seed0" / "adapter" / "adapter_model.safetensors").read_bytes()
+        assert a == (sweep_dir / "search" / f"{slug}-g{s['selected']}-seed0" / "adapter" /
+                     "adapter_model.safetensors").read_bytes()
+        assert (sweep_dir / f"{slug}-seed0" / "eval-validation.json").is_file()
     summary = json.loads((sweep_dir / "summary.json").read_text())
     rows = {r["allocation"]: r for r in summary["rows"]}
     assert rows["base"]["untuned"] and rows["base"]["seeds"] == []

@@ -22,8 +22,9 @@ train``) except:
 budget: each arm trains every grid point on ``--search-seeds`` (default: the first seed) in ``sweep/search/``, is
 scored on the recipe's evaluation rows (``data.eval_file``: the *validation* split; never a split you report as held
 out), and keeps the grid point with the best ``eval.primary_metric`` (ties: the earlier point). The final cells
-then train each arm's selected setting over ``--seeds``; score them on held-out data with ``--eval-file``. The
-selection is written to ``sweep/search.json`` and reused by later runs.
+then train each arm's selected setting over ``--seeds``; score them on held-out data with ``--eval-file``. A final
+cell whose seed is a search seed is the search cell of its selected setting (the same run): it is copied, not
+trained again. The selection is written to ``sweep/search.json``.
 
 Cells run as ``python -m molora.run.train`` subprocesses, one at a time. Resumable: a cell with ``results.json`` is
 skipped; one that was killed is resumed (``--resume latest``). ``--cells i/N`` runs only the cells of the phase with
@@ -351,9 +352,24 @@ def _eval_cmd(recipe_path: str, overrides: list[str], cell_ov: list[str], adapte
     return cmd + ["--adapter", adapter, "--output", str(target)]
 
 
+def _copy_run(src: Path, dst: Path) -> None:
+    """Copy a finished run (adapter, results, metrics, predictions, plots; no checkpoints) atomically."""
+    import shutil
+
+    tmp = dst.with_name(dst.name + ".copying")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=lambda d, names: [n for n in names if n.startswith("checkpoint-")
+                                                       or n.startswith("eval-")])
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.replace(dst)
+
+
 def run_cell(recipe_path: str, cell: Cell, overrides: list[str], budget: int, lora_rank: int, out: Path,
-             eval_files: Sequence[str], active: Optional[int] = None) -> str:
-    """Train (or resume, or skip) one cell, then score the extra eval files. Returns what happened."""
+             eval_files: Sequence[str], active: Optional[int] = None, reuse: Optional[Path] = None) -> str:
+    """Train (or resume, or skip) one cell, then score the extra eval files. Returns what happened.
+
+    ``reuse``: a finished search cell with this cell's arm, selected setting and seed -- copied instead of trained
+    again (the same run)."""
     cell_dir = out / cell.folder
     log = out / f"{cell.folder}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -371,6 +387,9 @@ def run_cell(recipe_path: str, cell: Cell, overrides: list[str], budget: int, lo
         return status
     cell_ov = _cell_overrides(cell, budget, lora_rank, out, active)
     status = "skipped (finished)"
+    if not (cell_dir / "results.json").is_file() and reuse is not None and (reuse / "results.json").is_file():
+        _copy_run(reuse, cell_dir)  # the same arm, setting and seed already trained in the search: the same run
+        status = f"reused {reuse.name} (search cell with this seed and setting)"
     if not (cell_dir / "results.json").is_file():
         cmd = [sys.executable, "-m", "molora.run.train", recipe_path, *overrides, *cell_ov]
         if cell_dir.exists():
@@ -551,6 +570,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           flush=True)
     failed: list[str] = []
 
+    def reuse_for(c: Cell) -> Optional[Path]:
+        if selection is None or c.seed is None or c.seed not in search_seeds or c.slug not in selection["arms"]:
+            return None
+        return out / "search" / f"{c.slug}-g{selection['arms'][c.slug]['selected']}-seed{c.seed}"
+
     def run_all(todo: list[Cell], total: int, what: str, eval_files: Sequence[str]) -> None:
         mine = [c for c in todo if c.index % parts == part - 1]
         print(f"molora sweep: {what}: {len(mine)} of {total} cells here"
@@ -558,7 +582,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for c in mine:
             t0 = time.perf_counter()
             try:
-                status = run_cell(opts["recipe"], c, overrides, budget, lora_rank, out, eval_files, active)
+                status = run_cell(opts["recipe"], c, overrides, budget, lora_rank, out, eval_files, active,
+                                  reuse_for(c))
             except SweepError as e:  # the other cells still run; re-running the sweep resumes this one
                 print(f"molora sweep: error: {e}", file=sys.stderr, flush=True)
                 failed.append(c.name)

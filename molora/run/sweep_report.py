@@ -210,11 +210,14 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         for slug, s in sel["arms"].items():
             scores = ", ".join("-" if v is None else f"{v:.3f}" for v in s["scores"])
             lines.append(f"- {slug}: {s['setting']} (grid scores {scores})")
+    heldout = any(not m.startswith("val ") for m in metrics)
     for ref, items in summary["paired"].items():
         lines += ["", f"Paired {ref}: A − ref; over seeds (mean [95 % t half-width], wins/losses) and, for "
                       f"log-likelihood, over questions × seeds (bootstrap 95 % interval, smallest resolvable "
-                      f"difference):", ""]
+                      f"difference){'; held-out splits only (summary.json has all)' if heldout else ''}:", ""]
         for it in items:
+            if heldout and it["metric"].startswith("val "):
+                continue
             half = "n/a" if math.isnan(it["diff_ci95"]) else f"±{it['diff_ci95']:.3f}"
             text = (f"- {it['allocation']}, {it['metric']}: {it['diff_mean']:+.3f} [{half}], "
                     f"{it['wins']}/{it['losses']} over seeds {it['seeds']}")
