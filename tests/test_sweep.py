@@ -205,3 +205,35 @@ def test_paired_bootstrap_matches_the_paired_difference_and_its_standard_error()
     same = paired_bootstrap({0: b[0], 1: b[0]}, {None: b[0]})
     assert same["diff"] == 0 and same["lo"] == same["hi"] == 0 and same["n_seeds"] == 2 and same["p"] == 1.0
     assert paired_bootstrap(a, {5: b[0]}) is None
+
+
+def test_an_edited_recipe_is_refused_naming_the_keys_or_started_over(assets, tmp_path, capsys):
+    """Issue 19.4: finished cells record their effective settings; a re-run with an edited recipe is refused before
+    any work, naming what changed; --restart-changed trains those cells again."""
+    common = dict(train={"max_steps": 2, "save_steps": 2, "logging_steps": 1},
+                  eval={"before": False, "loglik_max_examples": 4, "generation": False},
+                  report={"wandb": False, "plots": False})
+    recipe = write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run", **common)
+    args = ["--allocations", "▽", "--seeds", "0"]
+    assert _sweep([recipe, *args]) == 0
+    cell = tmp_path / "run" / "sweep" / "inverted_triangle-seed0"
+    rec = json.loads((cell / "cell.json").read_text())["settings"]
+    assert rec["train.learning_rate"] == 0.01 and rec["train.seed"] == 0 and "train.output_dir" not in rec
+    before = (cell / "results.json").read_bytes()
+    capsys.readouterr()
+    edited = dict(common, train={**common["train"], "learning_rate": 0.02})
+    write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run", **edited)
+    assert _sweep([recipe, *args]) == 2
+    err = capsys.readouterr().err
+    assert "train.learning_rate: 0.01 there, 0.02 now" in err and "--restart-changed" in err
+    assert (cell / "results.json").read_bytes() == before, "nothing was touched"
+    # an override is a change too
+    write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run", **common)
+    assert _sweep([recipe, *args, "--allocation.lora_dropout", "0.1"]) == 2
+    assert "allocation.lora_dropout: 0.0 there, 0.1 now" in capsys.readouterr().err
+    write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run", **edited)
+    assert _sweep([recipe, *args, "--restart-changed"]) == 0
+    assert "started over (train.learning_rate changed)" in capsys.readouterr().out
+    assert json.loads((cell / "cell.json").read_text())["settings"]["train.learning_rate"] == 0.02
+    run = json.loads((cell / "metrics.jsonl").read_text().splitlines()[0])
+    assert run["recipe"]["train"]["learning_rate"] == 0.02

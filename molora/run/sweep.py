@@ -58,7 +58,7 @@ __all__ = ["main", "plan_cells", "plan_search_cells", "parse_arm", "parse_search
 
 USAGE = """usage: molora sweep RECIPE.yaml --allocations A,B,... [--seeds 0,1,2] [--search KEY=V1,V2 ...]
                     [--search-seeds 0] [--phase search|final|all] [--cells i/N] [--eval-file FILE ...]
-                    [--report] [--section.key VALUE ...]
+                    [--restart-changed] [--report] [--section.key VALUE ...]
 
   --allocations   presets (▽ □ △ ⋈ ◇ or their names), block strings ("2|4|6|8" with | between values, or
                   run-together digits 2468), auto:METHOD, lora (matched parameters), lora-active (matched
@@ -70,6 +70,8 @@ USAGE = """usage: molora sweep RECIPE.yaml --allocations A,B,... [--seeds 0,1,2]
   --phase         search, final or all (default): with --cells, run the search in every process first
   --cells i/N     run only cells i, i+N, i+2N, ... (1-based) of the phase
   --eval-file F   also score every final cell (and base) on this choices-format JSONL (repeatable): held-out data
+  --restart-changed  train again the cells whose recorded settings differ from the current ones (an edited
+                  recipe or other overrides; without it such a sweep is refused naming the keys)
   --report        only merge the results that exist into sweep/summary.{json,md,png}"""
 
 #: arms that are not mixtures of the sweep's budget
@@ -352,6 +354,65 @@ def _eval_cmd(recipe_path: str, overrides: list[str], cell_ov: list[str], adapte
     return cmd + ["--adapter", adapter, "--output", str(target)]
 
 
+#: keys that name where a cell writes, not what it computes
+_LOCATION_KEYS = ("train.output_dir", "train.run_name")
+
+
+def effective_settings(recipe_path: str, overrides: Sequence[str], cell_ov: Sequence[str], untuned: bool = False
+                       ) -> dict[str, Any]:
+    """The cell's resolved recipe as flat ``{"section.key": value}`` (what its numbers depend on; the output folder
+    left out). The untuned model's scores depend on the model, data and eval sections only."""
+    rec = load_recipe(recipe_path, parse_overrides([*overrides, *cell_ov])).model_dump(mode="json")
+    flat: dict[str, Any] = {}
+    for section, values in rec.items():
+        if untuned and section not in ("model", "data", "eval"):
+            continue
+        for k, v in (values or {}).items() if isinstance(values, dict) else ():
+            if f"{section}.{k}" not in _LOCATION_KEYS:
+                flat[f"{section}.{k}"] = v
+    return flat
+
+
+def _check_settings(cell: Cell, cell_dir: Path, settings: dict[str, Any], restart: bool) -> Optional[str]:
+    """Compare a cell's recorded settings with the current ones (``cell.json``). A mismatch is refused naming the
+    keys that differ, or (``restart``) the cell is started over; returns a note when it was."""
+    import shutil
+
+    rec_path = cell_dir / "cell.json"
+    if not cell_dir.exists():
+        return None
+    try:
+        old = json.loads(rec_path.read_text(encoding="utf-8"))["settings"]
+    except FileNotFoundError:
+        old = None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SweepError(f"cell {cell.name}: {rec_path} is not readable JSON with a 'settings' object; delete the "
+                         f"cell folder {cell_dir} to run it again") from None
+    if old is None:
+        if any(cell_dir.iterdir()):
+            print(f"molora sweep: warning: cell {cell.name} has no record of its settings (made by molora < 0.3); "
+                  f"taken as it is", file=sys.stderr, flush=True)
+        return None
+    if old == settings:
+        return None
+    keys = sorted(k for k in set(settings) | set(old) if old.get(k, "<absent>") != settings.get(k, "<absent>"))
+    if restart:
+        shutil.rmtree(cell_dir)
+        return f"started over ({', '.join(keys[:5])} changed)"
+    detail = ", ".join(f"{k}: {old.get(k, '<absent>')!r} there, {settings.get(k, '<absent>')!r} now"
+                       for k in keys[:5])
+    raise SweepError(f"cell {cell.name} in {cell_dir} was run with other settings ({detail}); its results would mix "
+                     f"with the new ones in one table. Use another train.output_dir, undo the change, or pass "
+                     f"--restart-changed to train the changed cells again")
+
+
+def _record_settings(cell_dir: Path, settings: dict[str, Any]) -> None:
+    from .common import write_json_atomic
+
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cell_dir / "cell.json", {"settings": settings})
+
+
 def _copy_run(src: Path, dst: Path) -> None:
     """Copy a finished run (adapter, results, metrics, predictions, plots; no checkpoints) atomically."""
     import shutil
@@ -365,18 +426,22 @@ def _copy_run(src: Path, dst: Path) -> None:
 
 
 def run_cell(recipe_path: str, cell: Cell, overrides: list[str], budget: int, lora_rank: int, out: Path,
-             eval_files: Sequence[str], active: Optional[int] = None, reuse: Optional[Path] = None) -> str:
+             eval_files: Sequence[str], active: Optional[int] = None, reuse: Optional[Path] = None,
+             restart_changed: bool = False) -> str:
     """Train (or resume, or skip) one cell, then score the extra eval files. Returns what happened.
 
-    ``reuse``: a finished search cell with this cell's arm, selected setting and seed -- copied instead of trained
-    again (the same run)."""
+    Every cell records its effective settings (``cell.json``); a cell found with other settings (an edited recipe,
+    other overrides) is refused naming the keys, or started over with ``restart_changed``. ``reuse``: a finished
+    search cell with this cell's arm, selected setting and seed -- copied instead of trained again (the same run)."""
     cell_dir = out / cell.folder
     log = out / f"{cell.folder}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     if cell.allocation == BASE_ARM:  # the untuned model: scored, never trained
-        cell_dir.mkdir(parents=True, exist_ok=True)
-        status = "skipped (finished)"
         base_ov = ["--train.output_dir", str(cell_dir)]
+        settings = effective_settings(recipe_path, overrides, base_ov, untuned=True)
+        note = _check_settings(cell, cell_dir, settings, restart_changed)
+        _record_settings(cell_dir, settings)
+        status = note or "skipped (finished)"
         for ef, target in [(None, cell_dir / "eval-val.json")] + [
                 (ef, cell_dir / f"eval-{Path(ef).stem}.json") for ef in eval_files]:
             if target.is_file():
@@ -386,17 +451,23 @@ def run_cell(recipe_path: str, cell: Cell, overrides: list[str], budget: int, lo
                 raise SweepError(f"{cell.name}: scoring the untuned model failed; see {log}")
         return status
     cell_ov = _cell_overrides(cell, budget, lora_rank, out, active)
+    settings = effective_settings(recipe_path, overrides, cell_ov)
+    note = _check_settings(cell, cell_dir, settings, restart_changed)
     status = "skipped (finished)"
     if not (cell_dir / "results.json").is_file() and reuse is not None and (reuse / "results.json").is_file():
+        _check_settings(cell, reuse, settings, False)  # the search run must be this very configuration
         _copy_run(reuse, cell_dir)  # the same arm, setting and seed already trained in the search: the same run
         status = f"reused {reuse.name} (search cell with this seed and setting)"
+    _record_settings(cell_dir, settings)
     if not (cell_dir / "results.json").is_file():
         cmd = [sys.executable, "-m", "molora.run.train", recipe_path, *overrides, *cell_ov]
-        if cell_dir.exists():
+        if any(p.name != "cell.json" for p in cell_dir.iterdir()):
             cmd += ["--resume", "latest"]
             status = "resumed"
         else:
             status = "trained"
+        if note:
+            status += f", {note}"
         rc = _run(cmd, log)
         if rc != 0:
             raise SweepError(f"cell {cell.name} failed (exit {rc}); see {log}")
@@ -450,7 +521,8 @@ def select_settings(out: Path, search_cells: Sequence[Cell], grid: Sequence[dict
 
 def _parse(argv: Sequence[str]) -> dict[str, Any]:
     opts: dict[str, Any] = {"recipe": None, "allocations": None, "seeds": "0", "cells": None, "eval_files": [],
-                            "report": False, "rest": [], "search": [], "search-seeds": None, "phase": "all"}
+                            "report": False, "rest": [], "search": [], "search-seeds": None, "phase": "all",
+                            "restart-changed": False}
     args, i = list(argv), 0
     while i < len(args):
         a = args[i]
@@ -459,6 +531,9 @@ def _parse(argv: Sequence[str]) -> dict[str, Any]:
             i += 1
         elif a == "--report":
             opts["report"] = True
+            i += 1
+        elif a == "--restart-changed":
+            opts["restart-changed"] = True
             i += 1
         elif a in ("--allocations", "--seeds", "--cells", "--eval-file", "--search", "--search-seeds", "--phase"):
             if i + 1 >= len(args):
@@ -554,9 +629,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             old = json.loads(plan_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             old = {}
-        diff = [k for k in ("overrides", "budget", "lora_rank", "search", "search_seeds") if k in old
-                and old.get(k) != plan.get(k)]
-        if diff:
+        # what each cell computes is checked per cell (cell.json); the grid itself must stay (cells are numbered
+        # by their grid point)
+        diff = [k for k in ("search", "search_seeds") if k in old and old.get(k) != plan.get(k)]
+        if diff and not opts["restart-changed"]:
             print(f"molora sweep: error: {out} holds a sweep with other settings ({', '.join(diff)}: "
                   f"{[old.get(k) for k in diff]} there, {[plan.get(k) for k in diff]} now); use another "
                   f"train.output_dir", file=sys.stderr)
@@ -583,7 +659,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             t0 = time.perf_counter()
             try:
                 status = run_cell(opts["recipe"], c, overrides, budget, lora_rank, out, eval_files, active,
-                                  reuse_for(c))
+                                  reuse_for(c), opts["restart-changed"])
             except SweepError as e:  # the other cells still run; re-running the sweep resumes this one
                 print(f"molora sweep: error: {e}", file=sys.stderr, flush=True)
                 failed.append(c.name)
@@ -591,6 +667,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"molora sweep: {what} cell {c.index + 1}/{total} {c.name}: {status} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
+    # cells already on disk with other settings are refused before any work (the final cells of a search are
+    # checked when their selection is known)
+    if not opts["restart-changed"]:
+        known = search_cells if grid else cells
+        problems = []
+        for c in known:
+            if not (out / c.folder).exists():
+                continue
+            untuned = c.allocation == BASE_ARM
+            cell_ov = ["--train.output_dir", str(out / c.folder)] if untuned else _cell_overrides(
+                c, budget, lora_rank, out, active)
+            try:
+                _check_settings(c, out / c.folder, effective_settings(opts["recipe"], overrides, cell_ov, untuned),
+                                False)
+            except SweepError as e:
+                problems.append(str(e))
+        if problems:
+            for p in problems:
+                print(f"molora sweep: error: {p}", file=sys.stderr)
+            return 2
     selection = None
     if grid and opts["phase"] in ("search", "all"):
         run_all(search_cells, len(search_cells), "search", ())
