@@ -36,6 +36,7 @@ setup(
         "wandb>=0.31,<0.32",
         "datasets>=5.2,<6",
         "gguf",
+        "filelock>=3.10",                            # one writer per output_dir (molora.run.run_lock)
     ],
     extras_require={
         "triton": ["triton>=3.9,<3.10"],

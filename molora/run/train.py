@@ -254,7 +254,7 @@ def _clear_previous_run(out: Path) -> None:
 
     for p in list_checkpoints(out, complete_only=False):
         shutil.rmtree(p, ignore_errors=True)
-    for name in ("metrics.jsonl", "results.json"):
+    for name in ("metrics.jsonl", "results.json", "predictions_before.json", "predictions_after.json"):
         (out / name).unlink(missing_ok=True)
     for name in ("adapter", "plots"):
         shutil.rmtree(out / name, ignore_errors=True)
@@ -354,15 +354,24 @@ def run(recipe: Recipe, resume: Optional[str] = None, resume_allow: Optional[str
     numbers are filled in on rank 0).
 
     ``resume``: ``"latest"`` or a checkpoint path; the checkpoint's setup and fingerprint must match this run
-    (:mod:`molora.run.resume`) except for the keys in ``resume_allow`` (comma-separated keys/sections or ``all``)."""
+    (:mod:`molora.run.resume`) except for the keys in ``resume_allow`` (comma-separated keys/sections or ``all``).
+    The output folder is locked for the whole run (:mod:`molora.run.run_lock`): a second run on it fails at once
+    naming the holder."""
+    from .run_lock import output_dir_lock
+    from .storage import check_writable
+
+    out = Path(recipe.train.output_dir)
+    check_writable(out)  # before anything loads: a read-only or impossible output_dir fails now
+    with output_dir_lock(out, enabled=rank_info()[0] == 0):
+        return _run_locked(recipe, resume, resume_allow)
+
+
+def _run_locked(recipe: Recipe, resume: Optional[str], resume_allow: Optional[str]) -> dict[str, Any]:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     rank, _local_rank, world = rank_info()
     is_main = rank == 0
     out = Path(recipe.train.output_dir)
-    from .storage import check_writable
-
-    check_writable(out)  # before anything loads: a read-only or impossible output_dir fails now
     wandb_mode = _prepare_environment(recipe)
 
     with timer(timings, "import_s"):
