@@ -529,3 +529,51 @@ def test_smollm2_scores_bbc(tmp_path):
     print(f"SmolLM2-135M untuned BBC accuracy on 20 rows: {res}")
     assert res["n"] == 20
     assert res["accuracy"] > 0.2
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-finite outputs are refused, never scored (issue 19.2)
+# --------------------------------------------------------------------------------------------------
+
+
+def _poisoned(tiny_llama, value: float):
+    """A molora model whose layer-1 v_proj expert B holds ``value`` (nan, or a value that overflows in the forward)."""
+    from peft import get_peft_model
+
+    import molora
+
+    model = get_peft_model(tiny_llama(), molora.MoLoRAConfig(num_experts=2, top_k=1, r=2, init_weights=False))
+    target = next(m for n, m in model.named_modules() if n.endswith("layers.1.self_attn.v_proj"))
+    with torch.no_grad():
+        target.molora_B["default"].fill_(value)
+    return model.eval()
+
+
+@pytest.mark.parametrize("value", [float("nan"), 3e38])  # nan, and weights that overflow in the forward
+def test_loglik_scoring_refuses_non_finite_logits_naming_the_module(tiny_llama, tiny_tokenizer, value):
+    from molora.run.nonfinite import NonFiniteError
+
+    model = _poisoned(tiny_llama, value)
+    with pytest.raises(NonFiniteError, match=r"row 0 \(id 'r0'\): the model's output is not finite.*first module "
+                                             r"with a non-finite output: \S*layers\.1\.self_attn\.v_proj"):
+        evaluate_loglik(model, tiny_tokenizer, choice_rows(), progress=False)
+    with pytest.raises(NonFiniteError, match=r"layers\.1\.self_attn\.v_proj"):
+        evaluate_loglik(model, tiny_tokenizer, choice_rows(), share_prompt=False, progress=False)
+
+
+def test_generation_refuses_non_finite_logits_naming_the_module(tiny_llama, tiny_tokenizer):
+    from molora.run.nonfinite import NonFiniteError
+
+    model = _poisoned(tiny_llama, float("nan"))
+    with pytest.raises(NonFiniteError, match=r"row 0 \(id 'r0'\): the model's logits at generated token 0 are not "
+                                             r"finite.*\S*layers\.1\.self_attn\.v_proj"):
+        evaluate_generation(model, tiny_tokenizer, choice_rows(), max_new_tokens=2, progress=False)
+
+
+def test_finite_models_score_as_before(tiny_llama, tiny_tokenizer):
+    """The check costs nothing on a healthy model: same scores with and without it (it only reads them)."""
+    model = tiny_llama()
+    got = evaluate_loglik(model, tiny_tokenizer, choice_rows(), progress=False, return_predictions=True)
+    assert 0.0 <= got["accuracy"] <= 1.0 and len(got["predictions"]) == 5
+    gen = evaluate_generation(model, tiny_tokenizer, choice_rows(), max_new_tokens=2, progress=False)
+    assert gen["n"] == 5

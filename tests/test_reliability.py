@@ -64,6 +64,19 @@ def test_diverging_run_stops_with_the_step_and_writes_nothing_non_finite(assets,
         assert _all_finite_dir(cp), cp
 
 
+def test_skip_policy_run_whose_weights_overflow_does_not_exit_0(assets, tmp_path, capsys):
+    """Issue 19.2: with nonfinite: skip, lr 1e30 leaves finite weights of ~1e30 whose forward overflows; every later
+    step is skipped and the run used to exit 0 and score NaN logits as an accuracy. The final scoring refuses them."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", assets, out, eval={"before": False, "generation": False},
+                          train={"max_steps": 4, "save_steps": 1, "lr_scheduler_type": "constant",
+                                 "nonfinite": "skip", "gradient_accumulation_steps": 1})
+    assert _train([recipe, "--train.learning_rate", "1e30"]) == 2
+    err = capsys.readouterr().err
+    assert "output is not finite" in err and "first module with a non-finite output:" in err, err
+    assert not (out / "results.json").exists(), "no accuracy was recorded"
+
+
 def test_nan_loss_stops_the_run_naming_the_step(assets, tmp_path, capsys, monkeypatch):
     _nan_loss_at(monkeypatch, {3})
     out = tmp_path / "run"

@@ -257,7 +257,49 @@ def score_options(
                 k += len(opts)
     finally:
         bar.close()
+    _refuse_nonfinite(model, scores, groups, rows, device)
     return scores
+
+
+def _refuse_nonfinite_generation(model, step_logits, ids, mask, rows, start: int, device) -> None:
+    """Greedy decoding over non-finite logits picks arbitrary tokens: refuse it (NonFiniteError naming the row and the
+    first module whose output is not finite) instead of scoring the text."""
+    from .nonfinite import NonFiniteError, first_nonfinite_module
+
+    for step, logits in enumerate(step_logits or ()):
+        ok = torch.isfinite(logits).all(dim=-1)
+        if bool(ok.all()):
+            continue
+        k = int((~ok).nonzero()[0, 0])
+        keep = mask[k].bool()
+        where = first_nonfinite_module(model, input_ids=ids[k][keep][None].to(device))
+        rid = rows[start + k].get("id", start + k)
+        raise NonFiniteError(
+            f"row {start + k} (id {rid!r}): the model's logits at generated token {step} are not finite, so the "
+            f"generated text would be arbitrary; first module with a non-finite output: "
+            f"{where or 'none on the prompt alone'}. The adapter's weights or activations overflowed: train with a "
+            f"smaller learning rate, or evaluate an earlier checkpoint")
+
+
+def _refuse_nonfinite(model, scores: list[list[float]], groups, rows, device) -> None:
+    """A non-finite option score means non-finite logits (log_softmax of finite logits is finite): never count it
+    as a prediction. Raise NonFiniteError naming the row and the first module whose output is not finite."""
+    import math
+
+    from .nonfinite import NonFiniteError, first_nonfinite_module
+
+    bad = next((i for i, s in enumerate(scores) if not all(math.isfinite(v) for v in s)), None)
+    if bad is None:
+        return
+    prompt, options = groups[bad]
+    ids = torch.tensor([prompt + options[0]], device=device)
+    where = first_nonfinite_module(model, input_ids=ids)
+    rid = rows[bad].get("id", bad) if bad < len(rows) else bad
+    raise NonFiniteError(
+        f"row {bad} (id {rid!r}): the model's output is not finite (option scores {scores[bad]}), so no accuracy "
+        f"can be computed; first module with a non-finite output: {where or 'none on a re-run (nondeterministic)'}. "
+        f"The adapter's weights or activations overflowed: check them (molora report, or load the adapter: "
+        f"non-finite weights are refused), train with a smaller learning rate, or evaluate an earlier checkpoint")
 
 
 def evaluate_loglik(
@@ -413,8 +455,11 @@ def evaluate_generation(
                 num_beams=1,
                 pad_token_id=pad_id,
                 eos_token_id=tokenizer.eos_token_id,
+                output_logits=True,
+                return_dict_in_generate=True,
             )
-            new_tokens = out[:, length:]
+            _refuse_nonfinite_generation(model, out.logits, ids, mask, rows, start, device)
+            new_tokens = out.sequences[:, length:]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for k, text in enumerate(texts):
                 row = rows[start + k]

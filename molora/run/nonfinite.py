@@ -22,7 +22,7 @@ from typing import Iterable, Optional
 
 import torch
 
-__all__ = ["NonFiniteError", "nonfinite_entries", "all_finite", "check_finite_state"]
+__all__ = ["NonFiniteError", "nonfinite_entries", "all_finite", "check_finite_state", "first_nonfinite_module"]
 
 
 class NonFiniteError(RuntimeError):
@@ -70,3 +70,28 @@ def local_tensor(p: torch.Tensor) -> torch.Tensor:
 
 def describe_step(step: int, micro: Optional[int] = None) -> str:
     return f"step {step}" + (f" (micro-batch {micro})" if micro is not None else "")
+
+
+def first_nonfinite_module(model: torch.nn.Module, **inputs) -> Optional[str]:
+    """Run ``model(**inputs)`` once (no grad) and name the first module, in the order they ran, whose output holds a
+    non-finite value (its outer wrappers are not named: the innermost first one is what broke); None when every
+    output is finite. For scoring and generation, which must refuse non-finite logits before counting them."""
+    first: list[str] = []
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def hook(mod, args, out):
+        if first:
+            return
+        t = out[0] if isinstance(out, (tuple, list)) and out else out
+        t = getattr(t, "logits", t)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            first.append(names.get(id(mod), type(mod).__name__) or "(the model)")
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return first[0] if first else None
