@@ -88,6 +88,8 @@ class RunContext:
     fingerprint: Any = None
     checkpoint_bytes: int = 0
     rss_interval_max: int = 0
+    #: molora.run.cpu_threads.SlowStepWatch of a CPU run (None on GPU)
+    slow_watch: Any = None
 
 
 @contextmanager

@@ -237,6 +237,9 @@ class TrainSection(_Section):
     #: the routers' learning rate = learning_rate x this (routers see tiny gradients while B is small; > 1 lets
     #: them specialise sooner)
     router_lr_multiplier: float = Field(1.0, gt=0)
+    #: CPU threads of this process (None: OMP_NUM_THREADS, else the cores it may use / the ranks on this machine;
+    #: molora.run.cpu_threads); on a machine shared with other work fewer are faster
+    threads: Optional[int] = Field(None, ge=1)
     deepspeed: Optional[str] = None
     run_name: Optional[str] = None
     #: what a non-finite loss or gradient does: "error" stops the run naming the step (the last checkpoint is

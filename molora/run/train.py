@@ -395,6 +395,9 @@ def _run_locked(recipe: Recipe, resume: Optional[str], resume_allow: Optional[st
         from ..tuner.summary import _tuner
         from .telemetry import MetricsWriter, RouterTelemetry
     _patch_deepspeed_for_cpu()
+    from .cpu_threads import configure_threads
+
+    threads, threads_why = configure_threads(recipe.train.threads)
 
     # ---- allocation and resume target: fail before anything heavy
     try:
@@ -544,11 +547,14 @@ def _run_locked(recipe: Recipe, resume: Optional[str], resume_allow: Optional[st
 
     routers = [get_router(n) for n in router_names_of(cfg.router)]
     coef = float(cfg.aux_loss_coef) if any(r.aux_loss is not None for r in routers) else 0.0
+    from .cpu_threads import SlowStepWatch
+
     ctx = RunContext(recipe=recipe, is_main=is_main, zero3=zero_stage == 3, aux_loss_coef=coef,
-                      allocation=cfg.allocation, metrics=metrics, use_wandb=bool(wandb_mode),
-                      setup=setup, fingerprint=fingerprint,
-                      logits_at_labels_only=recipe.train.logits_at_labels_only and accepts_logits_to_keep(model),
-                      tuner=_tuner(model))
+                     slow_watch=None if torch.cuda.is_available() else SlowStepWatch(threads),
+                     allocation=cfg.allocation, metrics=metrics, use_wandb=bool(wandb_mode),
+                     setup=setup, fingerprint=fingerprint,
+                     logits_at_labels_only=recipe.train.logits_at_labels_only and accepts_logits_to_keep(model),
+                     tuner=_tuner(model))
 
     table = molora.allocation_table(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -568,6 +574,9 @@ def _run_locked(recipe: Recipe, resume: Optional[str], resume_allow: Optional[st
               f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)", flush=True)
         print(str(table), flush=True)
         print(f"molora: precision: {precision}", flush=True)
+        if not torch.cuda.is_available():
+            print(f"molora: CPU threads: {threads} ({threads_why}; set train.threads or OMP_NUM_THREADS to change)",
+                  flush=True)
         metrics.write({"type": "run", "recipe": recipe.to_dict(), "allocation": cfg.allocation,
                        "precision": precision, "auto_allocation": auto,
                        "num_layers": cfg.num_layers, "trainable_params": trainable, "total_params": total,

@@ -56,6 +56,7 @@ def build_trainer_class():
             self._reg_sum = torch.zeros((), dtype=torch.float64)  # weighted router regulariser (top-p entropy)
             self._tokens = torch.zeros((), dtype=torch.float64)
             self._t_last_log = None
+            self._last_log_step = 0
             self._eval_time = 0.0
             self._nonfinite_reason: Optional[str] = None   # why the current step is to be dropped
             self._grads_checked_at = -1
@@ -239,8 +240,17 @@ def build_trainer_class():
                     if reg_sum:
                         logs["router_regularizer"] = round(reg, 6)
                     logs["task_loss"] = round(float(logs["loss"]) - ctx.aux_loss_coef * aux - reg, 6)
+                steps = self.state.global_step - self._last_log_step
+                self._last_log_step = self.state.global_step
                 if elapsed > 0:
                     logs["tokens_per_s"] = round(tokens / elapsed, 1)
+                    if steps > 0:
+                        logs["s_per_step"] = round(elapsed / steps, 3)
+                if ctx.slow_watch is not None and elapsed > 0:
+                    warning = ctx.slow_watch.observe(steps, elapsed)
+                    if warning and self.is_world_process_zero():
+                        print(f"molora: warning: {warning}", flush=True)
+                        ctx.metrics.write({"type": "warning", "step": self.state.global_step, "message": warning})
                 if self.nonfinite_skipped:
                     logs["nonfinite_skipped"] = self.nonfinite_skipped
                 # the largest RSS seen at a step's end (before malloc_trim hands free pages back) over this
