@@ -215,6 +215,9 @@ def _plot_allocation(res, path: Path):
 
 def _bench(argv: Sequence[str]) -> int:
     names = {"kernels": "bench_kernels.py", "train": "bench_train.py", "generate": "bench_generate.py"}
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"usage: molora bench {{{'|'.join(names)}}} [options]  (molora bench NAME --help for its options)")
+        return 0
     if not argv or argv[0] not in names:
         print(f"usage: molora bench {{{'|'.join(names)}}} [options]  (--help for the benchmark's options)",
               file=sys.stderr)

@@ -395,6 +395,32 @@ def model_num_layers(name_or_path: str) -> Optional[int]:
     return None
 
 
+def model_location_problem(name_or_path: str) -> Optional[str]:
+    """Why ``model.name_or_path`` cannot be loaded without a download (None when it can): a packaged name, a local
+    folder with config.json, or a model in the local Hugging Face cache. Skipped when ``HF_HUB_OFFLINE=0`` (the
+    user allows downloads)."""
+    import difflib
+
+    if name_or_path in PACKAGED_MODEL_NAMES or os.environ.get("HF_HUB_OFFLINE", "1") == "0":
+        return None
+    path = Path(os.path.expanduser(name_or_path))
+    if (path / "config.json").is_file():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            return None
+    except Exception:  # noqa: BLE001 - not a valid repo id: not in the cache
+        pass
+    close = difflib.get_close_matches(name_or_path.lower(), list(PACKAGED_MODEL_NAMES), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    where = (f"{path} has no config.json" if path.exists() else f"no folder {path}")
+    return (f"model.name_or_path={name_or_path!r} is not a packaged model ({', '.join(PACKAGED_MODEL_NAMES)}), not a "
+            f"local checkpoint ({where}) and not in the local Hugging Face cache; nothing is downloaded at run "
+            f"time (HF_HUB_OFFLINE=0 allows it).{hint}")
+
+
 def resolve_recipe_allocation(recipe: "Recipe") -> Optional[list]:
     """The per-layer allocation of a recipe, resolved from the model's config alone (before any model loads).
 

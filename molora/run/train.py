@@ -132,6 +132,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(USAGE)
             return 0
         recipe = load_recipe(opts.recipe, opts.overrides)
+        from .recipe import model_location_problem
+
+        problem = model_location_problem(recipe.model.name_or_path)
+        if problem:
+            raise RecipeError(problem)
         layers = _check_allocation_early(recipe, show_warnings=opts.validate)
     except RecipeError as e:
         print(f"molora train: error: {e}", file=sys.stderr)
