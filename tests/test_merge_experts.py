@@ -129,3 +129,26 @@ def test_merge_experts_command_reports_the_accuracy_change(assets, tmp_path, cap
     assert cli(["eval", str(recipe), "--adapter", str(merged)]) == 0  # the merged adapter is a normal adapter
     assert cli(["merge-experts", str(recipe), "--adapter", str(out / "adapter"), "--max-experts", "0"]) == 2
     assert "--max-experts=0 must be >= 1" in capsys.readouterr().err
+
+
+def test_merge_experts_refuses_an_out_that_would_destroy_the_source_before_any_work(assets, tmp_path, capsys):
+    """Issue 19.8: --out equal to --adapter overwrote the source (and left a stale completion marker); --out naming a
+    file failed only after all the work. Both are refused up front, with nothing loaded or written."""
+    import time
+
+    from molora.run.cli import main as cli
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    recipe = write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    for out, match in [(adapter, "is the source adapter"), (tmp_path / "." / "adapter", "is the source adapter"),
+                       (a_file, "is a file, not a folder"), (a_file / "sub", "is a file, not a folder"),
+                       (adapter / "merged", "inside the source adapter")]:
+        t0 = time.perf_counter()
+        assert cli(["merge-experts", str(recipe), "--adapter", str(adapter), "--max-experts", "1",
+                    "--out", str(out)]) == 2
+        assert match in capsys.readouterr().err and time.perf_counter() - t0 < 5
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json"]

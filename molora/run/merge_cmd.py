@@ -46,6 +46,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"molora merge-experts: error: {e}", file=sys.stderr)
         return 2
     out = Path(a.out) if a.out else adapter.with_name(f"{adapter.name}-merged{a.max_experts}")
+    problem = _out_problem(adapter, out)
+    if problem:
+        print(f"molora merge-experts: error: {problem}", file=sys.stderr)
+        return 2
     try:
         return _run(recipe, adapter, out, a.max_experts, a.calib_examples)
     except Exception as e:  # noqa: BLE001 - a user error is one line, anything else a traceback
@@ -55,6 +59,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"molora merge-experts: error: {e}", file=sys.stderr)
             return 2
         raise
+
+
+def _out_problem(adapter: Path, out: Path) -> Optional[str]:
+    """Why ``--out`` cannot receive the merged adapter (checked before any work), or None."""
+    if out.resolve() == adapter.resolve():
+        return (f"--out {out} is the source adapter: the merge would overwrite it (and leave its completion marker "
+                f"describing other weights); give another folder")
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            return f"--out {out}: {p} is a file, not a folder"
+    if adapter.resolve() in out.resolve().parents:
+        return f"--out {out} lies inside the source adapter {adapter}; give a folder beside it"
+    return None
 
 
 def _run(recipe, adapter: Path, out: Path, max_experts: int, calib_examples: int) -> int:
@@ -82,7 +99,11 @@ def _run(recipe, adapter: Path, out: Path, max_experts: int, calib_examples: int
     loads = expert_loads(model, batches)
     report = merge_experts(model, max_experts, loads, adapter=model.active_adapter)
     after = recipe_accuracy(model, tokenizer, eval_rows, template, recipe, False)
-    model.save_pretrained(str(out))
+    import shutil
+
+    tmp = out.with_name(f".{out.name}.tmp-{__import__('os').getpid()}")  # written whole, then renamed into place
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
     lines = [f"{'layer':>5}  {'experts':>9}  {'exact':>5}  groups (old experts, centre first; load)", "-" * 70]
     for r in report:
         groups = " ".join("[" + ",".join(str(e) for e in g) + "]" for g in r.groups) if r.after < r.before else "-"
@@ -96,9 +117,12 @@ def _run(recipe, adapter: Path, out: Path, max_experts: int, calib_examples: int
     lines.append("exact on the calibration tokens" if exact else
                  "lossy: some layers merged experts that tokens used (the accuracy change above is the cost)")
     print("\n".join(lines))
-    write_json_atomic(out / "merge_report.json", {
+    write_json_atomic(tmp / "merge_report.json", {
         "adapter": str(adapter), "max_experts": max_experts, "calib_examples": calib_examples,
         "layers": [r.__dict__ for r in report], "accuracy_before": before, "accuracy_after": after,
         "exact_on_calibration": exact})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
     print(f"molora merge-experts: wrote {out}")
     return 0
