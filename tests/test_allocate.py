@@ -292,6 +292,44 @@ def test_auto_in_a_recipe_resolves_identically_twice_and_is_stored(assets, tmp_p
     assert auto["num_experts"] == experts and auto["result"]["method"] == "block-influence"
 
 
+def test_auto_cache_entries_are_validated_and_an_unwritable_cache_only_warns(assets, tmp_path, capsys, monkeypatch):
+    """Issue 19.7: an edited but valid-looking cache file (200 experts for a budget of 10) was used as it was; `{}`,
+    a JSON list or an unwritable cache path gave a traceback. Bad entries are recomputed with a warning naming why."""
+    from molora.run.train import main
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOLORA_CACHE", str(cache))
+    alloc = {"num_experts": "auto:block-influence", "expert_budget": 10, "top_k": 1, "auto_calib_examples": 8}
+
+    def run(name):
+        out = tmp_path / name
+        recipe = write_recipe(tmp_path / f"{name}.yaml", assets, out, allocation=alloc, train={"max_steps": 1},
+                              eval={"before": False, "after": False})
+        rc = main([str(recipe)])
+        printed = capsys.readouterr()
+        cfg = json.loads((out / "adapter" / "adapter_config.json").read_text()) if rc == 0 else None
+        return rc, printed.out + printed.err, cfg
+
+    rc, _, cfg = run("first")
+    good = [row["num_experts"] for row in cfg["allocation"]]
+    (entry,) = (cache / "allocations").glob("block-influence-*.json")
+    valid = json.loads(entry.read_text())
+    edited = dict(valid, num_experts=[200] + valid["num_experts"][1:])
+    for i, (content, why) in enumerate([(json.dumps(edited), "sums to"), ("{}", "its key None"),
+                                        ("[1, 2]", "not a JSON object (list)"), ("{not json", "unreadable")]):
+        entry.write_text(content)
+        rc, printed, cfg = run(f"bad{i}")
+        assert rc == 0 and "ignoring the cached allocation" in printed and why in printed, printed
+        assert [row["num_experts"] for row in cfg["allocation"]] == good
+        assert json.loads(entry.read_text())["num_experts"] == valid["num_experts"], "rewritten with the good one"
+    entry.unlink()
+    monkeypatch.setenv("MOLORA_CACHE", str(tmp_path / "a_file"))
+    (tmp_path / "a_file").write_text("not a folder")
+    rc, printed, cfg = run("unwritable")
+    assert rc == 0 and "could not cache the allocation" in printed
+    assert [row["num_experts"] for row in cfg["allocation"]] == good
+
+
 def test_auto_recipe_errors_before_loading(assets, tmp_path, capsys):
     from molora.run.train import main
 

@@ -82,18 +82,29 @@ def resolve_recipe_auto(recipe, model, tokenizer, train_rows: Sequence[dict], *,
     payload = None
     if _rank() == 0:
         if path.is_file():
+            from ..allocation.signals import blocks_of
+
             try:
                 payload = json.loads(path.read_text(encoding="utf-8"))
-                payload["cached"] = True
-            except (OSError, ValueError):
+                problem = cached_allocation_problem(payload, key, settings, len(blocks_of(model)[1]))
+            except (OSError, ValueError) as e:
+                problem = f"unreadable ({e})"
+            if problem:
+                log(f"molora: warning: ignoring the cached allocation {path}: {problem}; computing it again")
                 payload = None
+            else:
+                payload["cached"] = True
         if payload is None:
             res = allocate_for_recipe(recipe, model, tokenizer, train_rows, method.name, a.expert_budget,
                                       beta=a.auto_beta, min_experts=min_experts, max_experts=a.auto_max,
                                       groups=a.auto_groups, calib_examples=a.auto_calib_examples)
             payload = {"num_experts": res.experts, "num_experts_mlp": res.experts_mlp, "result": res.to_dict(),
                        "settings": settings, "key": key, "cached": False}
-            _write_atomic(path, payload)
+            try:
+                _write_atomic(path, payload)
+            except OSError as e:  # a read-only or full cache must not stop a run that has its allocation
+                log(f"molora: warning: could not cache the allocation in {path} ({e}); it is computed again "
+                    f"next time (set MOLORA_CACHE to a writable folder)")
     payload = _broadcast(payload)
     if is_main:
         src = f"cache {path}" if payload.get("cached") else f"computed, cached in {path}"
@@ -102,6 +113,32 @@ def resolve_recipe_auto(recipe, model, tokenizer, train_rows: Sequence[dict], *,
             + (f"{payload['num_experts']}" if mlp is None else
                f"attention {payload['num_experts']}, MLP {mlp}"))
     return payload
+
+
+def cached_allocation_problem(payload: Any, key: str, settings: dict, num_layers: int) -> Optional[str]:
+    """Why a cached ``auto:`` entry cannot be used for this model, data and settings (None when it can): it must be
+    the JSON object this version writes, for this key and these settings, with one count per layer within the
+    bounds and summing to the budget (an edited file is never trusted blindly)."""
+    if not isinstance(payload, dict):
+        return f"not a JSON object ({type(payload).__name__})"
+    if payload.get("key") != key:
+        return f"its key {payload.get('key')!r} is not this model's and data's {key!r}"
+    if payload.get("settings") != json.loads(json.dumps(settings, default=str)):
+        return "it was computed with other settings"
+    lo, hi, budget = settings["min"], settings["max"], settings["budget"]
+    for name in ("num_experts", "num_experts_mlp"):
+        counts = payload.get(name)
+        if counts is None and name == "num_experts_mlp":
+            continue
+        if not (isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts)):
+            return f"{name} is not a list of ints"
+        if len(counts) != num_layers:
+            return f"{name} has {len(counts)} entries for a model of {num_layers} layers"
+        if any(c < max(1, lo or 1) or (hi is not None and c > hi) for c in counts):
+            return f"{name} {counts} leaves the bounds [{lo}, {hi}]"
+        if sum(counts) != budget:
+            return f"{name} sums to {sum(counts)}, not the budget {budget}"
+    return None
 
 
 def allocate_for_recipe(recipe, model, tokenizer, train_rows: Sequence[dict], method: str, budget: int, *,
