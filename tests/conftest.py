@@ -93,3 +93,31 @@ def build_tiny_tokenizer(corpus=None, vocab_size: int = 320, add_bos: bool = Tru
 def tiny_tokenizer():
     """A fresh tiny byte-level BPE tokenizer (bos prepended, eos and pad defined)."""
     return build_tiny_tokenizer()
+
+
+def assert_save_load_same_logits(model, fresh_base, path, ids):
+    """Save ``model`` (a PEFT model) to ``path``, load it into ``fresh_base`` and assert the same logits on ``ids``;
+    returns the loaded model."""
+    from peft import PeftModel
+
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    model.save_pretrained(path)
+    loaded = PeftModel.from_pretrained(fresh_base, path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+    return loaded
+
+
+def forward_capturing_inputs(model, ids, mask, labels):
+    """``model``'s output on the batch and the (module, input) of every MoLoRA module call during it."""
+    from test_layer import capture_inputs
+
+    calls, hooks = capture_inputs(model)
+    try:
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, calls

@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 
 import molora
 from molora import MoLoRAConfig
 from molora.allocation import AllocationError
 
+from conftest import assert_save_load_same_logits, forward_capturing_inputs
 from test_layer import batch, capture_inputs, causal_lm_loss
 from test_routers import _assert_loss_terms
 
@@ -36,10 +37,7 @@ def test_z_loss_on_topk_and_soft_matches_its_formula_with_gradients(tiny_model, 
     model, ref = build(z), build(0.0)
     ref.load_state_dict(model.state_dict())
     ids, mask, labels = batch()
-    calls, hooks = capture_inputs(ref)
-    out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
-    for h in hooks:
-        h.remove()
+    out_ref, calls = forward_capturing_inputs(ref, ids, mask, labels)
     keep = mask.reshape(-1).bool()
     zl = torch.zeros(())
     for mod, x in calls:
@@ -124,14 +122,7 @@ def test_shared_expert_saves_loads_and_merges_where_static(tiny_model, tmp_path)
     torch.manual_seed(0)
     model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(
         num_experts="1,4", top_k=1, r=2, shared_expert_r=2, init_weights=False))
-    model.eval()
-    ids = torch.randint(0, 64, (2, 6))
-    with torch.no_grad():
-        want = model(input_ids=ids).logits
-    model.save_pretrained(tmp_path / "a")
-    loaded = PeftModel.from_pretrained(tiny_model("llama", num_layers=2), tmp_path / "a")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+    assert_save_load_same_logits(model, tiny_model("llama", num_layers=2), tmp_path / "a", torch.randint(0, 64, (2, 6)))
     # a single-expert layer with a shared expert is static: delta_weight folds both
     single = [m for m in _modules(model) if m.num_experts["default"] == 1][0]
     x = torch.randn(5, single.in_features)

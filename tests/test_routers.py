@@ -372,14 +372,10 @@ def test_per_layer_routers_save_and_load(tiny_model, tmp_path):
 
     model = get_peft_model(tiny_model("llama", num_layers=4), MoLoRAConfig(
         num_experts=4, top_k=2, r=2, router="topk,topp", router_options={"top_p": 0.6}, init_weights=False))
-    model.eval()
-    ids = torch.randint(0, 64, (2, 7))
-    with torch.no_grad():
-        want = model(input_ids=ids).logits
-    model.save_pretrained(tmp_path / "a")
-    loaded = PeftModel.from_pretrained(tiny_model("llama", num_layers=4), tmp_path / "a")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+    from conftest import assert_save_load_same_logits
+
+    loaded = assert_save_load_same_logits(model, tiny_model("llama", num_layers=4), tmp_path / "a",
+                                          torch.randint(0, 64, (2, 7)))
     assert loaded.peft_config["default"].router == "topk,topp"
 
 
