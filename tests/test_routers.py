@@ -368,12 +368,10 @@ def test_only_routers_with_a_load_loss_count_in_the_aux_loss(tiny_model):
 
 
 def test_per_layer_routers_save_and_load(tiny_model, tmp_path):
-    from peft import PeftModel
+    from conftest import assert_save_load_same_logits
 
     model = get_peft_model(tiny_model("llama", num_layers=4), MoLoRAConfig(
         num_experts=4, top_k=2, r=2, router="topk,topp", router_options={"top_p": 0.6}, init_weights=False))
-    from conftest import assert_save_load_same_logits
-
     loaded = assert_save_load_same_logits(model, tiny_model("llama", num_layers=4), tmp_path / "a",
                                           torch.randint(0, 64, (2, 7)))
     assert loaded.peft_config["default"].router == "topk,topp"
