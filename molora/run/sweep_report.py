@@ -18,7 +18,7 @@ __all__ = ["cell_metrics", "cell_predictions", "summarise", "summary_markdown", 
 
 #: arms every other arm is compared with, when present (▽, the two matched LoRAs, the untuned model)
 REFERENCES = ("inverted_triangle", "lora", "lora-active", "base")
-_SIDE = ("trainable params", "experts", "train seconds", "router entropy", "near-uniform layers",
+_SIDE = ("trainable params", "experts", "active rank", "train seconds", "router entropy", "near-uniform layers",
          "expert cosine")
 
 
@@ -59,6 +59,10 @@ def cell_metrics(cell_dir: Path) -> dict[str, float]:
         # per layer; a layer whose attention and MLP have their own counts counts their mean (as the budget does)
         out["experts"] = sum((x["num_experts"] + x["num_experts_mlp"]) / 2 if x.get("num_experts_mlp") is not None
                              else x["num_experts"] for x in run.get("allocation") or [])
+        rows = run.get("allocation") or []
+        if rows:  # rank each token is computed with: top_k x r (a LoRA: its r), mean over layers; + a shared expert
+            shared = ((run.get("recipe") or {}).get("allocation") or {}).get("shared_expert_r") or 0
+            out["active rank"] = sum(x["top_k"] * x["r"] for x in rows) / len(rows) + shared
     except (OSError, StopIteration, ValueError):
         pass
     out.update(_router_stats(cell_dir))
@@ -190,15 +194,16 @@ def _side(row: dict, key: str, fmt: str) -> str:
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     metrics = summary["metrics"]
-    head = ("| arm | seeds | " + " | ".join(metrics) + " | experts | trainable params | router entropy | "
+    head = ("| arm | seeds | " + " | ".join(metrics) + " | experts | trainable params | active rank | router entropy | "
             "near-uniform layers | expert cosine | s/cell |")
     lines = [f"{summary['cells_done']} of {summary['cells_planned']} cells finished. Accuracy mean ± std over "
              f"seeds [95 % t-interval half-width]; `base` is the untuned model (no seeds). Primary metric: "
-             f"{summary.get('primary', 'accuracy')}.", "", head, "|" + "---|" * (len(metrics) + 8)]
+             f"{summary.get('primary', 'accuracy')}.", "", head, "|" + "---|" * (len(metrics) + 9)]
     for row in summary["rows"]:
         name = row["allocation"] + (" (untuned)" if row.get("untuned") else "")
         cells = [name, str(len(row["seeds"])) if row["seeds"] else "-"] + [_fmt(row.get(m)) for m in metrics]
         cells += [_side(row, "experts", ".0f"), _side(row, "trainable params", ",.0f"),
+                  _side(row, "active rank", ".0f"),
                   _side(row, "router entropy", ".3f"), _side(row, "near-uniform layers", ".0%"),
                   _side(row, "expert cosine", ".3f"), _side(row, "train seconds", ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
