@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch.nn as nn
 
+from molora_kernels import get_router
+
 from .layer import MoLoRALayer
 
 
@@ -75,11 +77,15 @@ def allocation_table(model: nn.Module, adapter_name: Optional[str] = None) -> Al
         if name not in m.molora_A:
             continue
         n = sum(p.numel() for p in (m.molora_A[name], m.molora_B[name], m.molora_router[name]))
+        if name in m.molora_shared_A:  # the always-on shared expert
+            n += m.molora_shared_A[name].numel() + m.molora_shared_B[name].numel()
         group = m.router_group.get(name, m.layer_index)
         row = rows.get(group)
         if row is None:
             kind = group.rsplit(".", 1)[1] if isinstance(group, str) else None
-            opts = m.router_options.get(name) or {}
+            declared = {o.name: o for o in get_router(m.router_type[name]).options}
+            opts = {k: v for k, v in (m.router_options.get(name) or {}).items()  # a loss weight left at 0 goes unsaid
+                    if k not in declared or declared[k].routing or v != declared[k].default}
             router = m.router_type[name] + (f" ({', '.join(f'{k}={v:g}' for k, v in opts.items())})" if opts else "")
             row = rows[group] = AllocationRow(m.layer_index, m.num_experts[name], m.top_k[name], m.r[name], 0, 0,
                                               kind, router, m.layout.get(name, "stacked"))
