@@ -176,6 +176,9 @@ def test_search_selects_on_validation_then_reruns_the_choice_over_seeds(assets, 
     assert rows["lora-active"]["trainable params"]["mean"] < rows["lora"]["trainable params"]["mean"]
     assert rows["lora-active"]["active rank"]["mean"] == rows["inverted_triangle"]["active rank"]["mean"] == 4
     assert rows["lora"]["active rank"]["mean"] > 4  # matched parameters: a wider rank than any token uses
+    tri = rows["inverted_triangle"]
+    assert 0 < tri["router entropy"]["mean"] <= 1 and 0 <= tri["near-uniform layers"]["mean"] <= 1
+    assert -1 <= tri["expert cosine"]["mean"] <= 1 and "router entropy" not in rows["lora"]
     assert not (sweep_dir / "search" / "lora-g0-seed0" / "eval-validation.json").exists(), "held-out: final only"
     vs_base = {(i["allocation"], i["metric"]): i for i in summary["paired"]["vs base"]}
     item = vs_base[("lora", "validation loglik accuracy")]

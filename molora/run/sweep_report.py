@@ -77,7 +77,8 @@ def _router_stats(cell_dir: Path) -> dict[str, float]:
         from .diagnostics import UNIFORM_ENTROPY, diagnose
         from .report import load_run
 
-        diags = [d for d in diagnose(load_run(cell_dir)) if d.num_experts > d.top_k and d.entropy_norm is not None]
+        diags = [d for d in diagnose(load_run(cell_dir / "metrics.jsonl")) if d.num_experts > d.top_k
+                 and d.entropy_norm is not None]
         if diags:
             stats["router entropy"] = sum(d.entropy_norm for d in diags) / len(diags)
             stats["near-uniform layers"] = sum(d.entropy_norm >= UNIFORM_ENTROPY for d in diags) / len(diags)
