@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import TARGETS, build_base  # noqa: E402
-from common import (environment, format_table, plot_ratio_bars, ratio_results, time_alternating,  # noqa: E402
-                    write_json)
+from common import (add_output_args, environment, format_table, output_dir, plot_ratio_bars,  # noqa: E402
+                    ratio_results, time_alternating, write_json)
 
 
 def build_tiny():
@@ -85,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    add_output_args(p, "bench_generate")
     a = p.parse_args(argv)
     for name in ("batch", "prompt", "new_tokens", "r", "reps"):
         if getattr(a, name) < 1:
@@ -109,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"\nGreedy generation, {model_desc}, batch {a.batch}, prompt {a.prompt} + {a.new_tokens} new tokens, fp32, "
           f"{device}, {torch.get_num_threads()} threads, median of {int(timing['frozen']['n'])} alternated reps")
     print(format_table(["variant", "ms/call", "new tokens/s", "x LoRA"], rows))
-    out = Path(a.out)
+    out = output_dir(a)
     payload = {"benchmark": "generate", "model": model_desc, "batch": a.batch, "prompt": a.prompt,
                "new_tokens": a.new_tokens, "r": a.r, "device": str(device), "environment": environment(),
                "results": results}

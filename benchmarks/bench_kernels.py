@@ -36,7 +36,8 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
 if str(_HERE.parent / "kernels") not in sys.path:
     sys.path.insert(1, str(_HERE.parent / "kernels"))   # run from a checkout without installing
-from common import environment, format_table, plot_ratio_bars, time_alternating, write_json  # noqa: E402
+from common import (add_output_args, environment, format_table, output_dir, plot_ratio_bars,  # noqa: E402
+                    time_alternating, write_json)
 
 import molora_kernels  # noqa: E402
 from molora_kernels import ROUTERS, available_backends, moe_lora  # noqa: E402
@@ -221,7 +222,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--min-time", type=float, default=None, help="add rounds until the slowest variant ran this long (s)")
     p.add_argument("--no-loop", action="store_true", help="skip the per-expert loop baseline")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--out", default=str(_HERE / "results"), help="output directory for JSON + PNG")
+    add_output_args(p, "bench_kernels")
     return p.parse_args(argv)
 
 
@@ -264,7 +265,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                 short = "  ".join(f"{n}={v:.2f}" for n, v in rat.items())
                 print(f"  T={t} d={d} E={e} k={k} r={r} {dtype_name} {item['mode']}: {short}", flush=True)
             results.extend(res)
-    _report(results, Path(a.out))
+    _report(results, output_dir(a))
     return {"benchmark": "kernels", "environment": environment(), "device": str(device),
             "backends": backends, "results": results}
 
@@ -287,7 +288,7 @@ def _report(results: list[dict[str, Any]], out: Path) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = _parse(argv)
     payload = run(a)
-    out = Path(a.out)
+    out = output_dir(a)
     jpath = write_json(out / "bench_kernels.json", payload)
     ppaths = []
     for mode in dict.fromkeys(r["mode"] for r in payload["results"]):

@@ -31,8 +31,8 @@ from typing import Optional, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (environment, format_table, plot_ratio_bars, ratio_results, time_alternating,  # noqa: E402
-                    write_json)
+from common import (add_output_args, environment, format_table, output_dir, plot_ratio_bars,  # noqa: E402
+                    ratio_results, time_alternating, write_json)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -114,7 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--backend", default="auto")
     p.add_argument("--dropout", type=float, default=0.05, help="lora_dropout of every variant (recipes: 0.05)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    add_output_args(p, "bench_train")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -154,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           f"{device}, "
           f"{torch.get_num_threads()} threads, median of {int(timing['frozen']['n'])} alternated reps")
     print(format_table(["variant", "ms/step", "tokens/s", "x LoRA", "trainable", "saved act. MB"], rows))
-    out = Path(a.out)
+    out = output_dir(a)
     payload = {"benchmark": "train_step", "model": model_desc, "batch": a.batch, "seq": a.seq, "r": a.r,
                "lora_dropout": a.dropout,
                "device": str(device), "environment": environment(), "results": results}

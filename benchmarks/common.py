@@ -117,6 +117,28 @@ def environment() -> dict[str, Any]:
     return env
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_output_args(parser, name: str) -> None:
+    """``--out DIR`` and ``--publish``: a run writes into its own folder (``runs/bench/<name>-<time>``) unless told
+    otherwise; ``--publish`` writes the figures the README shows (``benchmarks/results/``), an explicit step."""
+    parser.add_argument("--out", default=None, help="folder for the JSON and PNG (default: runs/bench/<name>-<time>)")
+    parser.add_argument("--publish", action="store_true",
+                        help="write into benchmarks/results/ (the figures the README shows) instead")
+    parser.set_defaults(_bench_name=name)
+
+
+def output_dir(args) -> Path:
+    """Where a benchmark run writes (see :func:`add_output_args`)."""
+    if args.out is not None and args.publish:
+        raise SystemExit("--out and --publish are exclusive")
+    if getattr(args, "_resolved_out", None) is None:  # one folder per run, however often it is asked
+        args._resolved_out = (RESULTS if args.publish else Path(args.out) if args.out is not None else
+                              Path("runs") / "bench" / f"{args._bench_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return args._resolved_out
+
+
 def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
     """Write ``payload`` as JSON atomically (a temp file beside it, then rename): never a half-written file."""
     path = Path(path)

@@ -37,7 +37,7 @@ for extra in (_HERE.parent / "kernels", _HERE.parent):  # a checkout without an 
     if str(extra) not in sys.path:
         sys.path.append(str(extra))
 
-from common import environment, format_table, write_json  # noqa: E402
+from common import add_output_args, output_dir, environment, format_table, write_json  # noqa: E402
 
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -249,7 +249,7 @@ def _plot(path: Path, layer: list[dict], train: list[dict]) -> Optional[Path]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="toy sizes on any device (CI keeps the script runnable)")
-    p.add_argument("--out", default=str(_HERE / "results"), help="folder for gpu_check.json and gpu_check.png")
+    add_output_args(p, "gpu_check")
     p.add_argument("--sections", default="correctness,layer,train", help="comma-separated subset to run")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20; 3 with --tiny)")
     a = p.parse_args(argv)
@@ -274,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "train" in sections:
         result["train"] = time_train_step(device, a.tiny, reps)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    out = Path(a.out)
+    out = output_dir(a)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "gpu_check.json", result)
     png = _plot(out / "gpu_check.png", result.get("layer", []), result.get("train", []))

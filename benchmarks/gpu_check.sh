@@ -6,8 +6,8 @@
 #   bash benchmarks/gpu_check.sh --tiny          # toy sizes, any machine (CPU: Triton under the interpreter)
 #
 # Installs molora from this checkout without its dependencies (nothing is downloaded; the packages above are
-# all it needs), writes benchmarks/results/gpu_check.{json,png} (or --out DIR) and exits non-zero when a
-# correctness case fails. Under 8 minutes on an H100/H200.
+# all it needs), writes runs/bench/gpu_check-<time>/ (--out DIR; --publish: benchmarks/results/) and exits non-zero
+# when a correctness case fails. Under 8 minutes on an H100/H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}

@@ -66,3 +66,20 @@ def test_generation_benchmark_runs_tiny(tmp_path):
     bad = subprocess.run([*cmd[:5], "--tiny", "--new-tokens", "0"], capture_output=True, text=True, timeout=600,
                          cwd=ROOT)
     assert bad.returncode == 2 and "--new-tokens=0 must be at least 1" in bad.stderr
+
+
+def test_a_benchmark_run_writes_its_own_folder_and_publishing_is_explicit(tmp_path):
+    """Issue 21.3: `bench kernels` used to overwrite the tracked figures the README shows. Without --out a run writes
+    into runs/bench/<name>-<time>/ under the working directory; only --publish writes benchmarks/results/."""
+    published = {p.name: p.read_bytes() for p in (ROOT / "benchmarks" / "results").glob("bench_kernels*")}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--T", "32", "--d", "32", "--configs",
+           "2,1,2", "--dtypes", "fp32", "--modes", "fwd", "--backends", "torch", "--reps", "1", "--warmup", "0",
+           "--min-time", "0", "--threads", "1", "--no-loop"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run,) = (tmp_path / "runs" / "bench").glob("bench_kernels-*")
+    assert (run / "bench_kernels.json").is_file()
+    assert {p.name: p.read_bytes() for p in (ROOT / "benchmarks" / "results").glob("bench_kernels*")} == published
+    bad = subprocess.run(cmd + ["--out", str(tmp_path / "x"), "--publish"], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert bad.returncode != 0 and "exclusive" in bad.stderr
