@@ -8,6 +8,8 @@
     molora allocate RECIPE.yaml --method block-influence --budget 120   data-driven allocation
     molora sweep RECIPE.yaml --allocations ▽,lora,base --search train.learning_rate=1e-4,3e-4   tuned study
     molora split FILE.jsonl --out DIR --sizes dev=500,test=500       carve validation / test slices
+    molora generate RECIPE.yaml --prompt TEXT | --file ROWS.jsonl     completions with the tuned model
+    molora chat RECIPE.yaml                                           interactive chat (chat template)
 """
 from __future__ import annotations
 
@@ -256,6 +258,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "merge-experts": "fewer experts per layer after training (exact where unused, else lossy and measured)",
         "lm-eval": "lm-evaluation-harness with molora adapters (and local tasks from molora JSONL files)",
         "split": "carve disjoint validation/test slices out of a data file (seeded, recorded)",
+        "generate": "completions of prompts (or a JSONL file) with a tuned model and its recipe's template",
+        "chat": "an interactive chat with a tuned chat model",
     }
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: molora COMMAND [args]\n\ncommands:")
@@ -295,6 +299,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .lm_eval_cmd import main as lm_eval_main
 
         return lm_eval_main(rest)
+    if cmd in ("generate", "chat"):
+        from .generate_cmd import main_chat, main_generate
+
+        return (main_generate if cmd == "generate" else main_chat)(rest)
     if cmd == "split":
         from .split_cmd import main as split_main
 
