@@ -399,3 +399,20 @@ def test_import_without_triton():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(KERNELS_DIR), os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_single_config_prunes_every_autotuned_kernel_to_its_first_config():
+    """gpu_check's correctness section compiles one config per kernel (MOLORA_TRITON_AUTOTUNE=0 does the same)."""
+    from molora_kernels import triton_moe_lora, triton_routing
+    from molora_kernels.triton_routing import AUTOTUNE_PRUNE, single_config
+
+    tuners = [v for mod in (triton_moe_lora, triton_routing) for v in vars(mod).values()
+              if type(v).__name__ == "Autotuner"]
+    assert len(tuners) == 7
+    for t in tuners:
+        assert t.early_config_prune is AUTOTUNE_PRUNE["early_config_prune"]
+    configs = ["a", "b", "c"]
+    assert AUTOTUNE_PRUNE["early_config_prune"](configs, {}) == configs
+    with single_config():
+        assert AUTOTUNE_PRUNE["early_config_prune"](configs, {}) == ["a"]
+    assert AUTOTUNE_PRUNE["early_config_prune"](configs, {}) == configs

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from .routers import get_router
 from .routing import Routing
 from .triton_routing import (
+    AUTOTUNE_PRUNE,
     HAS_TRITON,
     INTERPRET,
     _check_route_args,
@@ -93,6 +94,7 @@ def _rank_block(er: int) -> int:
         interpreter=dict(BLOCK_T=32, BLOCK_K=32),
     ),
     key=["T_BUCKET", "D_IN", "ER", "E"],
+    prune_configs_by=AUTOTUNE_PRUNE,
 )
 @triton.jit
 def _shrink_route_kernel(
@@ -165,6 +167,7 @@ def _shrink_route_kernel(
         interpreter=dict(BLOCK_T=32, BLOCK_N=32),
     ),
     key=["T_BUCKET", "D_OUT", "ER"],
+    prune_configs_by=AUTOTUNE_PRUNE,
 )
 @triton.jit
 def _gate_expand_kernel(
@@ -213,6 +216,7 @@ def _gate_expand_kernel(
         interpreter=dict(BLOCK_T=32, BLOCK_N=32),
     ),
     key=["T_BUCKET", "D_OUT", "ER", "E"],
+    prune_configs_by=AUTOTUNE_PRUNE,
 )
 @triton.jit
 def _bwd_gate_kernel(
@@ -282,6 +286,7 @@ def _bwd_gate_kernel(
         interpreter=dict(BLOCK_T=32, BLOCK_K=32),
     ),
     key=["T_BUCKET", "D_IN", "ER", "E"],
+    prune_configs_by=AUTOTUNE_PRUNE,
 )
 @triton.jit
 def _dx_kernel(
@@ -340,6 +345,7 @@ def _dx_kernel(
         interpreter=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_T=32),
     ),
     key=["T_BUCKET", "M", "N"],
+    prune_configs_by=AUTOTUNE_PRUNE,
 )
 @triton.jit
 def _wgrad_kernel(

@@ -26,6 +26,7 @@ looks at the environment), and :func:`is_triton_available` reports it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -99,6 +100,32 @@ def dot_precision(dtype: torch.dtype) -> str:
 def token_bucket(n_tokens: int) -> int:
     """Autotune key for a token count: the next power of two (>= 16), so sequence lengths share tunings."""
     return max(16, triton.next_power_of_2(max(1, n_tokens)))
+
+
+#: one config per kernel instead of the search (``MOLORA_TRITON_AUTOTUNE=0``, or :func:`single_config`): each config
+#: of each kernel compiles once per autotune key, which costs minutes on a fresh GPU machine; a correctness check does
+#: not need the fastest config
+_SINGLE_CONFIG = {"on": os.environ.get("MOLORA_TRITON_AUTOTUNE", "1") == "0"}
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    return list(configs)[:1] if _SINGLE_CONFIG["on"] else configs
+
+
+#: ``prune_configs_by`` of every molora autotuned kernel
+AUTOTUNE_PRUNE = {"early_config_prune": _prune_configs}
+
+
+@contextlib.contextmanager
+def single_config(on: bool = True):
+    """Within the block, kernels autotuned for a new key use their first config only (keys tuned before keep their
+    choice; Triton caches it per key)."""
+    before = _SINGLE_CONFIG["on"]
+    _SINGLE_CONFIG["on"] = on
+    try:
+        yield
+    finally:
+        _SINGLE_CONFIG["on"] = before
 
 
 def autotune_configs(gpu: list[dict], interpreter: dict) -> list:
@@ -202,7 +229,7 @@ _ROUTE_CONFIGS = autotune_configs(
 )
 
 
-@triton.autotune(configs=_ROUTE_CONFIGS, key=["T_BUCKET", "E"])
+@triton.autotune(configs=_ROUTE_CONFIGS, key=["T_BUCKET", "E"], prune_configs_by=AUTOTUNE_PRUNE)
 @triton.jit
 def _route_fwd_kernel(logits_ptr, gates_ptr, probs_ptr, idx_ptr,
                       T, T_BUCKET, E, stride_lt, stride_le,
@@ -229,7 +256,7 @@ def _route_fwd_kernel(logits_ptr, gates_ptr, probs_ptr, idx_ptr,
     tl.store(gates_ptr + out, gates, mask=mask)
 
 
-@triton.autotune(configs=_ROUTE_CONFIGS, key=["T_BUCKET", "E"])
+@triton.autotune(configs=_ROUTE_CONFIGS, key=["T_BUCKET", "E"], prune_configs_by=AUTOTUNE_PRUNE)
 @triton.jit
 def _route_bwd_kernel(d_gates_ptr, d_probs_ptr, gates_ptr, probs_ptr, d_logits_ptr,
                       T, T_BUCKET, E, stride_dlt, stride_dle,
