@@ -218,6 +218,20 @@ def test_molora_command_rejects_a_bad_recipe_without_importing_torch(tmp_path, d
     assert rc == 2 and "missing.yaml" in err and not torch_loaded
 
 
+def test_unknown_keys_suggest_the_close_ones_and_the_missing_section(tmp_path, data_file):
+    """Issue 21.7: `--max_steps` (no section) suggests train.max_steps; a long key list is cut to the similar keys."""
+    from molora.run.recipe import RecipeError
+
+    p = _write(tmp_path, f"data: {{train_file: {data_file}}}\n")
+    with pytest.raises(RecipeError, match=r"max_steps: unknown key \(did you mean 'train.max_steps'\?\)"):
+        load_recipe(p, [("max_steps", 3)])
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p, [("train.max_stepz", 3)])
+    msg = str(e.value)
+    assert "did you mean 'max_steps'?" in msg and "similar keys here: max_steps" in msg and "in all)" in msg
+    assert "adam_beta1" not in msg, "the whole list of train keys is no longer printed"
+
+
 def test_a_model_that_cannot_be_found_fails_at_validate_in_one_line(tmp_path, data_file):
     """Issue 21.4: a mistyped packaged name used to pass --validate and fail 70 s later with a hub traceback."""
     p = _write(tmp_path, f"model: {{name_or_path: smollm2-135M}}\ndata: {{train_file: {data_file}}}\n")

@@ -524,11 +524,22 @@ def _format_errors(err: ValidationError, source: str) -> str:
             parent_model = _model_at(e["loc"][:-1])
             hint = ""
             if parent_model is not None:
-                close = difflib.get_close_matches(str(e["loc"][-1]), list(parent_model.model_fields), n=1)
+                key = str(e["loc"][-1])
+                close = difflib.get_close_matches(key, list(parent_model.model_fields), n=1)
                 if close:
                     hint = f" (did you mean {close[0]!r}?)"
-                allowed = ", ".join(parent_model.model_fields)
-                hint += f"; allowed here: {allowed}"
+                elif parent_model is Recipe:  # a key given without its section: --max_steps for train.max_steps
+                    owners = [f"{name}.{key}" for name, f in Recipe.model_fields.items()
+                              if key in getattr(f.annotation, "model_fields", {})]
+                    if owners:
+                        hint = f" (did you mean {' or '.join(repr(o) for o in owners)}?)"
+                fields = list(parent_model.model_fields)
+                if len(fields) > 12:  # the close ones are named; the rest in short
+                    alike = difflib.get_close_matches(key, fields, n=6, cutoff=0.4)
+                    hint += f"; similar keys here: {', '.join(alike)} ({len(fields)} in all)" if alike else \
+                        f"; {len(fields)} keys here, e.g. {', '.join(fields[:6])}"
+                else:
+                    hint += f"; allowed here: {', '.join(fields)}"
             lines.append(f"{loc}: unknown key{hint}")
         elif kind == "missing":
             lines.append(f"{loc}: required key missing")
