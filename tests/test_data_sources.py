@@ -282,3 +282,25 @@ def test_recipe_trains_on_messages_rows(tmp_path, monkeypatch, capsys):
     assert "not in the choices format" in capsys.readouterr().out
     evals = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in r for r in evals)
+
+
+def test_a_run_asked_for_accuracy_it_cannot_measure_says_why(tmp_path, monkeypatch, capsys):
+    """Issue 21.6: a messages run with eval.before/after and no choices evaluation rows ended with "accuracy": {} and
+    no word; it now says why (and how to set it up)."""
+    from molora.run.train import main
+    from test_train import make_assets
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assets = make_assets(tmp_path / "assets", num_layers=2, n_train=8, n_eval=4)
+    rows = [{"instruction": f"say {i}", "input": "", "output": "the dog barks"} for i in range(16)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"model": {"name_or_path": str(assets["model"])},
+              "data": {"train_file": str(tmp_path / "a.jsonl"), "cutoff_len": 48},
+              "allocation": {"num_experts": "2,2", "top_k": 1, "r": 2},
+              "train": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "per_device_train_batch_size": 4},
+              "eval": {"before": True, "after": True}, "report": {"wandb": False, "plots": False}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main([str(tmp_path / "r.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "no evaluation rows" in out or "not in the choices format" in out, out
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["accuracy"] == {}

@@ -549,6 +549,11 @@ def _run_locked(recipe: Recipe, resume: Optional[str], resume_allow: Optional[st
     acc_rows = eval_rows if (eval_rows and "choices" in eval_rows[0]) else None
     if eval_rows and acc_rows is None and is_main:
         print("molora: evaluation data is not in the choices format; accuracy is not measured (eval_loss only)")
+    elif not eval_rows and is_main and (recipe.eval.before or recipe.eval.after) and \
+            (recipe.eval.loglik or recipe.eval.generation):
+        print("molora: no evaluation rows (data.eval_file, or a packaged data set's validation split), so the "
+              "accuracy before/after training asked for by eval.before/eval.after is not measured; set "
+              "data.eval_file to a choices-format file, or eval.before/after: false to silence this", flush=True)
 
     routers = [get_router(n) for n in router_names_of(cfg.router)]
     coef = float(cfg.aux_loss_coef) if any(r.aux_loss is not None for r in routers) else 0.0
