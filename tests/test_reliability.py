@@ -203,6 +203,11 @@ def test_resume_refuses_a_changed_recipe_or_data_naming_the_keys(assets, tmp_pat
     assert _train([recipe, "--resume", "latest", "--train.learning_rate", "0.02", "--train.seed", "1"]) == 2
     err = capsys.readouterr().err
     assert "train.learning_rate: 0.01 (checkpoint) -> 0.02 (now)" in err and "train.seed: 0 (checkpoint) -> 1" in err
+    # a misspelt allow key is refused naming it (issue 19.10), not silently ignored
+    assert _train([recipe, "--resume", "latest", "--train.learning_rate", "0.02",
+                   "--resume-allow", "train.learning_rat"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume-allow train.learning_rat: not a key" in err and "did you mean train.learning_rate" in err, err
     # keys that do not change the weights may differ; an explicit allow accepts the rest
     assert _train([recipe, "--resume", "latest", "--train.learning_rate", "0.02", "--train.logging_steps", "1",
                    "--resume-allow", "train.learning_rate"]) == 0

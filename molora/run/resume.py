@@ -137,6 +137,16 @@ def check_fingerprint(ckpt: Path, saved: Optional[dict[str, Any]], now: dict[str
     if saved is None:
         return []
     allow = set(allow)
+    known = set(saved) | set(now)
+    unknown = sorted(a for a in allow if a != "all" and not any(k == a or k.startswith(a + ".") for k in known))
+    if unknown:  # a misspelt key would otherwise be ignored and the resume refused (or, worse, a typo go unnoticed)
+        import difflib
+
+        sections = sorted({k.split(".", 1)[0] for k in known})
+        close = difflib.get_close_matches(unknown[0], sorted(known) + sections, n=3)
+        raise ResumeError(f"--resume-allow {', '.join(unknown)}: not a key of the checkpoint's fingerprint"
+                          + (f" (did you mean {', '.join(close)}?)" if close else "")
+                          + f"; give keys such as train.learning_rate, whole sections ({', '.join(sections)}) or all")
     diffs, accepted = [], []
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key, "<unset>"), now.get(key, "<unset>")
