@@ -555,3 +555,26 @@ def test_allocation_command_prints_one_line_errors(assets, capsys):
     assert cli_main(["allocation", str(assets["model"]), "--num-experts", "1,2", "--top-k", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("molora allocation: error: top_k=3 is larger than num_experts=1") and "\n" not in err
+
+
+def test_a_marker_stripped_of_its_hashes_is_refused(trained, tmp_path, capsys):
+    """Issue 19.10: a completion marker whose SHA-256 fields were removed (or whose file list was emptied) used to be
+    accepted, so an edited adapter passed as verified. Since format 2 every listed file must carry its hash."""
+    import shutil
+
+    from molora.run.checkpoint import CheckpointError, verify_hashes
+    from molora.run.eval_run import main as eval_main
+
+    recipe, out = trained
+    verify_hashes(out / "adapter")  # the real one passes
+    for name, edit in [("stripped", lambda m: {**m, "files": [{k: v for k, v in f.items() if k != "sha256"}
+                                                              for f in m["files"]]}),
+                       ("emptied", lambda m: {**m, "files": []})]:
+        dst = tmp_path / name
+        shutil.copytree(out / "adapter", dst)
+        marker = dst / "molora_complete.json"
+        marker.write_text(json.dumps(edit(json.loads(marker.read_text()))))
+        with pytest.raises(CheckpointError, match="must list every file with its size and SHA-256"):
+            verify_hashes(dst)
+        assert eval_main([str(recipe), "--adapter", str(dst)]) == 2
+        assert "stripped of its hashes" in capsys.readouterr().err

@@ -32,7 +32,7 @@ __all__ = ["MARKER", "CheckpointError", "is_complete", "list_checkpoints", "find
 MARKER = "molora_complete.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STAGING_PREFIX = ".tmp-"
-FORMAT = 1
+FORMAT = 2  # 2: every listed file carries its SHA-256 (1: sizes, hashes optional)
 
 
 class CheckpointError(RuntimeError):
@@ -125,14 +125,22 @@ def is_complete(directory: Union[str, os.PathLike], check_files: bool = True) ->
 def verify_hashes(directory: Union[str, os.PathLike]) -> None:
     """Check every file the completion marker lists against its recorded size and SHA-256.
 
-    Raises :class:`CheckpointError` naming the first file that is missing or differs. A directory without a
-    marker, or with a marker of an older format without hashes, passes (nothing recorded to check against).
+    Raises :class:`CheckpointError` naming the first file that is missing or differs, and for a marker of format 2
+    (every marker written since hashes were mandatory) one that lists no files or a file without its hash. A
+    directory without a marker, or a format-1 marker without hashes, passes (nothing recorded to check against).
     """
     directory = Path(directory)
     marker = read_marker(directory)
     if marker is None:
         return
-    for f in marker.get("files", []):
+    files = marker.get("files")
+    hashed = not isinstance(marker.get("format"), int) or marker["format"] >= 2
+    if hashed and not (isinstance(files, list) and files and all(isinstance(f, dict) and f.get("sha256")
+                                                                 and "path" in f and "size" in f for f in files)):
+        raise CheckpointError(f"{directory / MARKER}: a format-{marker.get('format')} marker must list every file with "
+                              f"its size and SHA-256; this one does not (edited, or stripped of its hashes), so "
+                              f"nothing in {directory} can be trusted")
+    for f in files or []:
         p = directory / f["path"]
         try:
             size = p.stat().st_size
