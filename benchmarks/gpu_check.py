@@ -14,6 +14,10 @@ peft installed (under 8 minutes on an H100/H200). Sections:
 3. ``train``: a random LLaMA-like model (hidden 2048, 16 layers, ~1.0 B parameters) in bf16, all seven
    projections adapted: MoLA ▽ (2,4,6,8 over the layers, top-2, r 8, dropout 0.05) against PEFT LoRA r8 (same
    targets, dropout 0.05), AdamW on the adapter, 4 x 1024 tokens per step; median step time and peak memory.
+4. ``decode``: one adapted linear (d 4096, bf16, no grad) at batch 1 and 32 tokens -- frozen, PEFT LoRA r8, molora
+   E 8 k 2 r 8 -- eager and replayed from a CUDA graph (a failed capture is recorded with its reason: a host sync or
+   a data-dependent shape in the module), and greedy generation of 32 tokens with the ~1 B model at batch 1 and 32,
+   molora ▽ against PEFT LoRA r8 (router statistics off, as inference should run).
 
 ``--tiny`` runs every section at toy sizes on whatever device there is (on CPU the Triton kernels run under
 ``TRITON_INTERPRET=1``, which the shell script sets): CI runs it so that the script stays runnable.
@@ -222,6 +226,100 @@ def time_train_step(device: torch.device, tiny: bool, reps: int) -> list[dict[st
     return rows
 
 
+# ----------------------------------------------------------------------------------------------- 4. decode
+def _decode_layer_fns(layer: nn.Module, x: torch.Tensor, graphs: bool) -> tuple[Callable[[], Any], Optional[str]]:
+    """A no-grad forward of ``layer`` on ``x``; with ``graphs`` the forward captured in a CUDA graph and replayed
+    (None and the reason when capture fails: a host sync or a data-dependent shape inside the module)."""
+    def eager():
+        with torch.no_grad():
+            return layer(x)
+
+    if not graphs:
+        return eager, None
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                eager()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            eager()
+        return graph.replay, None
+    except Exception as e:  # noqa: BLE001 - the reason is the result
+        return eager, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def time_decode(device: torch.device, tiny: bool, reps: int) -> dict[str, Any]:
+    """Decode: (a) one adapted linear at d 4096 (bf16, no grad) for batch 1 and 32 tokens: frozen, PEFT LoRA r8,
+    molora E 8 k 2 r 8 (torch backend, no router statistics) eager and replayed from a CUDA graph; (b) greedy
+    generation of 32 tokens with the ~1 B LLaMA-like model (batch 1 and 32): molora ▽ against PEFT LoRA r8."""
+    import molora
+    from peft import LoraConfig, get_peft_model
+
+    dtype = torch.float32 if (tiny and device.type == "cpu") else torch.bfloat16
+    d = 64 if tiny else 4096
+    graphs = device.type == "cuda"
+    rows = []
+    for batch in (1, 32):
+        base = nn.Linear(d, d, bias=False, device=device, dtype=dtype).requires_grad_(False)
+        x = torch.randn(batch, 1, d, device=device, dtype=dtype)
+        variants: dict[str, nn.Module] = {"frozen": base}
+        lora = get_peft_model(nn.Sequential(nn.Linear(d, d, bias=False)).to(device, dtype),
+                              LoraConfig(r=8, lora_alpha=16, target_modules=["0"]))
+        mol = get_peft_model(nn.Sequential(nn.Linear(d, d, bias=False)).to(device, dtype),
+                             molora.MoLoRAConfig(num_experts=8, top_k=2, r=8, target_modules=["0"], backend="torch",
+                                                 init_weights=False))
+        mol.base_model.record_router_stats = False
+        variants["peft-lora-r8"], variants["molora-E8k2"] = lora.eval(), mol.eval()
+        fns, notes = {}, {}
+        for name, mod in variants.items():
+            fns[name], _ = _decode_layer_fns(mod, x, graphs=False)
+            if graphs:
+                fn, why = _decode_layer_fns(mod, x, graphs=True)
+                if why is None:
+                    fns[name + " (graph)"] = fn
+                else:
+                    notes[name] = why
+        res = time_events(fns, device, warmup=2, reps=reps)
+        ref = res["peft-lora-r8"]["median"]
+        rows.append({"kind": "layer", "batch": batch, "d": d, "dtype": str(dtype).replace("torch.", ""),
+                     "us": {n: v["median"] * 1e6 for n, v in res.items()},
+                     "ratio_to_peft_r8": {n: v["median"] / ref for n, v in res.items()},
+                     "graph_capture_failed": notes})
+        print(f"  decode layer batch {batch}: " + "  ".join(f"{n} {v['median'] * 1e6:.1f} us" for n, v in res.items())
+              + (f"  (no CUDA graph: {notes})" if notes else ""), flush=True)
+    new_tokens = 4 if tiny else 32
+    for batch in (1, 32):
+        times = {}
+        for name, cfg in (("peft-lora-r8", LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)),
+                          ("molora-▽", molora.MoLoRAConfig(num_experts="2,4,6,8", top_k=2, r=8, lora_alpha=16,
+                                                           target_modules=TARGETS, init_weights=False))):
+            model = get_peft_model(_llama(tiny, dtype, device), cfg).eval()
+            if name.startswith("molora"):
+                model.base_model.record_router_stats = False
+            ids = torch.randint(0, model.config.vocab_size, (batch, 16), device=device)
+
+            def gen(model=model, ids=ids):
+                with torch.no_grad():
+                    model.generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                   do_sample=False, pad_token_id=0)
+
+            times[name] = time_events({name: gen}, device, warmup=1, reps=max(2, reps // 5))[name]["median"]
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        row = {"kind": "generate", "batch": batch, "new_tokens": new_tokens,
+               "ms_per_token": {n: t / new_tokens * 1e3 for n, t in times.items()},
+               "ratio_to_peft_r8": {n: t / times["peft-lora-r8"] for n, t in times.items()}}
+        rows.append(row)
+        print(f"  generate batch {batch}: " + "  ".join(f"{n} {v:.2f} ms/token" for n, v in
+                                                      row["ms_per_token"].items())
+              + f"  (molora / LoRA {row['ratio_to_peft_r8']['molora-▽']:.2f}x)", flush=True)
+    return {"rows": rows}
+
+
 # ----------------------------------------------------------------------------------------------- report
 def _plot(path: Path, layer: list[dict], train: list[dict]) -> Optional[Path]:
     try:
@@ -259,7 +357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="toy sizes on any device (CI keeps the script runnable)")
     add_output_args(p, "gpu_check")
-    p.add_argument("--sections", default="correctness,layer,train", help="comma-separated subset to run")
+    p.add_argument("--sections", default="correctness,layer,train,decode", help="comma-separated subset to run")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20; 3 with --tiny)")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -267,9 +365,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("gpu_check: no CUDA device; run with --tiny for the CPU smoke version", file=sys.stderr)
         return 2
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]
-    unknown = sorted(set(sections) - {"correctness", "layer", "train"})
+    unknown = sorted(set(sections) - {"correctness", "layer", "train", "decode"})
     if unknown:
-        print(f"gpu_check: unknown section(s) {unknown}; known: correctness, layer, train", file=sys.stderr)
+        print(f"gpu_check: unknown section(s) {unknown}; known: correctness, layer, train, decode", file=sys.stderr)
         return 2
     reps = a.reps or (3 if a.tiny else 20)
     t0 = time.perf_counter()
@@ -282,6 +380,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result["layer"] = time_layer(device, a.tiny, reps)
     if "train" in sections:
         result["train"] = time_train_step(device, a.tiny, reps)
+    if "decode" in sections:
+        result["decode"] = time_decode(device, a.tiny, reps)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     out = output_dir(a)
     out.mkdir(parents=True, exist_ok=True)
