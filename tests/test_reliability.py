@@ -578,3 +578,18 @@ def test_a_marker_stripped_of_its_hashes_is_refused(trained, tmp_path, capsys):
             verify_hashes(dst)
         assert eval_main([str(recipe), "--adapter", str(dst)]) == 2
         assert "stripped of its hashes" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_a_new_recipe_key_resumes_when_the_key_is_at_its_default(tmp_path):
+    """A checkpoint written before train.router_lr_multiplier existed resumed as "different setup"; a new key at its
+    default is the behaviour the checkpoint was made with. A non-default value is still refused."""
+    from molora.run.resume import ResumeError, check_fingerprint
+
+    saved = {"train.learning_rate": 0.01}
+    now = {"train.learning_rate": 0.01, "train.router_lr_multiplier": 1.0, "allocation.shared_expert_r": 0}
+    assert check_fingerprint(tmp_path, saved, now) == []
+    with pytest.raises(ResumeError, match=r"train.router_lr_multiplier: \"<unset>\" \(checkpoint\) -> 10.0"):
+        check_fingerprint(tmp_path, saved, {**now, "train.router_lr_multiplier": 10.0})
+    from molora.run.resume import NOT_FINGERPRINTED
+
+    assert "train.threads" in NOT_FINGERPRINTED  # thread counts do not shape the weights

@@ -29,7 +29,7 @@ NOT_FINGERPRINTED = {
     "train.output_dir", "train.overwrite_output_dir", "train.logging_steps", "train.logging_first_step",
     "train.save_steps", "train.save_strategy", "train.save_total_limit", "train.eval_strategy", "train.eval_steps",
     "train.per_device_eval_batch_size", "train.dataloader_num_workers", "train.run_name", "train.deepspeed",
-    "train.nonfinite", "train.max_nonfinite_skips", "data.train_file", "data.eval_file", "data.packaged",
+    "train.nonfinite", "train.max_nonfinite_skips", "train.threads", "data.train_file", "data.eval_file", "data.packaged",
     "data.hf_dataset", "data.hf_eval_split",
     "data.max_eval_examples", "data.validation_size", "data.max_train_examples",
 }
@@ -125,6 +125,22 @@ def _allowed(key: str, allow: Iterable[str]) -> bool:
     return False
 
 
+def _schema_default(key: str) -> Any:
+    """The recipe schema's default of ``section.key`` (a sentinel when there is none)."""
+    from .recipe import Recipe
+
+    section, _, name = key.partition(".")
+    field = Recipe.model_fields.get(section)
+    fields = getattr(getattr(field, "annotation", None), "model_fields", {})
+    if name not in fields:
+        return _NO_DEFAULT
+    default = fields[name].get_default(call_default_factory=True)
+    return default
+
+
+_NO_DEFAULT = object()
+
+
 def _short(v: Any) -> str:
     s = json.dumps(v, default=str)
     return s if len(s) <= 40 else s[:16] + "…" + s[-8:]
@@ -152,6 +168,8 @@ def check_fingerprint(ckpt: Path, saved: Optional[dict[str, Any]], now: dict[str
         a, b = saved.get(key, "<unset>"), now.get(key, "<unset>")
         if a == b:
             continue
+        if key not in saved and b == _schema_default(key):
+            continue  # a key this version added, at its default: the checkpoint was made with that behaviour
         line = f"{key}: {_short(a)} (checkpoint) -> {_short(b)} (now)"
         (accepted if _allowed(key, allow) else diffs).append(line)
     if diffs:
