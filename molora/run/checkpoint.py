@@ -125,21 +125,17 @@ def is_complete(directory: Union[str, os.PathLike], check_files: bool = True) ->
 def verify_hashes(directory: Union[str, os.PathLike]) -> None:
     """Check every file the completion marker lists against its recorded size and SHA-256.
 
-    Raises :class:`CheckpointError` naming the first file that is missing or differs, and for a marker of format 2
-    (every marker written since hashes were mandatory) one that lists no files or a file without its hash. A
-    directory without a marker, or a format-1 marker without hashes, passes (nothing recorded to check against).
-    """
+    Raises :class:`CheckpointError` naming the first file that is missing or differs, or (format 2) a marker listing
+    no files or a file without its hash. No marker, or a format-1 marker without hashes, passes."""
     directory = Path(directory)
     marker = read_marker(directory)
     if marker is None:
         return
-    files = marker.get("files")
-    hashed = not isinstance(marker.get("format"), int) or marker["format"] >= 2
-    if hashed and not (isinstance(files, list) and files and all(isinstance(f, dict) and f.get("sha256")
-                                                                 and "path" in f and "size" in f for f in files)):
-        raise CheckpointError(f"{directory / MARKER}: a format-{marker.get('format')} marker must list every file with "
-                              f"its size and SHA-256; this one does not (edited, or stripped of its hashes), so "
-                              f"nothing in {directory} can be trusted")
+    files, fmt = marker.get("files"), marker.get("format")
+    if (not isinstance(fmt, int) or fmt >= 2) and not (isinstance(files, list) and files and all(
+            isinstance(f, dict) and f.get("sha256") and "path" in f and "size" in f for f in files)):
+        raise CheckpointError(f"{directory / MARKER}: a format-{fmt} marker must list every file with its size and "
+                              f"SHA-256; this one does not (edited, or stripped of its hashes): nothing there is trusted")
     for f in files or []:
         p = directory / f["path"]
         try:
