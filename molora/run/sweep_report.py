@@ -236,6 +236,17 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_SYMBOLS = {"inverted_triangle": "▽", "uniform": "□", "triangle": "△", "hourglass": "⋈", "diamond": "◇"}
+
+
+def _short_label(slug: str, width: int = 16) -> str:
+    """An arm's name for a plot axis: shapes as their symbols, overrides one per line, long parts shortened."""
+    head, *rest = slug.split("-", 1)
+    parts = [_SYMBOLS.get(head, head)] + (rest[0].split("-") if rest and head in _SYMBOLS else
+                                          ([rest[0]] if rest else []))
+    return "\n".join(p if len(p) <= width else p[: width - 1] + "…" for p in parts)
+
+
 def _plot(summary: dict[str, Any], path: Path) -> None:
     try:
         import matplotlib
@@ -254,15 +265,17 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
         names = [r["allocation"] for r in trained]
         means = [r[m]["mean"] for r in trained]
         errs = [0.0 if math.isnan(r[m]["ci95"]) else r[m]["ci95"] for r in trained]
-        ax.bar(range(len(names)), means, yerr=errs, capsize=4, color="tab:blue")
+        # points, not bars: the axis does not start at 0, and a bar's length would exaggerate the differences
+        ax.errorbar(range(len(names)), means, yerr=errs, fmt="o", capsize=4, color="tab:blue")
         base = next((r for r in rows if r.get("untuned") and m in r), None)
         if base is not None:
             ax.axhline(base[m]["mean"], color="tab:red", linestyle="--", label="untuned")
             ax.legend(fontsize=7, loc="lower right")
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=40, ha="right", fontsize=8)
+        ax.set_xticklabels([_short_label(n) for n in names], fontsize=7)
         ax.set_title(m, fontsize=9)
-        ax.set_ylabel("accuracy (95 % t-interval over seeds)")
+        ax.set_ylabel("accuracy (95 % t over seeds)", fontsize=8)
+        ax.set_xlim(-0.5, len(names) - 0.5)
         if means:
             lo = min(means + ([base[m]["mean"]] if base else [])) - max(errs + [0.0]) - 0.05
             ax.set_ylim(max(0.0, lo), None)
