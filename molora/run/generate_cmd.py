@@ -82,6 +82,17 @@ def _load(recipe_path: str, adapter_arg: Optional[str], overrides: Sequence[str]
     return recipe, model, tokenizer
 
 
+def _report_user_error(prog: str, e: BaseException) -> bool:
+    """Print a user error as one line (True); False for anything else (the caller re-raises it)."""
+    from .common import is_user_error
+    from .recipe import RecipeError
+
+    if isinstance(e, (GenerateError, RecipeError)) or is_user_error(e) or type(e).__name__ == "DataError":
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return True
+    return False
+
+
 def _generate(model, tokenizer, prompts: list[str], a, progress: bool = False) -> list[str]:
     """Completions of ``prompts`` (already rendered), ``a.batch_size`` at a time, left-padded."""
     import torch
@@ -152,21 +163,16 @@ def main_generate(argv: Optional[Sequence[str]] = None) -> int:
         prompts, rows = _prompts(recipe, a)
         completions = _generate(model, tokenizer, prompts, a, progress=a.output is not None)
     except Exception as e:  # noqa: BLE001 - user errors become one line
-        from .common import is_user_error
-        from .recipe import RecipeError
-
-        if isinstance(e, (GenerateError, RecipeError)) or is_user_error(e) or type(e).__name__ == "DataError":
-            print(f"molora generate: error: {e}", file=sys.stderr)
+        if _report_user_error("molora generate", e):
             return 2
         raise
     if a.output:
+        from .common import write_text_atomic
+
         out = Path(a.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for row, prompt, text in zip(rows, prompts, completions):
-                fh.write(json.dumps({**row, "prompt": prompt, "completion": text}, ensure_ascii=False) + "\n")
-        tmp.replace(out)
+        write_text_atomic(out, "".join(json.dumps({**row, "prompt": prompt, "completion": text}, ensure_ascii=False)
+                                       + "\n" for row, prompt, text in zip(rows, prompts, completions)))
         print(f"molora generate: {len(completions)} completions -> {out}")
     else:
         for prompt, text in zip(prompts, completions):
@@ -188,12 +194,8 @@ def main_chat(argv: Optional[Sequence[str]] = None, stdin=None) -> int:
         recipe, model, tokenizer = _load(a.recipe, a.adapter, rest)
         if not getattr(tokenizer, "chat_template", None):
             raise GenerateError(f"{recipe.model.name_or_path}'s tokenizer has no chat template: use molora generate")
-    except Exception as e:  # noqa: BLE001
-        from .common import is_user_error
-        from .recipe import RecipeError
-
-        if isinstance(e, (GenerateError, RecipeError)) or is_user_error(e):
-            print(f"molora chat: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - user errors become one line
+        if _report_user_error("molora chat", e):
             return 2
         raise
     history: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []

@@ -40,12 +40,13 @@ class ResumeError(RuntimeError):
     """A checkpoint cannot be resumed by this run (the message names what differs and what to do)."""
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_recipe(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"section": {"key": v}}`` -> ``{"section.key": v}`` (nested dicts too, ``train.extra`` kept whole)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v and key != "train.extra":
-            out.update(_flatten(v, key + "."))
+            out.update(flatten_recipe(v, key + "."))
         else:
             out[key] = v
     return out
@@ -62,7 +63,7 @@ def rows_sha256(rows: Sequence[dict]) -> str:
 
 def fingerprint(recipe_dict: dict[str, Any], train_rows: Sequence[dict], world_size: int) -> dict[str, Any]:
     """``{"section.key": value, ..., "data.train_rows_sha256": ..., "world_size": N}`` (see module doc)."""
-    flat = {k: v for k, v in _flatten(recipe_dict).items()
+    flat = {k: v for k, v in flatten_recipe(recipe_dict).items()
             if k not in NOT_FINGERPRINTED and not k.startswith(NOT_FINGERPRINTED_SECTIONS)}
     flat["data.train_rows"] = len(train_rows)
     flat["data.train_rows_sha256"] = rows_sha256(train_rows)

@@ -28,7 +28,7 @@ LOCK_FILE = ".molora.lock"
 HOLDER_FILE = ".molora.lock.json"
 
 
-from .common import RunError
+from .common import RunError, write_json_atomic
 
 
 class OutputDirBusy(RunError):
@@ -65,9 +65,7 @@ def output_dir_lock(out: Path, enabled: bool = True) -> Iterator[None]:
     try:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
                 "command": " ".join(sys.argv)[:500]}
-        tmp = out / f"{HOLDER_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(info), encoding="utf-8")
-        tmp.replace(out / HOLDER_FILE)
+        write_json_atomic(out / HOLDER_FILE, info)  # only the lock's holder writes it
         yield
     finally:
         try:

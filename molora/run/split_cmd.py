@@ -44,7 +44,7 @@ def _parse_sizes(text: str) -> list[tuple[str, int]]:
 
 def carve(src: Path, out: Path, sizes: Sequence[tuple[str, int]], seed: int = 0) -> dict:
     """Write the slices and the remainder; returns the record written to ``split.json``."""
-    from .common import write_json_atomic
+    from .common import write_json_atomic, write_text_atomic
 
     raw = src.read_bytes()
     lines = [ln for ln in raw.decode("utf-8").splitlines() if ln.strip()]
@@ -68,10 +68,7 @@ def carve(src: Path, out: Path, sizes: Sequence[tuple[str, int]], seed: int = 0)
     record = {"source": str(src.resolve()), "sha256": hashlib.sha256(raw).hexdigest(), "seed": seed,
               "rows": {name: len(idx) for name, idx in taken.items()}, "ids": {}}
     for name, idx in taken.items():
-        text = "".join(lines[i] + "\n" for i in idx)
-        tmp = out / f".{name}.jsonl.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / f"{name}.jsonl")
+        write_text_atomic(out / f"{name}.jsonl", "".join(lines[i] + "\n" for i in idx))
         record["ids"][name] = [json.loads(lines[i]).get("id", i) for i in idx]
     write_json_atomic(out / "split.json", record)
     return record

@@ -362,15 +362,11 @@ def effective_settings(recipe_path: str, overrides: Sequence[str], cell_ov: Sequ
                        ) -> dict[str, Any]:
     """The cell's resolved recipe as flat ``{"section.key": value}`` (what its numbers depend on; the output folder
     left out). The untuned model's scores depend on the model, data and eval sections only."""
+    from .resume import flatten_recipe
+
     rec = load_recipe(recipe_path, parse_overrides([*overrides, *cell_ov])).model_dump(mode="json")
-    flat: dict[str, Any] = {}
-    for section, values in rec.items():
-        if untuned and section not in ("model", "data", "eval"):
-            continue
-        for k, v in (values or {}).items() if isinstance(values, dict) else ():
-            if f"{section}.{k}" not in _LOCATION_KEYS:
-                flat[f"{section}.{k}"] = v
-    return flat
+    return {k: v for k, v in flatten_recipe(rec).items()
+            if k not in _LOCATION_KEYS and (not untuned or k.split(".", 1)[0] in ("model", "data", "eval"))}
 
 
 def _check_settings(cell: Cell, cell_dir: Path, settings: dict[str, Any], restart: bool) -> Optional[str]:
