@@ -193,3 +193,18 @@ def test_adapter_expert_similarity_reads_a_saved_adapter(tiny_model, tmp_path):
             c = expert_update_cosines(m.molora_A["default"], m.molora_B["default"], 3)
             want.append(float(c[~torch.eye(3, dtype=torch.bool)].mean()))
     assert sim[1] == pytest.approx(sum(want) / len(want), rel=1e-6)
+
+
+def test_shared_expert_under_bf16_autocast_matches_fp32_with_gradients(tiny_model):
+    cfg = MoLoRAConfig(num_experts=4, top_k=2, r=2, shared_expert_r=3, init_weights=False, lora_dropout=0.0,
+                       aux_loss_coef=0.0)
+    model = get_peft_model(tiny_model("llama", num_layers=2), cfg)
+    mod = _modules(model)[0]
+    x = torch.randn(5, mod.in_features, requires_grad=True)
+    want = mod(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mod(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
+    got.float().sum().backward()
+    assert mod.molora_shared_B["default"].grad is not None and torch.isfinite(x.grad).all()
