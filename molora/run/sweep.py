@@ -49,7 +49,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .paired_stats import t_interval as _ci  # noqa: F401 (re-exported for callers of the 0.2 name)
 from .recipe import Recipe, RecipeError, load_recipe, parse_overrides
 from .sweep_report import summarise, summary_markdown
 
