@@ -236,6 +236,13 @@ def test_an_edited_recipe_is_refused_naming_the_keys_or_started_over(assets, tmp
     write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run", **common)
     assert _sweep([recipe, *args, "--allocation.lora_dropout", "0.1"]) == 2
     assert "allocation.lora_dropout: 0.0 there, 0.1 now" in capsys.readouterr().err
+    # how a cell is run (threads, save and log cadence) is not what it computes: the finished cell is reused,
+    # also against a record that still lists those keys (cells recorded before they were left out)
+    rec_path = cell / "cell.json"
+    rec_path.write_text(json.dumps({"settings": {**rec, "train.save_steps": 50, "train.threads": None}}))
+    assert _sweep([recipe, *args, "--train.threads", "1", "--train.save_steps", "1", "--train.logging_steps", "2"]) == 0
+    assert (cell / "results.json").read_bytes() == before, "a finished cell is reused"
+    capsys.readouterr()
     write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run", **edited)
     assert _sweep([recipe, *args, "--restart-changed"]) == 0
     assert "started over (train.learning_rate changed)" in capsys.readouterr().out

@@ -21,15 +21,21 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-__all__ = ["ResumeError", "fingerprint", "setup_of", "checkpoint_setup", "check_setup", "check_fingerprint",
+__all__ = ["OPERATIONAL_KEYS", "NOT_FINGERPRINTED", "ResumeError", "fingerprint", "setup_of", "checkpoint_setup", "check_setup", "check_fingerprint",
            "training_finished", "parse_allow"]
 
-#: recipe keys that do not change the trained weights (never part of the fingerprint)
-NOT_FINGERPRINTED = {
+#: recipe keys that say how a run is carried out, not what it computes: where it writes, how often it logs and
+#: saves, how many threads and loader workers it uses (a sweep compares cells without them, a resume may change them)
+OPERATIONAL_KEYS = frozenset({
     "train.output_dir", "train.overwrite_output_dir", "train.logging_steps", "train.logging_first_step",
-    "train.save_steps", "train.save_strategy", "train.save_total_limit", "train.eval_strategy", "train.eval_steps",
-    "train.per_device_eval_batch_size", "train.dataloader_num_workers", "train.run_name", "train.deepspeed",
-    "train.nonfinite", "train.max_nonfinite_skips", "train.threads", "data.train_file", "data.eval_file", "data.packaged",
+    "train.save_steps", "train.save_strategy", "train.save_total_limit", "train.run_name",
+    "train.dataloader_num_workers", "train.threads",
+})
+#: recipe keys that do not change the trained weights (never part of the fingerprint)
+NOT_FINGERPRINTED = OPERATIONAL_KEYS | {
+    "train.eval_strategy", "train.eval_steps",
+    "train.per_device_eval_batch_size", "train.deepspeed",
+    "train.nonfinite", "train.max_nonfinite_skips", "data.train_file", "data.eval_file", "data.packaged",
     "data.hf_dataset", "data.hf_eval_split",
     "data.max_eval_examples", "data.validation_size", "data.max_train_examples",
 }

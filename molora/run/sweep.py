@@ -353,19 +353,16 @@ def _eval_cmd(recipe_path: str, overrides: list[str], cell_ov: list[str], adapte
     return cmd + ["--adapter", adapter, "--output", str(target)]
 
 
-#: keys that name where a cell writes, not what it computes
-_LOCATION_KEYS = ("train.output_dir", "train.run_name")
-
-
 def effective_settings(recipe_path: str, overrides: Sequence[str], cell_ov: Sequence[str], untuned: bool = False
                        ) -> dict[str, Any]:
-    """The cell's resolved recipe as flat ``{"section.key": value}`` (what its numbers depend on; the output folder
-    left out). The untuned model's scores depend on the model, data and eval sections only."""
-    from .resume import flatten_recipe
+    """The cell's resolved recipe as flat ``{"section.key": value}``: what its numbers depend on (where it writes,
+    how often it saves or logs and how many threads it uses left out: ``resume.OPERATIONAL_KEYS``). The untuned
+    model's scores depend on the model, data and eval sections only."""
+    from .resume import OPERATIONAL_KEYS, flatten_recipe
 
     rec = load_recipe(recipe_path, parse_overrides([*overrides, *cell_ov])).model_dump(mode="json")
     return {k: v for k, v in flatten_recipe(rec).items()
-            if k not in _LOCATION_KEYS and (not untuned or k.split(".", 1)[0] in ("model", "data", "eval"))}
+            if k not in OPERATIONAL_KEYS and (not untuned or k.split(".", 1)[0] in ("model", "data", "eval"))}
 
 
 def _check_settings(cell: Cell, cell_dir: Path, settings: dict[str, Any], restart: bool) -> Optional[str]:
@@ -388,6 +385,9 @@ def _check_settings(cell: Cell, cell_dir: Path, settings: dict[str, Any], restar
             print(f"molora sweep: warning: cell {cell.name} has no record of its settings (made by molora < 0.3); "
                   f"taken as it is", file=sys.stderr, flush=True)
         return None
+    from .resume import OPERATIONAL_KEYS
+
+    old = {k: v for k, v in old.items() if k not in OPERATIONAL_KEYS}  # records made before these keys were left out
     if old == settings:
         return None
     keys = sorted(k for k in set(settings) | set(old) if old.get(k, "<absent>") != settings.get(k, "<absent>"))
