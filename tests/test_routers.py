@@ -406,7 +406,7 @@ def test_switch_matches_the_per_token_reference_with_capacity_and_gradients(back
     x, a, b, w = _topp_inputs(seed=2, T=30, E=4)
     g = torch.Generator().manual_seed(4)
     up, c = torch.randn(x.shape[0], b.shape[0], generator=g), torch.randn(w.shape[0], generator=g)
-    out = moe_lora(x, a, b, w, top_k=1, scaling=0.5, router="switch",
+    out = moe_lora(x, a, b, w, top_k=1, scaling=0.5, router="switch", training=True,
                    router_options={"capacity_factor": capacity_factor}, backend=backend)
     want, dropped = _naive_switch(x, a, b, w, capacity_factor, 0.5)
     assert (dropped > 0) == (capacity_factor < 4.0), dropped  # the small factors really drop tokens
@@ -493,7 +493,7 @@ def test_expert_choice_matches_the_per_expert_reference_with_gradients(backend, 
     x, a, b, w = _topp_inputs(seed=5, T=20, E=4)
     g = torch.Generator().manual_seed(6)
     up = torch.randn(x.shape[0], b.shape[0], generator=g)
-    out = moe_lora(x, a, b, w, top_k=1, scaling=0.5, router="expert_choice",
+    out = moe_lora(x, a, b, w, top_k=1, scaling=0.5, router="expert_choice", training=True,
                    router_options={"capacity_factor": capacity_factor}, backend=backend)
     want, per_token = _naive_expert_choice(x, a, b, w, capacity_factor, 0.5)
     assert len(set(per_token)) > 1, per_token  # tokens really get different numbers of experts
@@ -589,7 +589,7 @@ def test_dropped_tokens_are_counted_over_the_real_tokens_only(router, k, opts):
     mask = torch.ones(x.shape[0], dtype=torch.bool)
     mask[::5] = False
     out = moe_lora(x, a, b, w, top_k=k, scaling=0.5, router=router, router_options=opts, token_mask=mask,
-                   backend="torch")
+                   backend="torch", training=True)
     none = (out.routing.gates == 0).all(-1)
     assert float(out.stats.dropped) == float((none & mask).sum())
     if router in ("switch", "expert_choice"):
@@ -649,3 +649,121 @@ def test_no_dropped_tokens_no_capacity_lines(tiny_model):
     assert router["dropped"] == [0.0, 0.0]
     assert not any(k.endswith("/dropped") for k in flat_router_scalars(router))
     assert "router_max_dropped" not in router_headline(router)
+
+
+# ------------------------------------------------------------------------------------------ batch invariance
+CAPACITY_ROUTERS = [("switch", {"capacity_factor": 0.5}), ("expert_choice", {"capacity_factor": 0.75})]
+
+
+@pytest.mark.parametrize("router,opts", CAPACITY_ROUTERS)
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_padding_takes_no_capacity_in_training(router, opts, backend):
+    """Issue 19.1: in training, the real tokens of a micro-batch route (and get gradients) exactly as if the padding
+    were not there, wherever the padding sits; without the mask the padding does take capacity."""
+    x, a, b, w = _topp_inputs(seed=11, T=24, E=4)
+    mask = torch.ones(24, dtype=torch.bool)
+    mask[:4] = False          # left padding of one row
+    mask[14:17] = False       # right padding of another
+    up = torch.randn(24, b.shape[0], generator=torch.Generator().manual_seed(3))
+    kw = dict(top_k=1, scaling=0.5, router=router, router_options=opts, backend=backend, training=True)
+    padded = moe_lora(x, a, b, w, routing_mask=mask, **kw)
+    xr = x.detach()[mask].requires_grad_(True)
+    alone = moe_lora(xr, a, b, w, **kw)
+    torch.testing.assert_close(padded.delta[mask], alone.delta, rtol=1e-5, atol=1e-6)
+    assert float((padded.routing.gates[~mask] != 0).sum()) == 0          # padding goes to no expert
+    assert float((alone.routing.gates == 0).all(-1).sum()) > 0          # the capacity really drops real tokens
+    got = torch.autograd.grad((padded.delta * up).sum(), (x, a, b, w))
+    want = torch.autograd.grad((alone.delta * up[mask]).sum(), (xr, a, b, w))
+    torch.testing.assert_close(got[0][mask], want[0], rtol=1e-4, atol=1e-6)
+    for name, g, r in zip("abw", got[1:], want[1:]):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=name)
+    unmasked = moe_lora(x.detach(), a, b, w, **kw)
+    assert not torch.allclose(unmasked.delta[mask], alone.delta, atol=1e-6), "padding took capacity before"
+
+
+@pytest.mark.parametrize("router,opts", CAPACITY_ROUTERS)
+def test_capacity_routers_route_each_token_alone_at_inference(router, opts):
+    """At inference (training=False) a capacity router's output for a token does not depend on the others:
+    Switch is dropless (top-1 weighted by its probability), expert choice gives each token its round(capacity_factor)
+    most probable experts weighted by their probabilities."""
+    from molora_kernels.routing import expert_choice_eval_k
+
+    x, a, b, w = _topp_inputs(seed=12, T=10, E=4)
+    kw = dict(top_k=1, scaling=0.5, router=router, router_options=opts, backend="torch")
+    batched = moe_lora(x, a, b, w, **kw).delta
+    single = torch.cat([moe_lora(x[t:t + 1], a, b, w, **kw).delta for t in range(10)])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-6)
+    k = 1 if router == "switch" else expert_choice_eval_k(opts["capacity_factor"], 4)
+    assert expert_choice_eval_k(0.5, 4) == 1 and expert_choice_eval_k(1.5, 4) == 2 and expert_choice_eval_k(9, 4) == 4
+    r = a.shape[0] // 4
+    p = torch.softmax(x @ w.t(), -1)
+    want = torch.stack([sum(0.5 * p[t, e] * (b[:, e * r:(e + 1) * r] @ (a[e * r:(e + 1) * r] @ x[t]))
+                            for e in torch.topk(p[t], k).indices.tolist()) for t in range(10)])
+    torch.testing.assert_close(batched, want, rtol=1e-5, atol=1e-6)
+
+
+def _prompt_logits(model, ids, placement):
+    """Logits of ``ids`` [n] at its own positions: alone, beside another prompt, right- or left-padded in a batch
+    (position ids taken from the attention mask, as generation does)."""
+    n = ids.shape[0]
+    other = torch.randint(3, 64, (n + 3,), generator=torch.Generator().manual_seed(5))
+    if placement == "alone":
+        batch_ids, mask, row, sl = ids[None], torch.ones(1, n, dtype=torch.long), 0, slice(0, n)
+    elif placement == "batch":  # twice, and beside another prompt
+        batch_ids = torch.stack([other, torch.cat([ids, other[:3]]), torch.cat([ids, other[:3]])])
+        mask = torch.ones_like(batch_ids)
+        row, sl = 1, slice(0, n)
+    elif placement == "right":
+        batch_ids = torch.stack([other, torch.cat([ids, torch.zeros(3, dtype=torch.long)])])
+        mask = torch.ones_like(batch_ids)
+        mask[1, n:] = 0
+        row, sl = 1, slice(0, n)
+    else:  # left
+        batch_ids = torch.stack([other, torch.cat([torch.zeros(3, dtype=torch.long), ids])])
+        mask = torch.ones_like(batch_ids)
+        mask[1, :3] = 0
+        row, sl = 1, slice(3, n + 3)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=batch_ids, attention_mask=mask, position_ids=pos).logits
+    return logits[row, sl]
+
+
+ALL_ROUTERS = [("topk", 2, None), ("soft", 2, None), ("topp", 3, {"top_p": 0.6}),
+               ("switch", 1, {"capacity_factor": 0.5}), ("expert_choice", 1, {"capacity_factor": 0.75}),
+               ("hash", 1, None)]
+
+
+@pytest.mark.parametrize("router,k,opts", ALL_ROUTERS, ids=[r[0] for r in ALL_ROUTERS])
+def test_inference_logits_do_not_depend_on_the_batch_or_padding(tiny_model, router, k, opts):
+    """Issue 19.1: in eval mode every router gives a prompt the same logits alone, in a batch (twice, beside
+    another prompt), right-padded and left-padded; so `molora eval` does not depend on batch size or order."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(
+        num_experts=4, top_k=k, r=2, router=router, router_options=opts, init_weights=False))
+    model.eval()
+    ids = torch.randint(3, 64, (9,), generator=torch.Generator().manual_seed(2))
+    want = _prompt_logits(model, ids, "alone")
+    for placement in ("batch", "right", "left"):
+        torch.testing.assert_close(_prompt_logits(model, ids, placement), want, rtol=1e-4, atol=5e-5,
+                                   msg=lambda m: f"{router}, {placement}: {m}")
+
+
+@pytest.mark.parametrize("router,opts", CAPACITY_ROUTERS)
+def test_capacity_routers_in_a_model_give_padding_no_place_in_training(tiny_model, router, opts):
+    """In train mode the same prompt right- or left-padded (one row) routes as it does alone: the attention mask
+    reaches the routing, so padding takes no capacity (the loss over the real tokens is the same)."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(
+        num_experts=4, top_k=1, r=2, router=router, router_options=opts, init_weights=False))
+    model.train()
+    ids = torch.randint(3, 64, (1, 10), generator=torch.Generator().manual_seed(4))
+    pad = torch.zeros(1, 4, dtype=torch.long)
+    alone = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    for side in ("right", "left"):
+        batch_ids = torch.cat([ids, pad], 1) if side == "right" else torch.cat([pad, ids], 1)
+        mask = (torch.arange(14) < 10) if side == "right" else (torch.arange(14) >= 4)
+        mask = mask.long()[None]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        got = model(input_ids=batch_ids, attention_mask=mask, position_ids=pos).logits[0][mask[0].bool()]
+        torch.testing.assert_close(got, alone, rtol=1e-4, atol=1e-5, msg=lambda m: f"{side}: {m}")

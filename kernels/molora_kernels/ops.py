@@ -152,20 +152,20 @@ def _check(x, a_all, b_all, router_weight, top_k, router, backend, router_option
 
 
 def _shared_a(x2, a, b_all, router_weight, *, top_k, scaling, dropout, training, router, base,
-              router_options=None, token_ids=None):
+              router_options=None, token_ids=None, routing_mask=None):
     """Layout ``shared_a`` (see :mod:`molora_kernels.layouts`): one shrink, the [T, r] result repeated for the E
     heads, then the dense-gated expand; autograd does the backward (the shrink's gradient sums the heads')."""
     num_experts = router_weight.shape[0]
     h, logits = torch_dense.shrink_and_logits(x2, a, router_weight, dropout, training)
-    routing = route(logits, top_k, router, router_options, token_ids)
+    routing = route(logits, top_k, router, router_options, token_ids, routing_mask, training)
     delta = torch_dense.gate_expand(h.repeat(1, num_experts), routing.gates, b_all, scaling)
     return (delta if base is None else base + delta), routing
 
 
 def _reference(x2, a_all, b_all, router_weight, *, top_k, scaling, dropout, training, router, base,
-               router_options=None, token_ids=None):
+               router_options=None, token_ids=None, routing_mask=None):
     h, logits = torch_dense.shrink_and_logits(x2, a_all, router_weight, dropout, training)
-    routing = route(logits, top_k, router, router_options, token_ids)
+    routing = route(logits, top_k, router, router_options, token_ids, routing_mask, training)
     delta = torch_dense.gate_expand(h, routing.gates, b_all, scaling)
     return (delta if base is None else base + delta), routing
 
@@ -188,6 +188,7 @@ def moe_lora(
     router_options: Optional[dict] = None,
     layout: str = "stacked",
     token_ids: Optional[torch.Tensor] = None,
+    routing_mask: Optional[torch.Tensor] = None,
 ) -> MoLoRAOutput:
     """Mixture of E LoRA experts on x.
 
@@ -210,6 +211,9 @@ def moe_lora(
         layout: the expert layout (:mod:`molora_kernels.layouts`): ``"stacked"`` (a_all [E·r, d_in]) or
             ``"shared_a"`` (one A [r, d_in] for all experts, b_all [d_out, E·r]; torch/reference backends).
         token_ids: [...] int64 matching x's leading dims, for routers that route by token id (``hash``).
+        routing_mask: [...] bool matching x's leading dims, True for real tokens: routers whose routing depends on
+            the batch (``switch``, ``expert_choice``) give padding no capacity; ignored by the others. With
+            ``training=False`` those routers route every token on its own (see :mod:`molora_kernels.routing`).
     Returns:
         MoLoRAOutput(delta [..., d_out] in x.dtype (plus ``base`` if given), stats).
     """
@@ -244,6 +248,10 @@ def moe_lora(
         if token_ids.shape != lead:
             raise ValueError(f"token_ids {tuple(token_ids.shape)} must match x's leading dims {tuple(lead)}")
         kw["token_ids"] = token_ids.reshape(-1)
+    if routing_mask is not None and get_router(router).batch_dependent:
+        if routing_mask.shape != lead:
+            raise ValueError(f"routing_mask {tuple(routing_mask.shape)} must match x's leading dims {tuple(lead)}")
+        kw["routing_mask"] = routing_mask.reshape(-1)
     with (torch.autocast(x2.device.type, enabled=False) if compute_dtype is not None
           else contextlib.nullcontext()):
         out, routing = _run_backend(name, x2, a_all, b_all, router_weight, base2, kw)

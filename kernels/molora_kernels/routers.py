@@ -85,6 +85,10 @@ class Router:
     required_top_k: Optional[int] = None
     #: routes by the token ids (``token_ids`` [T] int64 passed to ``route_fn``), not by the logits
     needs_token_ids: bool = False
+    #: a token's routing depends on the other tokens of the micro-batch (expert capacity): ``route_fn`` also gets
+    #: ``token_mask`` ([T] bool or None, True = real token; padding takes no capacity) and ``training`` (at
+    #: inference it routes every token on its own, so outputs do not depend on batch size, order or padding)
+    batch_dependent: bool = False
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def _resolve(self, spec) -> Callable:
@@ -113,10 +117,14 @@ class Router:
         names = {o.name for o in self.options if o.routing}
         return {k: v for k, v in (options or {}).items() if k in names}
 
-    def route(self, logits, top_k: int, options=None, token_ids=None):
+    def route(self, logits, top_k: int, options=None, token_ids=None, token_mask=None, training: bool = True):
         """``Routing`` of [T, E] logits (float32 inside); ``options`` as :meth:`resolve_options` takes them;
-        ``token_ids`` [T] for routers that route by them (refused naming the router when missing)."""
+        ``token_ids`` [T] for routers that route by them (refused naming the router when missing); ``token_mask``
+        [T] bool (True = real token) and ``training`` for :attr:`batch_dependent` routers (others ignore them)."""
         kw = self.resolve_options(options)
+        if self.batch_dependent:
+            kw["token_mask"] = token_mask
+            kw["training"] = training
         if self.needs_token_ids:
             if token_ids is None:
                 raise ValueError(f"router {self.name!r} routes by token id, but no token ids reached this layer: call "
@@ -230,16 +238,18 @@ register_router(Router(
     backends=("torch", "reference"), options=(TOP_P, ENTROPY_COEF), fixed_k=False))
 register_router(Router(
     "switch", "Switch Transformers: top-1 weighted by its probability, at most capacity_factor x T / E tokens per "
-              "expert (later tokens skip the adapter), the load loss (MoLA's with k = 1) and an optional z-loss",
+              "expert in training (later tokens skip the adapter; padding takes no place), dropless at inference, the "
+              "load loss (MoLA's with k = 1) and an optional z-loss",
     route_fn="routing:route_switch", logits_grad_fn="routing:switch_logits_grad", selects_top_k=True,
     aux_loss="mola", backends=("torch", "reference"), options=(CAPACITY_FACTOR, Z_LOSS_COEF), needs_gates=True,
-    required_top_k=1))
+    required_top_k=1, batch_dependent=True))
 register_router(Router(
     "expert_choice", "expert choice: each expert takes the capacity_factor x T / E tokens it scores highest (tokens "
-                     "get 0..E experts; balanced by construction, no load loss; sees the whole micro-batch, so not "
-                     "causal)",
+                     "get 0..E experts; balanced by construction, no load loss; sees the whole micro-batch in "
+                     "training, so not causal; at inference each token takes its round(capacity_factor) most "
+                     "probable experts)",
     route_fn="routing:route_expert_choice", logits_grad_fn="routing:switch_logits_grad", selects_top_k=False,
-    aux_loss=None, backends=("torch", "reference"), options=(EC_CAPACITY,), needs_gates=True))
+    aux_loss=None, backends=("torch", "reference"), options=(EC_CAPACITY,), needs_gates=True, batch_dependent=True))
 register_router(Router(
     "hash", "hash layers (Roller et al. 2021): each token id goes to a fixed expert (a multiplicative hash of the id "
             "mod E), weight 1; the router weights are not used (their gradient is zero); top_k must be 1",

@@ -67,7 +67,8 @@ class RouterStats:
 
 
 def route(logits: torch.Tensor, top_k: int, router: str = "topk", options: Optional[dict] = None,
-          token_ids: Optional[torch.Tensor] = None) -> Routing:
+          token_ids: Optional[torch.Tensor] = None, token_mask: Optional[torch.Tensor] = None,
+          training: bool = True) -> Routing:
     """Route tokens given router logits.
 
     Args:
@@ -77,6 +78,10 @@ def route(logits: torch.Tensor, top_k: int, router: str = "topk", options: Optio
             renormalise), "soft" (all experts, softmax weights), "topp" (dynamic top-p), ...
         options: the router's options (e.g. ``{"top_p": 0.8}``), checked against its declared ranges.
         token_ids: [T] int64 token ids, for routers that route by them (``hash``).
+        token_mask: [T] bool, True = real token: routers whose routing depends on the batch (``switch``,
+            ``expert_choice``) give padding no capacity. None: every token is real.
+        training: those routers route per token at inference (``False``): batch size, order and padding do not
+            change a token's output.
     Returns:
         Routing with float32 ``gates`` and ``probs`` [T, E] and ``topk_idx`` [T, k].
     """
@@ -84,7 +89,7 @@ def route(logits: torch.Tensor, top_k: int, router: str = "topk", options: Optio
     num_experts = logits.shape[-1]
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
-    return r.route(logits, top_k, options, token_ids)
+    return r.route(logits, top_k, options, token_ids, token_mask, training)
 
 
 def _all_experts(logits: torch.Tensor) -> torch.Tensor:
@@ -144,13 +149,17 @@ def topp_logits_grad(dgates: Optional[torch.Tensor], dprobs: Optional[torch.Tens
     return _softmax_backward(dp, probs)
 
 
-def route_switch(logits: torch.Tensor, top_k: int, capacity_factor: float = 1.25, **_: float) -> Routing:
+def route_switch(logits: torch.Tensor, top_k: int, capacity_factor: float = 1.25,
+                 token_mask: Optional[torch.Tensor] = None, training: bool = True, **_: float) -> Routing:
     """Switch router (Fedus et al. 2021)::
 
         p        = softmax(float32(logits))                  # [T, E]
         e_t      = argmax_e p[t, e]                          # one expert per token
-        capacity = ceil(capacity_factor * T / E)
-        kept_t   = (number of tokens s <= t with e_s = e_t) <= capacity     # earlier tokens first
+        training:
+          T_real   = number of real tokens (token_mask; padding takes no place in any queue)
+          capacity = ceil(capacity_factor * T_real / E)
+          kept_t   = real_t and (number of real tokens s <= t with e_s = e_t) <= capacity   # earlier tokens first
+        inference (``training=False``): kept_t = 1, dropless, so a token's output depends on it alone
         gates    = p[t, e_t] on kept tokens, 0 elsewhere     # a dropped token skips the adapter (delta 0)
 
     ``topk_idx`` [T, 1] is e_t for every token, dropped or not: the load loss counts what the router asked for, as
@@ -162,35 +171,65 @@ def route_switch(logits: torch.Tensor, top_k: int, capacity_factor: float = 1.25
     tokens, num_experts = probs.shape[-2], probs.shape[-1]
     idx = probs.argmax(dim=-1, keepdim=True)                        # [T, 1]
     onehot = torch.zeros_like(probs).scatter(-1, idx, 1.0)
-    position = (onehot.cumsum(dim=-2) * onehot).sum(-1)              # 1-based place in its expert's queue
-    capacity = math.ceil(capacity_factor * tokens / num_experts)
-    kept = (position <= capacity).to(probs.dtype)
+    if not training:
+        return Routing(gates=probs * onehot, probs=probs, topk_idx=idx)
+    if token_mask is None:
+        counted, capacity = onehot, math.ceil(capacity_factor * tokens / num_experts)
+    else:
+        real = token_mask.reshape(-1).to(device=probs.device, dtype=probs.dtype)
+        counted = onehot * real[:, None]
+        capacity = torch.ceil(capacity_factor * real.sum(dtype=torch.float64) / num_experts)
+    position = (counted.cumsum(dim=-2) * counted).sum(-1)            # 1-based place in its expert's queue, 0: padding
+    kept = ((position > 0) & (position <= capacity)).to(probs.dtype)
     gates = probs * onehot * kept[..., None]
     return Routing(gates=gates, probs=probs, topk_idx=idx)
 
 
-def route_expert_choice(logits: torch.Tensor, top_k: int, capacity_factor: float = 2.0, **_: float) -> Routing:
+def expert_choice_eval_k(capacity_factor: float, num_experts: int) -> int:
+    """Experts per token of the expert-choice router at inference: round(capacity_factor) (half up), in [1, E]."""
+    return max(1, min(num_experts, math.floor(capacity_factor + 0.5)))
+
+
+def route_expert_choice(logits: torch.Tensor, top_k: int, capacity_factor: float = 2.0,
+                        token_mask: Optional[torch.Tensor] = None, training: bool = True, **_: float) -> Routing:
     """Expert-choice router (Zhou et al. 2022): the experts pick the tokens::
 
         p        = softmax(float32(logits))                       # [T, E]
-        C        = ceil(capacity_factor * T / E)                  # tokens per expert (capacity_factor: experts
-                                                                  #   per token on average)
-        chosen   = for each expert e, the C tokens with the largest p[:, e]  (ties: the earlier token)
+        training:
+          C        = min(T_real, ceil(capacity_factor * T_real / E))   # tokens per expert (capacity_factor: experts
+                                                                  #   per token on average); T_real: real tokens
+          chosen   = for each expert e, the C real tokens with the largest p[:, e]  (ties: the earlier token;
+                     padding is never chosen)
+        inference (``training=False``): each token takes its k = :func:`expert_choice_eval_k` most probable experts
+                   (the experts a token gets on average in training, chosen without looking at the other tokens)
         gates    = p on the chosen (token, expert) pairs, 0 elsewhere   # a token may get 0 .. E experts
 
-    Perfectly balanced by construction (no load loss). ``top_k`` is not used. Causal-LM caveat: a token's experts
-    depend on the other tokens of the micro-batch, later positions and other rows included, so training routes
-    with information a left-to-right decoder does not have, and generation (one new token per step) routes
-    differently from training. ``topk_idx`` lists every expert (as the soft router: statistics report the gate
-    mass).
+    Perfectly balanced in training by construction (no load loss). ``top_k`` is not used. Causal-LM caveat: in
+    training a token's experts depend on the other tokens of the micro-batch, later positions and other rows
+    included, which a left-to-right decoder does not have; inference therefore routes per token, as above, and
+    so differs from the training routing. ``topk_idx`` lists every expert (as the soft router: statistics report
+    the gate mass).
     """
     probs = torch.softmax(logits.float(), dim=-1)
     tokens, num_experts = probs.shape[-2], probs.shape[-1]
-    cap = min(tokens, math.ceil(capacity_factor * tokens / num_experts))
-    chosen = torch.topk(probs.transpose(-1, -2), cap, dim=-1, sorted=False).indices    # [E, C] token indices
+    idx = torch.arange(num_experts, device=logits.device).expand(*logits.shape[:-1], num_experts)
+    if not training:
+        vals, top = torch.topk(probs, expert_choice_eval_k(capacity_factor, num_experts), dim=-1)
+        return Routing(gates=torch.zeros_like(probs).scatter(-1, top, vals), probs=probs, topk_idx=idx)
+    score = probs
+    real = tokens
+    if token_mask is not None:
+        mask = token_mask.reshape(-1).to(probs.device)
+        real = int(mask.sum())                                      # host sync: capacity sets a shape
+        score = probs.masked_fill(~mask[:, None], -1.0)             # below every probability: never chosen
+    cap = min(real, math.ceil(capacity_factor * real / num_experts))
+    if cap == 0:
+        return Routing(gates=torch.zeros_like(probs), probs=probs, topk_idx=idx)
+    # [E, C] token indices; a stable sort breaks ties (the same token id twice in layer 0) by the earlier token, so
+    # padding anywhere does not change which of two equal tokens an expert takes
+    chosen = torch.sort(score.transpose(-1, -2), dim=-1, descending=True, stable=True).indices[..., :cap]
     mask = torch.zeros_like(probs.transpose(-1, -2)).scatter(-1, chosen, 1.0).transpose(-1, -2)
     gates = probs * mask
-    idx = torch.arange(num_experts, device=logits.device).expand(*logits.shape[:-1], num_experts)
     return Routing(gates=gates, probs=probs, topk_idx=idx)
 
 

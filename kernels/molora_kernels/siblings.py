@@ -36,7 +36,8 @@ from .torch_fused import _replay_dropout_scale, _rng_state
 @dataclass
 class SiblingOperands:
     """One member: a_all [E·r, d_in] (stacked layout), b_all [d_out, E·r], router_weight [E, d_in], and its routing
-    settings (``router_options`` resolved, ``token_ids`` [T] or None, ``base`` [T, d_out] or None)."""
+    settings (``router_options`` resolved, ``token_ids`` [T] or None, ``base`` [T, d_out] or None, ``routing_mask``
+    [T] bool or None)."""
 
     a_all: torch.Tensor
     b_all: torch.Tensor
@@ -47,6 +48,7 @@ class SiblingOperands:
     router_options: Optional[dict] = None
     token_ids: Optional[torch.Tensor] = None
     base: Optional[torch.Tensor] = None
+    routing_mask: Optional[torch.Tensor] = None   # [T] bool for batch-dependent routers (padding takes no capacity)
 
 
 class GroupShrink(torch.autograd.Function):
@@ -104,10 +106,10 @@ class GatedExpand(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, logits, b_all, base, top_k: int, scaling: float, router: str,
-                router_options: Optional[dict] = None, token_ids=None):
+                router_options: Optional[dict] = None, token_ids=None, routing_mask=None, training: bool = True):
         tokens, num_experts = logits.shape
         rank = h.shape[1] // num_experts
-        routing = route(logits, top_k, router, router_options, token_ids)
+        routing = route(logits, top_k, router, router_options, token_ids, routing_mask, training)
         probs, gates, idx = routing.probs, routing.gates, routing.topk_idx
         if gates is probs:
             gates = probs.clone()
@@ -135,7 +137,7 @@ class GatedExpand(torch.autograd.Function):
             dgates = torch.linalg.vecdot(dhgs, h.reshape(tokens, num_experts, rank)).float().mul_(scaling)
             dlogits = router.logits_grad(dgates, dprobs, probs, idx, top_k, gates=gs).to(h.dtype)
             dh = (dhgs * gs[:, :, None]).view(tokens, num_experts * rank)
-            return dh, dlogits, db, dbase, None, None, None, None, None
+            return dh, dlogits, db, dbase, None, None, None, None, None, None, None
 
 
 def moe_lora_siblings(x2: torch.Tensor, members: Sequence[SiblingOperands], *, dropout: float = 0.0,
@@ -160,7 +162,7 @@ def moe_lora_siblings(x2: torch.Tensor, members: Sequence[SiblingOperands], *, d
         base = None if m.base is None else m.base.to(dt)
         out, probs, gates, idx = GatedExpand.apply(h_all[:, r0:r0 + r], l_all[:, e0:e0 + e], m.b_all.to(dt), base,
                                                    m.top_k, float(m.scaling), m.router, m.router_options,
-                                                   m.token_ids)
+                                                   m.token_ids, m.routing_mask, training)
         outs.append((out, Routing(gates=gates, probs=probs, topk_idx=idx)))
         r0, e0 = r0 + r, e0 + e
     return outs

@@ -80,7 +80,8 @@ class DenseGatedMoLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, xd, a_all, b_all, router_weight, base, top_k: int, scaling: float, router: str,
-                dropout: float = 0.0, router_options: Optional[dict] = None, token_ids=None):
+                dropout: float = 0.0, router_options: Optional[dict] = None, token_ids=None, routing_mask=None,
+                training: bool = True):
         num_experts = router_weight.shape[0]
         rank_all = a_all.shape[0]
         rank = rank_all // num_experts
@@ -98,7 +99,7 @@ class DenseGatedMoLoRA(torch.autograd.Function):
             h = torch.mm(xd, a_all.t())
             logits = torch.mm(x, router_weight.t())
             hl = h
-        routing = route(logits, top_k, router, router_options, token_ids)
+        routing = route(logits, top_k, router, router_options, token_ids, routing_mask, training)
         probs, gates, idx = routing.probs, routing.gates, routing.topk_idx
         if gates is probs:  # soft router / E == k: separate outputs (probs keeps its gradient)
             gates = probs.clone()
@@ -147,7 +148,7 @@ class DenseGatedMoLoRA(torch.autograd.Function):
             db = torch.mm(dout.t(), hgs)                                    # [d_out, R]
         need_in = need_x or need_xd or need_a or need_w
         if not need_in:
-            return dx, dxd, da, db, dw, dbase, None, None, None, None, None, None
+            return dx, dxd, da, db, dw, dbase, None, None, None, None, None, None, None, None
         dhgs = torch.mm(dout, b_all).view(tokens, num_experts, rank)       # d loss / d hgs
         h = hl[:, :rank_all].view(tokens, num_experts, rank)
         dgates = torch.linalg.vecdot(dhgs, h).float().mul_(scaling)      # [T, E] (real dtypes: no conj)
@@ -177,14 +178,15 @@ class DenseGatedMoLoRA(torch.autograd.Function):
                 if need_x:
                     dx = dx.addcmul_(dxd, scale)
                 dxd = None
-        return dx, dxd, da, db, dw, dbase, None, None, None, None, None, None
+        return dx, dxd, da, db, dw, dbase, None, None, None, None, None, None, None, None
 
 
 def moe_lora_fused(x2: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, router_weight: torch.Tensor, *,
                    top_k: int, scaling: float, dropout: float = 0.0, training: bool = False,
                    router: str = "topk", base: Optional[torch.Tensor] = None,
                    router_options: Optional[dict] = None,
-                   token_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
+                   token_ids: Optional[torch.Tensor] = None,
+                   routing_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
     """Dense-gated MoE-LoRA on flat tokens ``x2`` [T, d_in].
 
     Returns (out [T, d_out] in x2.dtype, Routing). ``out`` is the delta, or ``base + delta`` when
@@ -196,7 +198,7 @@ def moe_lora_fused(x2: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, r
         xd = torch.nn.functional.dropout(x2, p=p, training=True)
         p = 0.0
     out, probs, gates, idx = DenseGatedMoLoRA.apply(x2, xd, a, b, w, base, top_k, float(scaling), router, p,
-                                                    router_options, token_ids)
+                                                    router_options, token_ids, routing_mask, training)
     return out, Routing(gates=gates, probs=probs, topk_idx=idx)
 
 

@@ -216,13 +216,14 @@ class Linear(nn.Module, MoLoRALayer):
         for name in self.active_adapters:
             if name not in self.molora_A:
                 continue
-            mask = None
-            if collector is not None and self.aux_loss_mode[name] == "masked":
-                mask = collector.mask_for(x)
+            real = None if collector is None else collector.mask_for(x)  # [batch, seq] bool, True = real token
+            mask = real if self.aux_loss_mode[name] == "masked" else None   # the statistics' tokens
+            routing_mask = real if get_router(self.router_type[name]).batch_dependent else None  # capacity's
             want_stats = collector is not None and collector.enabled
             token_ids = self._token_ids(name, x)
             group = self.sibling_group  # q/k/v, gate/up: one shared shrink GEMM (molora.tuner.siblings)
-            out = None if group is None else group.output_for(self, name, x, mask, want_stats, token_ids)
+            out = None if group is None else group.output_for(self, name, x, mask, want_stats, token_ids,
+                                                              routing_mask)
             if out is None:
                 out = moe_lora(
                     x,
@@ -240,6 +241,7 @@ class Linear(nn.Module, MoLoRALayer):
                     router_options=self.router_options[name] or None,
                     layout=self.layout.get(name, "stacked"),
                     token_ids=token_ids,
+                    routing_mask=routing_mask,
                 )
             delta = out.delta
             if name in self.molora_shared_A:

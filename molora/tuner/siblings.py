@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from molora_kernels import get_layout
+from molora_kernels import get_layout, get_router
 from molora_kernels.ops import MoLoRAOutput, autocast_dtype, resolve_backend
 from molora_kernels.routing import routing_stats
 from molora_kernels.siblings import SiblingOperands, moe_lora_siblings
@@ -79,10 +79,12 @@ class SiblingGroup:
 
     # ------------------------------------------------------------------ the shared call
     def output_for(self, member: nn.Module, name: str, x: torch.Tensor, token_mask, compute_stats: bool,
-                   token_ids: Optional[torch.Tensor]) -> Optional[MoLoRAOutput]:
+                   token_ids: Optional[torch.Tensor], routing_mask: Optional[torch.Tensor] = None
+                   ) -> Optional[MoLoRAOutput]:
         """``member``'s MoLoRAOutput for input ``x`` from the shared computation, or None (use the per-module op)."""
         key = (x._version, name, torch.is_grad_enabled(), member.training, compute_stats,
-               autocast_dtype(x), None if token_mask is None else (token_mask.data_ptr(), tuple(token_mask.shape)))
+               autocast_dtype(x), None if token_mask is None else (token_mask.data_ptr(), tuple(token_mask.shape)),
+               None if routing_mask is None else (routing_mask.data_ptr(), tuple(routing_mask.shape)))
         i = self.members.index(member)
         if self._x is not None and self._x() is x and self._key == key and i in self._cache:
             return self._cache.pop(i)
@@ -97,7 +99,9 @@ class SiblingGroup:
         ops = [SiblingOperands(a_all=m.molora_A[name], b_all=m.molora_B[name], router_weight=m.molora_router[name],
                                top_k=m.top_k[name], scaling=m.scaling[name], router=m.router_type[name],
                                router_options=m.router_options[name] or None,
-                               token_ids=None if token_ids is None else token_ids.reshape(-1))
+                               token_ids=None if token_ids is None else token_ids.reshape(-1),
+                               routing_mask=(routing_mask.reshape(-1) if routing_mask is not None
+                                             and get_router(m.router_type[name]).batch_dependent else None))
                for m in self.members]
         with (torch.autocast(x2.device.type, enabled=False) if compute_dtype is not None else contextlib.nullcontext()):
             results = moe_lora_siblings(x2, ops, dropout=self.members[0].lora_dropout[name], training=member.training)
