@@ -82,6 +82,57 @@ def test_removing_experts_no_token_selected_is_exact_on_those_tokens(tiny_model)
             torch.testing.assert_close(got, w_, rtol=1e-5, atol=1e-5)
 
 
+def test_exact_on_calibration_is_not_exact_on_held_out_tokens(tiny_model):
+    """Issue 19.3: removed experts unused by the calibration tokens can be used by other tokens; the held-out
+    measurement (loads and next-token log-probs on rows not used for calibration) says so with the true error,
+    and agrees with a direct comparison of the logits."""
+    from test_layer import capture_inputs
+
+    from molora.tuner.merge import next_token_scores, output_change
+
+    model = _model(tiny_model, num_experts=6, top_k=2)
+    calib, held = _batches(pad=True)[:1], _batches(seed=7, pad=False)
+    model.eval()
+    n_modules = sum(1 for mod in model.modules() if hasattr(mod, "molora_router") and "default" in mod.molora_router)
+    for i in range(n_modules):  # rows 4, 5: logit -50 on every calibration token, +50 along another direction
+        calls, hooks = capture_inputs(model)
+        with torch.no_grad():
+            model(input_ids=calib[0]["input_ids"], attention_mask=calib[0]["attention_mask"])
+        for h in hooks:
+            h.remove()
+        mod, x = calls[i]
+        x2 = x.reshape(-1, x.shape[-1]).double()
+        v = torch.linalg.pinv(x2) @ torch.ones(x2.shape[0], dtype=torch.float64)
+        free = torch.randn(x2.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+        free = free - torch.linalg.pinv(x2) @ (x2 @ free)  # orthogonal to every calibration input: no effect there
+        mod.molora_router["default"].data[4:] = (-50.0 * v + 5.0 * free / free.norm()).float()
+    with torch.no_grad():
+        want_held = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in held]
+    loads, held_loads = expert_loads(model, calib), expert_loads(model, held)
+    assert all(v[4] == 0 and v[5] == 0 for v in loads.values())
+    assert any(v[4] > 0 or v[5] > 0 for v in held_loads.values())  # other tokens do pick the removed experts
+    before_calib, before_held = next_token_scores(model, calib), next_token_scores(model, held)
+    report = merge_experts(model, 4, loads)
+    assert all(r.exact for r in report)  # exact on the calibration tokens ...
+    assert output_change(before_calib, next_token_scores(model, calib))["exact"]
+    change = output_change(before_held, next_token_scores(model, held))  # ... but not on the held-out ones
+    assert not change["exact"] and change["tokens"] == sum(int(b["attention_mask"][:, 1:].sum()) for b in held)
+    with torch.no_grad():
+        got_held = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in held]
+    direct = max(float(torch.log_softmax(g[:, :-1], -1).gather(-1, b["input_ids"][:, 1:, None]).sub(
+        torch.log_softmax(w_[:, :-1], -1).gather(-1, b["input_ids"][:, 1:, None])).abs().max())
+        for g, w_, b in zip(got_held, want_held, held))
+    assert change["max_abs_logprob"] == pytest.approx(direct, rel=1e-4, abs=1e-6) and direct > 1e-3
+
+
+def test_hash_adapters_are_not_merged(tiny_model):
+    """Issue 19.3: a hash router sends id -> hash(id) mod E; fewer experts remap nearly every token, which the
+    calibration loads cannot see (every expert is used), so the merge is refused naming the router."""
+    model = _model(tiny_model, num_experts=4, top_k=1, router="hash")
+    with pytest.raises(MergeError, match=r"router 'hash' routes each token id to expert hash\(id\) mod E"):
+        merge_experts(model, 2, expert_loads(model, _batches()))
+
+
 def test_lossy_merge_saves_loads_and_is_reported(tiny_model, tmp_path):
     model = _model(tiny_model)
     batches = _batches()
@@ -125,6 +176,10 @@ def test_merge_experts_command_reports_the_accuracy_change(assets, tmp_path, cap
     merged = out / "adapter-merged2"
     rep = json.loads((merged / "merge_report.json").read_text())
     assert rep["max_experts"] == 2 and all(layer["after"] == 2 for layer in rep["layers"])
+    # measured on 8 other training rows: their tokens, the true change, a verdict that matches it
+    assert rep["heldout_rows"] == 8 and rep["heldout_change"]["tokens"] > 0
+    assert rep["exact"] is False and rep["heldout_change"]["max_abs_logprob"] > 1e-4
+    assert f"lossy on {rep['heldout_change']['tokens']} held-out tokens" in text
     assert "accuracy" in rep["accuracy_after"]["loglik"]
     assert cli(["eval", str(recipe), "--adapter", str(merged)]) == 0  # the merged adapter is a normal adapter
     assert cli(["merge-experts", str(recipe), "--adapter", str(out / "adapter"), "--max-experts", "0"]) == 2

@@ -3,8 +3,9 @@ experts per layer after training (see :mod:`molora.tuner.merge`), with the accur
 
 Reads K of the recipe's training rows to measure each layer's expert usage, merges every layer with more than N
 experts down to N, scores the adapter before and after on the recipe's evaluation rows (the protocol of
-``molora eval``), prints a table (layer, experts before -> after, groups, exact on the calibration tokens or not)
-and writes the merged adapter (default: ``<adapter>-merged<N>``) with ``merge_report.json`` beside it.
+``molora eval``), measures the change of next-token log-probabilities on K other training rows (held out from
+the calibration), prints a table (layer, experts before -> after, groups, exact on the calibration tokens and on
+the held-out ones) and writes the merged adapter (default: ``<adapter>-merged<N>``) with ``merge_report.json`` beside it.
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def _out_problem(adapter: Path, out: Path) -> Optional[str]:
 def _run(recipe, adapter: Path, out: Path, max_experts: int, calib_examples: int) -> int:
     import molora
 
-    from ..tuner.merge import expert_loads, merge_experts
+    from ..tuner.merge import expert_loads, merge_experts, next_token_scores, output_change
     from .allocate import calibration_batches
     from .checkpoint import load_adapter_checked, read_adapter_tensors
     from .common import RunError, load_base_model, load_recipe_rows, write_json_atomic
@@ -94,33 +95,62 @@ def _run(recipe, adapter: Path, out: Path, max_experts: int, calib_examples: int
     model.eval()
     template = PromptTemplate(recipe.data.prompt_template)
     before = recipe_accuracy(model, tokenizer, eval_rows, template, recipe, False)
-    batches = calibration_batches(train_rows, tokenizer, template, recipe.data.cutoff_len, calib_examples,
-                                  seed=recipe.train.seed, train_on_inputs=recipe.data.train_on_inputs)
+    import random
+
+    # calibration rows measure the usage; as many other rows (held out from the calibration) measure the change
+    order = random.Random(recipe.train.seed).sample(range(len(train_rows)), len(train_rows))
+    calib_rows = [train_rows[i] for i in order[:calib_examples]]
+    held_rows = [train_rows[i] for i in order[calib_examples:2 * calib_examples]]
+
+    def _batches(rows):
+        return calibration_batches(rows, tokenizer, template, recipe.data.cutoff_len, len(rows),
+                                   seed=recipe.train.seed, train_on_inputs=recipe.data.train_on_inputs) if rows else []
+
+    batches, held = _batches(calib_rows), _batches(held_rows)
     loads = expert_loads(model, batches)
+    held_loads = expert_loads(model, held) if held else {}
+    scores_before = next_token_scores(model, held)
     report = merge_experts(model, max_experts, loads, adapter=model.active_adapter)
     after = recipe_accuracy(model, tokenizer, eval_rows, template, recipe, False)
+    change = output_change(scores_before, next_token_scores(model, held))
     import shutil
 
     tmp = out.with_name(f".{out.name}.tmp-{__import__('os').getpid()}")  # written whole, then renamed into place
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
-    lines = [f"{'layer':>5}  {'experts':>9}  {'exact':>5}  groups (old experts, centre first; load)", "-" * 70]
+    lines = [f"{'layer':>5}  {'experts':>9}  {'calib':>5}  {'held':>5}  groups (old experts, centre first)",
+             "-" * 70]
     for r in report:
+        removed = [e for g in r.groups for e in g[1:]]
+        hl = held_loads.get(r.layer)
+        r.exact_heldout = (None if hl is None else bool(r.exact and all(hl[e] == 0.0 for e in removed)))
         groups = " ".join("[" + ",".join(str(e) for e in g) + "]" for g in r.groups) if r.after < r.before else "-"
-        lines.append(f"{str(r.layer):>5}  {r.before:>3} -> {r.after:<3}  {'yes' if r.exact else 'no':>5}  {groups}")
+        held_txt = "-" if r.exact_heldout is None else ("yes" if r.exact_heldout else "no")
+        lines.append(f"{str(r.layer):>5}  {r.before:>3} -> {r.after:<3}  {'yes' if r.exact else 'no':>5}  "
+                     f"{held_txt:>5}  {groups}")
     acc = {k: (before[k]["accuracy"], after[k]["accuracy"]) for k in before if isinstance(before[k], dict)
            and k in after}
     lines.append("-" * 70)
     for k, (b, a) in acc.items():
         lines.append(f"{k} accuracy on {after[k]['n']} eval rows: {b:.4f} -> {a:.4f} ({a - b:+.4f})")
-    exact = all(r.exact for r in report)
-    lines.append("exact on the calibration tokens" if exact else
-                 "lossy: some layers merged experts that tokens used (the accuracy change above is the cost)")
+    exact = bool(change["tokens"] and change["exact"] and all(r.exact_heldout for r in report))
+    if not change["tokens"]:
+        lines.append("exactness not measured: no training rows are left beside the calibration rows "
+                     "(lower --calib-examples)")
+    elif exact:
+        lines.append(f"exact on {change['tokens']} held-out tokens (largest next-token log-prob change "
+                     f"{change['max_abs_logprob']:.1e})")
+    else:
+        lines.append(f"lossy on {change['tokens']} held-out tokens: next-token log-prob changes by up to "
+                     f"{change['max_abs_logprob']:.3g} (mean {change['mean_abs_logprob']:.3g}), logits by up to "
+                     f"{change['max_abs_logit']:.3g}, top prediction changed on {100 * change['argmax_changed']:.1f} %"
+                     f" (the accuracy change above is the cost)")
     print("\n".join(lines))
     write_json_atomic(tmp / "merge_report.json", {
         "adapter": str(adapter), "max_experts": max_experts, "calib_examples": calib_examples,
         "layers": [r.__dict__ for r in report], "accuracy_before": before, "accuracy_after": after,
-        "exact_on_calibration": exact})
+        "exact_on_calibration": all(r.exact for r in report), "heldout_rows": len(held_rows),
+        "heldout_change": change, "exact": exact})
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)

@@ -11,13 +11,15 @@ otherwise (``molora merge-experts``).
 
 Exactness: for a top-k router, removing experts that no token selected leaves every token's chosen experts and
 renormalised weights unchanged, so the merged adapter computes the same outputs **on the calibration tokens**
-(``exact`` in the report; other inputs may have routed to the removed experts). Everything else is an
-approximation whose cost the command measures on the recipe's evaluation rows.
+(``exact`` in the report). Other inputs may route to the removed experts, so the command also measures the true
+change on held-out tokens (:func:`next_token_scores`, :func:`output_change`: rows not used for calibration) and
+calls a merge exact only when those do not move. Routers that route by token id (``hash``: expert = hash(id) mod
+E) are refused: fewer experts would send nearly every token elsewhere.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -26,7 +28,11 @@ from molora_kernels import get_layout, get_router
 
 from .layer import MoLoRALayer
 
-__all__ = ["MergeError", "LayerMerge", "expert_loads", "plan_groups", "merge_experts"]
+__all__ = ["MergeError", "LayerMerge", "expert_loads", "plan_groups", "merge_experts", "next_token_scores",
+           "output_change", "EXACT_LOGPROB_TOL"]
+
+#: a merge is exact on held-out tokens when no next-token log-probability moves by more than this (fp32 round-off)
+EXACT_LOGPROB_TOL = 1e-4
 
 
 class MergeError(ValueError):
@@ -36,7 +42,8 @@ class MergeError(ValueError):
 @dataclass
 class LayerMerge:
     """What happened to one layer: experts before/after, the groups (lists of old expert indices, centre first),
-    the load per old expert, and whether the result is exact on the calibration tokens."""
+    the load per old expert, whether the result is exact on the calibration tokens (``exact``) and on held-out
+    tokens (``exact_heldout``: no held-out token used a removed expert; None until measured)."""
 
     layer: Any
     before: int
@@ -44,6 +51,7 @@ class LayerMerge:
     groups: list[list[int]] = field(default_factory=list)
     load: list[float] = field(default_factory=list)
     exact: bool = True
+    exact_heldout: Optional[bool] = None
 
 
 def _modules(model: nn.Module, adapter: str) -> list[MoLoRALayer]:
@@ -121,6 +129,9 @@ def merge_experts(model: nn.Module, max_experts: int, loads: dict[Any, list[floa
         num_experts, k = m0.num_experts[adapter], m0.top_k[adapter]
         target = min(num_experts, max_experts)
         router = get_router(m0.router_type[adapter])
+        if router.needs_token_ids and target < num_experts:
+            raise MergeError(f"router {router.name!r} routes each token id to expert hash(id) mod E: with fewer experts "
+                             f"nearly every token would go to another expert; merging is not supported for it")
         if router.required_top_k is not None and router.required_top_k > target:
             raise MergeError(f"router {router.name!r} needs top_k={router.required_top_k} <= experts")
         load = [float(v) for v in loads[group]]
@@ -171,3 +182,49 @@ def _update_config(model: nn.Module, adapter: str, modules: list[MoLoRALayer]) -
         cfg.num_experts = [row["num_experts"] for row in rows]
         cfg.top_k = [row["top_k"] for row in rows]
     cfg.expert_budget = None
+
+
+@torch.no_grad()
+def next_token_scores(model: nn.Module, batches: Iterable[dict]) -> list[dict[str, torch.Tensor]]:
+    """Per batch (dicts of ``input_ids`` / ``attention_mask`` [B, T]), on the CPU, for every real next token
+    (positions t whose t + 1 is a real token): ``logit`` [N] of that token, ``logprob`` [N] (log-softmax over the
+    vocabulary, float32) and ``argmax`` [N] (the model's top token). Small enough to keep for a whole calibration
+    set; :func:`output_change` compares two of them. The model runs in eval mode."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    out = []
+    try:
+        for b in batches:
+            ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            keep = (mask[:, :-1] * mask[:, 1:]).bool()
+            target = ids[:, 1:][keep]
+            lg = logits[keep]
+            out.append({"logit": lg.gather(-1, target[:, None])[:, 0].cpu(),
+                        "logprob": torch.log_softmax(lg, -1).gather(-1, target[:, None])[:, 0].cpu(),
+                        "argmax": lg.argmax(-1).cpu()})
+    finally:
+        model.train(was)
+    return out
+
+
+def output_change(before: list[dict], after: list[dict]) -> dict[str, float]:
+    """How far two :func:`next_token_scores` of the same batches differ: ``tokens``, ``max_abs_logit`` and
+    ``max_abs_logprob`` / ``mean_abs_logprob`` (of the next token), ``argmax_changed`` (fraction of tokens whose
+    top prediction changed) and ``exact`` (max_abs_logprob <= :data:`EXACT_LOGPROB_TOL`)."""
+    if len(before) != len(after):
+        raise ValueError(f"{len(before)} batches before, {len(after)} after")
+    cat = {k: (torch.cat([b[k] for b in before]), torch.cat([a[k] for a in after]))
+           for k in ("logit", "logprob", "argmax")}
+    n = int(cat["logit"][0].numel())
+    if n == 0:
+        return {"tokens": 0, "max_abs_logit": 0.0, "max_abs_logprob": 0.0, "mean_abs_logprob": 0.0,
+                "argmax_changed": 0.0, "exact": True}
+    d_logit = (cat["logit"][0] - cat["logit"][1]).abs()
+    d_lp = (cat["logprob"][0] - cat["logprob"][1]).abs()
+    worst = float(d_lp.max())
+    return {"tokens": n, "max_abs_logit": float(d_logit.max()), "max_abs_logprob": worst,
+            "mean_abs_logprob": float(d_lp.mean()),
+            "argmax_changed": float((cat["argmax"][0] != cat["argmax"][1]).float().mean()),
+            "exact": worst <= EXACT_LOGPROB_TOL}
