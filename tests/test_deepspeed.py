@@ -118,6 +118,15 @@ def test_deepspeed_two_ranks_match_one_process(stage, single, assets, tmp_path):
     _assert_same_adapter(single / "adapter", out / "adapter")
     _assert_same_adapter(single / "checkpoint-4", out / "checkpoint-4")
     assert (out / "checkpoint-4" / "global_step4").is_dir() and (out / "checkpoint-4" / "molora_complete.json").is_file()
+    # every file a resume unpickles loads weights-only with molora's allow-list (issue 19.6: the guard a resume
+    # runs under refuses anything else, so it must accept all DeepSpeed writes)
+    from molora.run.safe_load import weights_only_loads
+
+    pickled = sorted(p for p in (out / "checkpoint-4").rglob("*") if p.suffix in (".pt", ".pth"))
+    assert len(pickled) >= 4, pickled
+    with weights_only_loads():
+        for p in pickled:
+            torch.load(p, map_location="cpu")
     # telemetry is all-reduced over the ranks: the same global numbers as the single process
     for r1, r2 in zip(_records(single), _records(out)):
         assert r1["step"] == r2["step"]
@@ -241,3 +250,34 @@ def test_auto_allocation_is_the_same_on_every_rank(assets, tmp_path):
     b = json.loads((tmp_path / "two" / "adapter" / "adapter_config.json").read_text())["allocation"]
     assert a == b and sum(row["num_experts"] for row in a) == 10
     assert len(list((tmp_path / "cache-two" / "allocations").glob("block-influence-*.json"))) == 1  # rank 0 only
+
+
+@pytest.mark.slow
+def test_deepspeed_resume_refuses_a_payload_in_an_optimizer_shard(assets, tmp_path):
+    """Issue 19.6 end to end: 2 ZeRO-2 ranks resume from a checkpoint whose rank-0 optimizer shard carries a pickle
+    payload (marker re-written to match): the run fails naming the shard, and the payload never runs; the clean
+    checkpoint resumes."""
+    from test_safe_load import Payload
+
+    from molora.run.checkpoint import MARKER, read_marker, write_marker
+
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", assets, out, train={**TRAIN, "gradient_accumulation_steps": 1},
+                          allocation=ALLOC, eval={"before": False, "after": False})
+    ds = ["--deepspeed", str(ROOT / "recipes" / "deepspeed" / "zero2.json")]
+    _launch(recipe, 2, ds, tmp_path / "first.log")
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-4")
+    ckpt = out / "checkpoint-2"
+    shard = ckpt / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    sentinel = tmp_path / "ran"
+    torch.save({**torch.load(shard, weights_only=False), "x": Payload(sentinel)}, shard)
+    info = {k: v for k, v in read_marker(ckpt).items() if k not in ("format", "complete", "time", "files")}
+    (ckpt / MARKER).unlink()
+    write_marker(ckpt, info)
+    with pytest.raises(AssertionError, match="deepspeed run failed"):
+        _launch(recipe, 2, [*ds, "--resume", "latest"], tmp_path / "resume.log")
+    log = (tmp_path / "resume.log").read_text()
+    assert not sentinel.exists(), "the shard ran code"
+    assert f"{shard}: refused to unpickle: it asks for more than weights" in log

@@ -35,6 +35,7 @@ results); the Trainer subclass (:mod:`.trainer`) and the shared helpers (:mod:`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -634,7 +635,10 @@ def _run_locked(recipe: Recipe, resume: Optional[str], resume_allow: Optional[st
         print(f"molora: training {where}: {len(train_ds)} examples, world size {world}"
               f"{f', ZeRO-{zero_stage}' if ds_config else ''}; output in {out}", flush=True)
     if done_step is None:
-        with timer(timings, "train_s"):
+        from .safe_load import weights_only_loads
+
+        # a resume unpickles weights only (DeepSpeed's own loads would run any code a shard carries)
+        with timer(timings, "train_s"), (weights_only_loads() if ckpt else contextlib.nullcontext()):
             train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         global_step, train_loss = trainer.state.global_step, train_out.training_loss
     else:
