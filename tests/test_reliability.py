@@ -447,7 +447,7 @@ def test_not_enough_space_is_refused_before_training(assets, tmp_path, capsys, m
     assert "not enough disk space" in err and "1000 B free" in err and "needs about" in err
 
 
-@pytest.mark.parametrize("kind", ["torch-writer", "ENOSPC"])
+@pytest.mark.parametrize("kind", ["torch-writer", "torch-pos", "ENOSPC"])
 def test_disk_full_while_saving_names_path_and_bytes(assets, tmp_path, capsys, monkeypatch, kind):
     import errno
 
@@ -456,6 +456,8 @@ def test_disk_full_while_saving_names_path_and_bytes(assets, tmp_path, capsys, m
     def full(*a, **k):
         if kind == "ENOSPC":
             raise OSError(errno.ENOSPC, "No space left on device")
+        if kind == "torch-pos":  # what a real full disk gave (issue 19.9)
+            raise RuntimeError("[enforce fail at inline_container.cc:858] . unexpected pos 64 vs 0")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
                            "data/0: file write failed")
 

@@ -21,7 +21,9 @@ __all__ = ["StorageError", "check_writable", "check_free_space", "checkpoint_byt
            "is_disk_full"]
 
 #: what torch's C++ writers say when the disk is full (no errno reaches Python)
-_TORCH_WRITE_FAILURES = ("iostream error", "file write failed", "PytorchStreamWriter failed writing")
+#: how torch's zip writer reports a full disk (it loses errno): a failed write, or the position check after one
+#: (``unexpected pos 64 vs 0``)
+_TORCH_WRITE_FAILURES = ("iostream error", "file write failed", "PytorchStreamWriter failed writing", "unexpected pos")
 
 
 class StorageError(OSError):
