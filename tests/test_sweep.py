@@ -249,3 +249,20 @@ def test_an_edited_recipe_is_refused_naming_the_keys_or_started_over(assets, tmp
     assert json.loads((cell / "cell.json").read_text())["settings"]["train.learning_rate"] == 0.02
     run = json.loads((cell / "metrics.jsonl").read_text().splitlines()[0])
     assert run["recipe"]["train"]["learning_rate"] == 0.02
+    # issue 19.10: a garbage plan.json or a cell's results.json is one line naming the file, not a traceback and
+    # not a cell silently missing from the table
+    capsys.readouterr()
+    plan = tmp_path / "run" / "sweep" / "plan.json"
+    plan_text = plan.read_text()
+    for garbage in ("{not json", "[1, 2]"):
+        plan.write_text(garbage)
+        assert _sweep([recipe, *args]) == 2
+        err = capsys.readouterr().err
+        assert f"{plan} is unreadable" in err and "Traceback" not in err, err
+    plan.write_text(plan_text)
+    (cell / "results.json").write_text('{"accuracy": ')
+    assert _sweep([recipe, *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{cell / 'results.json'} is unreadable (not JSON" in err and "delete it" in err, err
+    assert _sweep([recipe, *args, "--report"]) == 2
+    assert f"{cell / 'results.json'} is unreadable" in capsys.readouterr().err

@@ -608,9 +608,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     primary = recipe.eval.primary_metric
     if opts["report"]:
-        selection = select_settings(out, search_cells, grid, primary, require_all=False) if grid else None
-        final = plan_cells(allocations, seeds, {k: v["setting"] for k, v in (selection or {}).get("arms", {}).items()})
-        summary = summarise(out, final, primary=primary, selection=selection)
+        try:
+            selection = select_settings(out, search_cells, grid, primary, require_all=False) if grid else None
+            final = plan_cells(allocations, seeds,
+                               {k: v["setting"] for k, v in (selection or {}).get("arms", {}).items()})
+            summary = summarise(out, final, primary=primary, selection=selection)
+        except SweepError as e:
+            print(f"molora sweep: error: {e}", file=sys.stderr)
+            return 2
         print(summary_markdown(summary))
         return 0
     budget, lora_rank, mix_params, lora_params = budget_and_lora_rank(recipe)
@@ -622,8 +627,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if plan_path.is_file():
         try:
             old = json.loads(plan_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = {}
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+        except (OSError, ValueError) as e:
+            print(f"molora sweep: error: {plan_path} is unreadable ({e}); delete it (each cell keeps its own "
+                  f"settings in cell.json and is checked against them) and run the sweep again", file=sys.stderr)
+            return 2
         # what each cell computes is checked per cell (cell.json); the grid itself must stay (cells are numbered
         # by their grid point)
         diff = [k for k in ("search", "search_seeds") if k in old and old.get(k) != plan.get(k)]
@@ -700,7 +709,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     final = plan_cells(allocations, seeds, {k: v["setting"] for k, v in (selection or {}).get("arms", {}).items()})
     if opts["phase"] in ("final", "all") and not (grid and failed):
         run_all(final, len(final), "final", opts["eval_files"])
-    summary = summarise(out, final, primary=primary, selection=selection)
+    try:
+        summary = summarise(out, final, primary=primary, selection=selection)
+    except SweepError as e:
+        print(f"molora sweep: error: {e}", file=sys.stderr)
+        return 2
     print(summary_markdown(summary))
     print(f"molora sweep: wrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'summary.png'}")
     if failed:

@@ -23,10 +23,26 @@ _SIDE = ("trainable params", "experts", "active rank", "train seconds", "router 
 
 
 def _read(path: Path) -> Optional[dict]:
+    """The JSON object in ``path``, or None when there is no such file; a file that is there but not a readable
+    JSON object is a SweepError naming it (its numbers would silently drop out of the tables)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return None
+    except OSError as e:
+        return _unreadable(path, e.strerror or type(e).__name__)
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        return _unreadable(path, f"not JSON: {e}")
+    return data if isinstance(data, dict) else _unreadable(path, f"a JSON {type(data).__name__}, not an object")
+
+
+def _unreadable(path: Path, why: str):
+    from .sweep import SweepError
+
+    raise SweepError(f"{path} is unreadable ({why}); delete it (or its cell folder) and run the sweep again to "
+                     f"redo that part")
 
 
 def _add(out: dict, split: str, acc: dict) -> None:
