@@ -416,6 +416,48 @@ def test_eval_names_the_broken_adapter_file(trained, tmp_path, capsys, monkeypat
     assert "Traceback" not in err and "huggingface.co" not in err
 
 
+@pytest.mark.parametrize("edit", [{"router": "soft"}, {"top_k": 1}, {"lora_alpha": 64},
+                                  {"router_options": {"top_p": 0.5}}])
+def test_eval_refuses_an_adapter_config_edited_after_saving(trained, tmp_path, capsys, monkeypatch, edit):
+    """Issue 19.10: editing an output-shaping field of adapter_config.json (no marker to catch it) used to load
+    silently with other outputs; the fingerprint saved with the config names the edited field."""
+    from molora.run.eval_run import main as eval_main
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    recipe, dst = _broken_copy(trained, tmp_path, "edited")
+    cfg_path = dst / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert set(cfg["output_fingerprint"]) >= {"router", "top_k", "lora_alpha", "allocation"}
+    key = next(iter(edit))
+    if key == "router_options":
+        cfg["router"] = "topp"
+        edit = {**edit, "router": "topp"}
+    if key == "top_k" and cfg["top_k"] == 1:
+        edit = {"top_k": 2}
+    cfg_path.write_text(json.dumps({**cfg, **edit}))
+    assert eval_main([str(recipe), "--adapter", str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "adapter config edited after the adapter was saved" in err and key in err.split("saved:")[1], err
+    assert "Traceback" not in err
+
+
+def test_fields_that_do_not_shape_outputs_may_be_edited_and_old_adapters_load(trained, tmp_path):
+    """backend / aux / dropout are not output fields; an adapter saved before the fingerprint loads unchecked."""
+    from peft import PeftModel
+
+    from molora import MoLoRAConfig
+
+    _, dst = _broken_copy(trained, tmp_path, "ok")
+    cfg_path = dst / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "backend": "reference", "aux_loss_coef": 0.5, "lora_dropout": 0.2}))
+    assert MoLoRAConfig.from_pretrained(str(dst)).backend == "reference"
+    old = {k: v for k, v in cfg.items() if k != "output_fingerprint"}
+    cfg_path.write_text(json.dumps({**old, "top_k": 1}))
+    assert MoLoRAConfig.from_pretrained(str(dst)).top_k == 1  # nothing to compare with: taken as written
+    assert isinstance(PeftModel, type)
+
+
 # ------------------------------------------------------------------------------------------ item 13: output dir
 def test_unwritable_output_dir_fails_before_anything_loads(assets, tmp_path, capsys):
     import time

@@ -14,6 +14,11 @@ from ..allocation import AllocationError, AllocationSpec, auto_method, is_auto, 
 from ..allocation.specs import router_names_of
 from .peft_type import PEFT_TYPE
 
+#: the fields that shape an adapter's outputs (what :attr:`MoLoRAConfig.output_fingerprint` covers); training-only
+#: fields (aux loss, dropout, initialisation) and how the op runs (backend, sibling sharing) are left out
+OUTPUT_FIELDS = ("num_experts", "top_k", "r", "expert_budget", "num_experts_mlp", "lora_alpha", "target_modules",
+                 "exclude_modules", "router", "router_options", "layout", "shared_expert_r", "modules_to_save",
+                 "allocation", "num_layers")
 AUX_LOSS_MODES = ("masked", "original")
 ROUTER_INITS = ("kaiming", "zeros")
 EXPERT_INITS = ("kaiming", "orthogonal")
@@ -76,6 +81,10 @@ class MoLoRAConfig(PeftConfig):
             (``[{"layer", "num_experts", "top_k", "r"}, ...]``); saved in adapter_config.json and checked
             when the adapter is loaded.
         num_layers: the layer count the allocation was resolved for (None: a model without numbered layers).
+        output_fingerprint: written by :meth:`to_dict` (so into every saved adapter_config.json): a short hash of
+            each field that shapes the adapter's outputs (:data:`OUTPUT_FIELDS`). A loaded config whose fields no
+            longer match it -- adapter_config.json edited after saving -- is refused naming the fields. None (a
+            config built in code, an adapter saved before molora 0.4): not checked.
     """
 
     num_experts: AllocationSpec = field(default=4, metadata={"help": "experts per layer"})
@@ -104,10 +113,13 @@ class MoLoRAConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(default=None)
     allocation: Optional[list[dict[str, Any]]] = field(default=None)
     num_layers: Optional[int] = field(default=None)
+    output_fingerprint: Optional[dict[str, str]] = field(default=None, metadata={
+        "help": "per-field hashes written on save; an edited adapter_config.json is refused"})
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
+        self._check_output_fingerprint()
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
             if not self.target_modules:
@@ -183,3 +195,42 @@ class MoLoRAConfig(PeftConfig):
                 and self.top_k > self.num_experts and self.expert_budget is None):
             raise AllocationError(f"top_k={self.top_k} is larger than num_experts={self.num_experts}; top_k must be "
                                   f"between 1 and the number of experts")
+
+    def compute_output_fingerprint(self) -> dict[str, str]:
+        """``{field: first 12 hex digits of the SHA-256 of its JSON}`` for :data:`OUTPUT_FIELDS` (sets as sorted
+        lists, so the hash survives a save and load)."""
+        import hashlib
+        import json
+
+        def norm(v):
+            if isinstance(v, (set, frozenset)):
+                return sorted(v)
+            if isinstance(v, tuple):
+                return list(v)
+            return v
+
+        return {k: hashlib.sha256(json.dumps(norm(getattr(self, k)), sort_keys=True, default=str).encode())
+                .hexdigest()[:12] for k in OUTPUT_FIELDS}
+
+    def _check_output_fingerprint(self) -> None:
+        saved = self.output_fingerprint
+        if saved is None:
+            return
+        if not isinstance(saved, dict):
+            raise AllocationError(f"output_fingerprint={saved!r} in the adapter config is not the per-field table "
+                                  f"molora writes; the config was edited: restore it from the adapter's source")
+        now = self.compute_output_fingerprint()
+        changed = [k for k in OUTPUT_FIELDS if k in saved and saved[k] != now[k]]
+        if changed:
+            raise AllocationError(
+                f"adapter config edited after the adapter was saved: {', '.join(changed)} "
+                f"({', '.join(f'{k}={getattr(self, k)!r}' for k in changed[:3])} now) no longer match the values "
+                f"its weights were trained with, so it would load with other outputs; restore those fields, or "
+                f"retrain with the new settings")
+
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's dict of the fields, with :attr:`output_fingerprint` computed from the current values (what
+        ``save_pretrained`` writes)."""
+        d = super().to_dict()
+        d["output_fingerprint"] = self.compute_output_fingerprint()
+        return d
