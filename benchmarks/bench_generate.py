@@ -9,9 +9,10 @@ of ``--batch`` prompts of ``--prompt`` tokens. Variants (same target modules, ev
 * ``frozen``          the base model with no adapter: the floor;
 * ``lora-r{r}``       PEFT LoRA of rank r, unmerged (the target to match);
 * ``lora-r{r} merged`` the same LoRA folded into the base weights (what a LoRA user serves): the floor again;
-* ``molora-▽``        molora, ``num_experts="2,4,6,8"``, ``top_k=2``, rank r (MoLA's best shape);
-* ``molora-▽ no stats`` the same with the per-forward routing statistics switched off
-  (``model.base_model.record_router_stats = False``), as a server that never reads ``router_summary`` would.
+* ``molora-▽``        molora, ``num_experts="2,4,6,8"``, ``top_k=2``, rank r (MoLA's best shape), as it serves by
+  default: the inference path (cached concatenated weights, no autograd Function, no statistics);
+* ``molora-▽ +stats``  the same asked to record the routing statistics in every forward
+  (``model.base_model.record_router_stats = True``, to read ``router_summary``): the training path.
 
 Timed alternated in one run (benchmarks/common.py); the table gives the median time per call, generated
 tokens/s and the ratio to unmerged LoRA. Default model: the packaged SmolLM2-135M (real weights); ``--random``
@@ -54,9 +55,9 @@ def build_variants(base, r: int, backend: str) -> dict[str, torch.nn.Module]:
     cfg = molora.MoLoRAConfig(num_experts="2,4,6,8", top_k=2, r=r, lora_alpha=2 * r, target_modules=TARGETS,
                               backend=backend, init_weights=False, lora_dropout=0.0, task_type="CAUSAL_LM")
     out["molora-▽"] = get_peft_model(copy.deepcopy(base), cfg)
-    quiet = get_peft_model(copy.deepcopy(base), copy.deepcopy(cfg))
-    quiet.base_model.record_router_stats = False
-    out["molora-▽ no stats"] = quiet
+    stats = get_peft_model(copy.deepcopy(base), copy.deepcopy(cfg))
+    stats.base_model.record_router_stats = True
+    out["molora-▽ +stats"] = stats
     for m in out.values():
         m.eval()
     return out

@@ -60,7 +60,7 @@ def test_generation_benchmark_runs_tiny(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads((tmp_path / "bench_generate.json").read_text())
     assert [r["variant"] for r in data["results"]] == ["frozen", "lora-r8", "lora-r8 merged", "molora-▽",
-                                                        "molora-▽ no stats"]
+                                                        "molora-▽ +stats"]
     assert all(r["median_s"] > 0 for r in data["results"])
     assert (tmp_path / "bench_generate.png").stat().st_size > 1000
     bad = subprocess.run([*cmd[:5], "--tiny", "--new-tokens", "0"], capture_output=True, text=True, timeout=600,

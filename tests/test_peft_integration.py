@@ -352,21 +352,33 @@ def importlib_spec(name):
     return importlib.util.find_spec(name)
 
 
-def test_router_stats_can_be_switched_off_for_inference(tiny_model):
-    """record_router_stats = False: the same outputs, no statistics recorded (router_summary empty, no aux loss);
-    a training forward that would lose its aux loss to it is refused, one without an aux term trains."""
+def test_router_stats_are_recorded_in_training_forwards_only_unless_asked(tiny_model):
+    """Issue 20.1: by default (record_router_stats None) an eval-mode forward records nothing (router_summary
+    empty, no aux loss) and gives the same outputs; a training forward records; True records in eval too; False
+    never, and a training forward that would lose its aux loss to it is refused, one without an aux term trains."""
     model, _ = build(tiny_model, "llama", num_experts=4, top_k=2)
     batch = inputs()
     tuner = model.base_model
-    assert tuner.record_router_stats is True
+    assert tuner.record_router_stats is None
+    model.eval()
     with torch.no_grad():
+        quiet = main_output(model(**batch))
+        assert tuner.router_summary() == {} and tuner.last_aux_loss is None
+        tuner.record_router_stats = True
         want = main_output(model(**batch))
-        assert tuner.router_summary()
+        assert tuner.router_summary() and tuner.last_aux_loss is not None
         tuner.record_router_stats = False
         got = main_output(model(**batch))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(quiet, want, rtol=0, atol=0)
     assert tuner.router_summary() == {} and tuner.last_aux_loss is None
+    tuner.record_router_stats = None
     model.train()
+    model(**batch)
+    assert tuner.router_summary() and tuner.last_aux_loss is not None  # training forwards record by default
+    with pytest.raises(ValueError, match=r"record_router_stats='yes': True \(every forward\), False"):
+        tuner.record_router_stats = "yes"
+    tuner.record_router_stats = False
     with pytest.raises(RuntimeError, match=r"record_router_stats is False in a training forward, but .* trains with "
                                            r"aux_loss_coef=0.001"):
         model(**batch)
@@ -374,4 +386,4 @@ def test_router_stats_can_be_switched_off_for_inference(tiny_model):
         m[1].aux_loss_coef["default"] = 0.0
     main_output(model(**batch)).sum().backward()  # nothing to lose: trains
     assert any(p.grad is not None for n, p in model.named_parameters() if "molora_B" in n)
-    tuner.record_router_stats = True
+    tuner.record_router_stats = None

@@ -75,7 +75,6 @@ def _load(recipe_path: str, adapter_arg: Optional[str], overrides: Sequence[str]
         except (ValueError, RuntimeError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise GenerateError(f"the adapter {adapter} does not fit {recipe.model.name_or_path}: {first}") from None
-        model.base_model.record_router_stats = False  # inference never reads them
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

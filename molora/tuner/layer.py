@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from molora_kernels import get_layout, get_router, moe_lora
 
 from .base_layers import base_layer_type
+from .decode import decodable, decode_module
 from .router_state import AuxLossGrad, RegularizerGrad, RouterCollector, in_backward, mean_entropy, mean_z
 
 #: router options that weight a regulariser computed from the routing (option -> the term it weights)
@@ -222,6 +223,15 @@ class Linear(nn.Module, MoLoRALayer):
             want_stats = collector is not None and collector.enabled
             token_ids = self._token_ids(name, x)
             group = self.sibling_group  # q/k/v, gate/up: one shared shrink GEMM (molora.tuner.siblings)
+            if not want_stats and not self.training and not torch.is_grad_enabled() and decodable(self, name, x):
+                # inference: cached concatenated weights, no autograd Function, no statistics (molora.tuner.decode)
+                delta = None if group is None else group.decode_for(self, name, x, token_ids)
+                if delta is None:
+                    delta = decode_module(self, name, x, token_ids)
+                if name in self.molora_shared_A:
+                    delta = delta + self._shared_expert(name, x).to(delta.dtype)
+                result = result + delta.to(result.dtype)
+                continue
             out = None if group is None else group.output_for(self, name, x, mask, want_stats, token_ids,
                                                               routing_mask)
             if out is None:

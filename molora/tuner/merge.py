@@ -65,8 +65,9 @@ def expert_loads(model: nn.Module, batches: Iterable[dict]) -> dict[Any, list[fl
     from .summary import _tuner
 
     tuner = _tuner(model)
-    was = model.training
+    was, asked = model.training, tuner.record_router_stats
     model.eval()
+    tuner.record_router_stats = True  # eval-mode forwards record nothing unless asked
     sums: dict[Any, list] = {}
     dev = next(model.parameters()).device
     try:
@@ -80,6 +81,7 @@ def expert_loads(model: nn.Module, batches: Iterable[dict]) -> dict[Any, list[fl
                 acc[1] += s["tokens"]
     finally:
         model.train(was)
+        tuner.record_router_stats = asked
     return {g: (acc[0] / max(acc[1], 1e-12)).tolist() for g, acc in sums.items()}
 
 

@@ -167,8 +167,8 @@ class MoLoRAModel(BaseTuner):
         if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             ids = args[0]  # input_ids is the first positional argument of every HF model forward
         self.collector.start_forward(mask if isinstance(mask, torch.Tensor) else None,
-                                     ids if isinstance(ids, torch.Tensor) else None)
-        if not self.collector.enabled and module.training and torch.is_grad_enabled():
+                                     ids if isinstance(ids, torch.Tensor) else None, training=module.training)
+        if self.collector.mode is False and module.training and torch.is_grad_enabled():
             self._check_stats_for_training()
         if neutralise_router_logits_kwarg(module, kwargs):
             return args, kwargs
@@ -203,18 +203,22 @@ class MoLoRAModel(BaseTuner):
         return summarize(self.collector.current)
 
     @property
-    def record_router_stats(self) -> bool:
-        """Whether each forward records the routers' statistics (what :meth:`router_summary`, the aux loss, the
-        router regularisers and the training telemetry are computed from). Default True. Switch it off for
-        inference that never reads them: they are ~16 % of greedy generation with SmolLM2-135M and ▽ on CPU
-        (``molora bench generate``). A training forward that needs them (a load-balancing loss or a router
-        regulariser with a positive coefficient) refuses to run without them instead of silently dropping those
-        terms."""
-        return self.collector.enabled
+    def record_router_stats(self) -> Optional[bool]:
+        """Whether forwards record the routers' statistics (what :meth:`router_summary`, the aux loss, the router
+        regularisers and the training telemetry are computed from). ``None`` (default): in training forwards
+        only -- an eval-mode forward (evaluation, generation) computes no statistics, which are ~16 % of greedy
+        generation with SmolLM2-135M and ▽ on CPU. ``True``: in every forward (set it to read
+        :meth:`router_summary` after an eval-mode forward, as ``merge-experts`` does). ``False``: never; a
+        training forward that needs them (a load-balancing loss or a router regulariser with a positive
+        coefficient) then refuses to run instead of silently dropping those terms."""
+        return self.collector.mode
 
     @record_router_stats.setter
-    def record_router_stats(self, value: bool) -> None:
-        self.collector.enabled = bool(value)
+    def record_router_stats(self, value: Optional[bool]) -> None:
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"record_router_stats={value!r}: True (every forward), False (none) or None (training "
+                             f"forwards only, the default)")
+        self.collector.mode = value
 
     def _check_stats_for_training(self) -> None:
         """Raise when a training forward would lose its aux loss or router regularisers to record_router_stats."""

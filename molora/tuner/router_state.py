@@ -155,11 +155,17 @@ class RouterCollector:
         self.token_mask: Optional[torch.Tensor] = None
         #: the forward's input_ids [batch, seq] (routers that route by token id read them)
         self.token_ids: Optional[torch.Tensor] = None
+        #: what the user asked for: None (default) records in training forwards only, True in every forward,
+        #: False in none (``MoLoRAModel.record_router_stats``)
+        self.mode: Optional[bool] = None
+        #: whether the current forward records (set by :meth:`start_forward` from ``mode`` and the model's mode)
         self.enabled = True
 
-    def start_forward(self, attention_mask: Optional[torch.Tensor], input_ids: Optional[torch.Tensor] = None) -> None:
+    def start_forward(self, attention_mask: Optional[torch.Tensor], input_ids: Optional[torch.Tensor] = None,
+                      training: bool = True) -> None:
         if in_backward():  # a checkpointed recomputation, not a new forward
             return
+        self.enabled = training if self.mode is None else self.mode
         self.current = ForwardRecord()
         self.token_mask = None if attention_mask is None or attention_mask.dim() != 2 else attention_mask.bool()
         self.token_ids = input_ids if input_ids is not None and input_ids.dim() == 2 else None
