@@ -81,3 +81,21 @@ def test_bad_jsonl_task_specs_are_refused(saved, tmp_path, capsys):
     assert "alpaca format" in capsys.readouterr().err
     assert main(["--jsonl-task", f"1bad={d / 'task.jsonl'}", "--tasks", "x"]) == 2
     assert "'1bad'" in capsys.readouterr().err
+
+
+def test_packaged_model_names_resolve_and_unknown_models_fail_in_one_line(tmp_path, capsys, monkeypatch):
+    """Issue 21.4: `pretrained=smollm2-135m` (a packaged name) becomes its converted checkpoint folder, as
+    everywhere else a model path is accepted; a model that is nowhere fails before lm-eval runs, in one line."""
+    from molora.run import assets
+    from molora.run.lm_eval_cmd import _resolve_model_args, main
+
+    monkeypatch.setattr(assets, "packaged_model_dir", lambda name: tmp_path / "models" / name)
+    got = _resolve_model_args(["--model", "hf", "--model_args", "pretrained=smollm2-135m,peft=/a,dtype=float32"])
+    assert got[3] == f"pretrained={tmp_path / 'models' / 'smollm2-135m'},peft=/a,dtype=float32"
+    got = _resolve_model_args([f"--model_args=pretrained={tmp_path},tokenizer=smollm2-135m"])
+    assert got == [f"--model_args=pretrained={tmp_path},tokenizer={tmp_path / 'models' / 'smollm2-135m'}"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["--model", "hf", "--model_args", "pretrained=smollm2-135M,peft=/a", "--tasks", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrained=smollm2-135M: not a packaged model, a local folder, or a model in the local Hugging Face " \
+           "cache" in err and "smollm2-135m" in err and "Traceback" not in err

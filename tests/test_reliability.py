@@ -637,3 +637,24 @@ def test_a_checkpoint_from_before_a_new_recipe_key_resumes_when_the_key_is_at_it
     from molora.run.resume import NOT_FINGERPRINTED
 
     assert "train.threads" in NOT_FINGERPRINTED  # thread counts do not shape the weights
+
+
+def test_output_fingerprint_survives_save_and_load_of_sets_lists_and_specs(tiny_model, tmp_path):
+    """The fingerprint is computed on normalised fields: a target list in any order (saved from a set), block
+    notation and router options load back unrefused, with the same outputs."""
+    from peft import PeftModel, get_peft_model
+
+    from molora import MoLoRAConfig
+
+    cfg = MoLoRAConfig(num_experts="2,4", top_k=[1, 2], r=2, target_modules=["v_proj", "q_proj", "down_proj"],
+                       router="topp", router_options={"top_p": 0.7}, init_weights=False)
+    model = get_peft_model(tiny_model("llama", num_layers=2), cfg)
+    model.save_pretrained(tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    saved["target_modules"] = list(reversed(saved["target_modules"]))  # another order of the same set
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(saved))
+    loaded = PeftModel.from_pretrained(tiny_model("llama", num_layers=2), tmp_path / "a")
+    ids = torch.randint(0, 64, (2, 6))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

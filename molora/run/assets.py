@@ -266,6 +266,17 @@ def _ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def packaged_model_dir(name: str) -> Path:
+    """The HF checkpoint folder of packaged model ``name`` (``~/.cache/molora/models/<name>``, or under
+    ``$MOLORA_CACHE``), converted from its pip package's GGUF on first use; AssetError when the package is missing."""
+    gguf = packaged_model_path(name)
+    target = cache_dir() / "models" / name
+    fingerprint = _cache_fingerprint(name, gguf)
+    if not _valid_cache(target, fingerprint):
+        _convert_gguf(name, gguf, target, fingerprint)
+    return target
+
+
 def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                              quantization: Optional[dict[str, Any]] = None):
     """Load a causal LM and its tokenizer without any hub download.
@@ -291,12 +302,7 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype: torch.dtype
 
     key = os.fspath(name_or_path)
     if key in PACKAGED_MODELS:
-        gguf = packaged_model_path(key)
-        target = cache_dir() / "models" / key
-        fingerprint = _cache_fingerprint(key, gguf)
-        if not _valid_cache(target, fingerprint):
-            _convert_gguf(key, gguf, target, fingerprint)
-        source, kwargs = str(target), {}
+        source, kwargs = str(packaged_model_dir(key)), {}
     elif Path(key).expanduser().is_dir():
         source, kwargs = str(Path(key).expanduser()), {}
     else:

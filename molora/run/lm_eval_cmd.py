@@ -88,6 +88,49 @@ def _parse_task(spec: str) -> tuple[str, str]:
     return name, path
 
 
+def _resolve_model_args(args: list[str]) -> list[str]:
+    """``--model_args`` with packaged model names (``pretrained=smollm2-135m``, also ``tokenizer=``) replaced by
+    their converted checkpoint folders; a model that is neither packaged, a folder nor in the local Hugging Face
+    cache is refused in one line (hub downloads are off) instead of lm-eval's traceback."""
+    from .assets import PACKAGED_MODELS, AssetError, packaged_model_dir
+
+    out = list(args)
+    for i, a in enumerate(out):
+        if a == "--model_args" and i + 1 < len(out):
+            j, value = i + 1, out[i + 1]
+        elif a.startswith("--model_args="):
+            j, value = i, a.split("=", 1)[1]
+        else:
+            continue
+        parts = []
+        for item in value.split(","):
+            k, sep, v = item.partition("=")
+            if sep and k.strip() in ("pretrained", "tokenizer"):
+                v = v.strip()
+                if v in PACKAGED_MODELS:
+                    try:
+                        v = str(packaged_model_dir(v))
+                    except AssetError as e:
+                        raise ValueError(str(e)) from None
+                elif not Path(v).expanduser().is_dir() and not _in_hf_cache(v):
+                    raise ValueError(f"--model_args {k.strip()}={v}: not a packaged model, a local folder, or a model "
+                                     f"in the local Hugging Face cache (hub downloads are disabled in molora); "
+                                     f"packaged models: {', '.join(sorted(PACKAGED_MODELS))}")
+            parts.append(f"{k}{sep}{v}")
+        new = ",".join(parts)
+        out[j] = new if j != i else f"--model_args={new}"
+    return out
+
+
+def _in_hf_cache(model_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an id the hub library cannot even parse is not in the cache
+        return False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="molora lm-eval", add_help=False,
@@ -121,6 +164,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       file=sys.stderr)
             rest = [*rest, "--include_path", str(task_dir)]
     except DataError as exc:
+        print(f"molora lm-eval: {exc}", file=sys.stderr)
+        return 2
+    try:
+        rest = _resolve_model_args(rest)
+    except (DataError, ValueError) as exc:
         print(f"molora lm-eval: {exc}", file=sys.stderr)
         return 2
     import molora

@@ -119,7 +119,6 @@ class MoLoRAConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
-        self._check_output_fingerprint()
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
             if not self.target_modules:
@@ -195,6 +194,7 @@ class MoLoRAConfig(PeftConfig):
                 and self.top_k > self.num_experts and self.expert_budget is None):
             raise AllocationError(f"top_k={self.top_k} is larger than num_experts={self.num_experts}; top_k must be "
                                   f"between 1 and the number of experts")
+        self._check_output_fingerprint()  # last: on the normalised fields (sets, lists), as they were saved
 
     def compute_output_fingerprint(self) -> dict[str, str]:
         """``{field: first 12 hex digits of the SHA-256 of its JSON}`` for :data:`OUTPUT_FIELDS` (sets as sorted
