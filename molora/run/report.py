@@ -3,10 +3,11 @@
 Writes into ``OUTPUT_DIR/plots`` (or ``--out DIR``) and prints the paths:
 
 * ``loss.png`` — training loss (total and task) and eval loss over steps; the MoLA aux loss (unweighted) below.
-* ``expert_load.png`` — heatmap layers x experts of the fraction of each layer's top-k selections that went to
-  each expert: averaged over the whole run (token-weighted) and over the last logging interval. Layers have
-  different expert counts (e.g. 2-4-6-8): cells past a layer's last expert are masked (hatched grey). A
-  perfectly balanced layer shows 1/E everywhere.
+* ``expert_load.png`` — heatmap layers x experts of each expert's share of its layer's top-k selections relative to
+  the uniform share (load x E_l: 1 = uniform, white; blue less used, red more), averaged over the whole run
+  (token-weighted) and over the last logging interval. Layers have different expert counts (e.g. 2-4-6-8): cells
+  past a layer's last expert are masked (hatched grey). Beside it the diagnostics' suggested change of experts
+  per layer, or, when none is suggested, the count of layers per state.
 * ``router.png`` — normalised router entropy (1 = uniform router) and load imbalance (max load x E; 1 =
   balanced) per layer over the logging steps (layers with a single expert route nothing: grey), and, when a
   capacity router (Switch, expert choice) dropped tokens, the fraction of tokens no expert computed.
@@ -150,17 +151,24 @@ def _plot_expert_load(run, out: Path, title: str, diags=None) -> Optional[Path]:
     routers = _router_records(run)
     if not routers:
         return None
+    from matplotlib.colors import TwoSlopeNorm
+
     layers, max_e, mean, lastm, n_exp = _load_matrix(routers)
-    vmax = float(max(mean.max(), lastm.max(), 1e-6))
+    # each layer relative to its uniform share (load x E_l: 1 = uniform, 2 = twice its share, 0 = unused), so a
+    # 2-expert layer (share 0.5) does not outshine an 8-expert one (share 0.125) by its share alone
+    share = np.asarray(n_exp, dtype=float)[:, None]
+    mean, lastm = mean * share, lastm * share
+    vmax = float(max(2.0, mean.max(), lastm.max()))
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
     height = max(3.5, 0.22 * len(layers) + 1.8)
-    fig, axes = plt.subplots(1, 3, figsize=(5.6 + 1.1 * max_e, height), squeeze=False,
-                             gridspec_kw={"width_ratios": [max_e, max_e, 2.2]})
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
+    fig, axes = plt.subplots(1, 3, figsize=(7.0 + 1.1 * max_e, height), squeeze=False,
+                             gridspec_kw={"width_ratios": [max_e, max_e, max(3.0, 0.6 * max_e)]})
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#dddddd")
     labels = ["-" if l is None else str(l) for l in layers]
     im = None
     for ax, mat, sub in ((axes[0][0], mean, f"mean over the run ({len(routers)} logging steps)"),
                          (axes[0][1], lastm, f"last logging interval (step {routers[-1]['step']})")):
-        im = ax.imshow(mat, aspect="auto", cmap=cmap, vmin=0.0, vmax=vmax, origin="lower", interpolation="nearest")
+        im = ax.imshow(mat, aspect="auto", cmap=cmap, norm=norm, origin="lower", interpolation="nearest")
         ax.set_xticks(range(max_e))
         ax.set_xticklabels([str(e) for e in range(max_e)])
         step = max(1, len(layers) // 16)
@@ -179,7 +187,7 @@ def _plot_expert_load(run, out: Path, title: str, diags=None) -> Optional[Path]:
                 for e in range(n_exp[i]):
                     v = float(mat[i, e])
                     ax.text(e, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if v < 0.6 * vmax else "black")
+                            color="white" if (v < 0.25 or v > 0.8 * vmax) else "black")
         if diags and ax is axes[0][1]:  # the diagnostics' verdict on the end of training: x dead, ^ dominant
             by_layer = {d.layer: d for d in diags}
             for i, layer in enumerate(layers):
@@ -188,9 +196,11 @@ def _plot_expert_load(run, out: Path, title: str, diags=None) -> Optional[Path]:
                     ax.plot(e, i, marker="x", color="red", ms=8, mew=2)
                 for e in (d.dominant if d else []):
                     ax.plot(e, i, marker="^", color="orange", ms=7)
-    fig.colorbar(im, ax=[axes[0][0], axes[0][1]], label="fraction of the layer's top-k selections", shrink=0.9)
+    fig.colorbar(im, ax=[axes[0][0], axes[0][1]], label="load / uniform share (load x E; 1 = uniform)",
+                 shrink=0.9)
     _plot_diagnosis_panel(axes[0][2], layers, diags or [])
-    fig.suptitle("expert load per layer (uniform = 1/E)  —  " + title, fontsize=9)
+    fig.suptitle("expert load per layer relative to the uniform share 1/E (blue: less used, red: more)  —  " + title,
+                 fontsize=9)
     path = out / "expert_load.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -202,6 +212,18 @@ def _plot_diagnosis_panel(ax, layers, diags) -> None:
     colors = {"dead": "tab:red", "dominant": "tab:orange", "near-uniform": "tab:gray", "all-used": "#bbbbbb",
               "single": "#dddddd", "ok": "tab:green"}
     by_layer = {d.layer: d for d in diags}
+    if not any(d.suggested_experts != d.num_experts for d in diags):  # nothing to draw but zeros: say so instead
+        from collections import Counter
+
+        counts = Counter(d.state for d in diags)
+        lines = ["no change of experts", "suggested", ""] + [f"{n} layer(s) {state}" for state, n in
+                                                             counts.most_common()]
+        ax.text(0.5, 0.5, "\n".join(lines) if diags else "no diagnostics", ha="center", va="center", fontsize=8,
+                transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title("router diagnostics", fontsize=8)
+        return
     span = 1.5 + max([abs(d.suggested_experts - d.num_experts) for d in diags] or [0])
     for i, layer in enumerate(layers):
         d = by_layer.get(layer)
