@@ -168,10 +168,15 @@ def plot_ratio_bars(path: str | os.PathLike, groups: Sequence[str], series: Mapp
     width = 0.8 / n_series
     fig_w = min(40.0, max(8.0, 0.55 * n_groups * max(1.0, n_series / 3)))
     fig, ax = plt.subplots(figsize=(fig_w, 5.0))
+    # one colour per variant (tab10 up to 10, tab20 up to 20, then hatches): the default cycle repeats after 10
+    palette = plt.get_cmap("tab10" if n_series <= 10 else "tab20").colors
+    hatches = ["", "//", "..", "xx"]
     for i, name in enumerate(names):
         xs = [g + (i - (n_series - 1) / 2) * width for g in range(n_groups)]
         vals = [float("nan") if v is None else v for v in series[name]]
-        ax.bar(xs, vals, width=width, label=name)
+        ax.bar(xs, vals, width=width, label=name, color=palette[i % len(palette)],
+               hatch=hatches[(i // len(palette)) % len(hatches)], edgecolor="white" if i < len(palette) else "black",
+               linewidth=0.3)
     if hline is not None:
         ax.axhline(hline, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(n_groups))
