@@ -225,6 +225,10 @@ def test_split_adapter_saves_loads_and_refuses_another_split(tiny_model, tmp_pat
     # the same adapter config, but the MLP counts edited: refused naming the layer
     saved["num_experts_mlp"] = [2, 2, 3, 2]
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(saved))
+    with pytest.raises(AllocationError, match=r"adapter config edited after the adapter was saved: num_experts_mlp"):
+        PeftModel.from_pretrained(tiny_model("llama", num_layers=4), tmp_path / "a")
+    del saved["output_fingerprint"]  # an adapter saved before the fingerprint: the allocation check names the layer
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(saved))
     with pytest.raises(AllocationError, match=r"layer 0: checkpoint 2 \(MLP 4\) experts/top-2/r2 vs config "
                                               r"2 \(MLP 2\) experts/top-2/r2"):
         PeftModel.from_pretrained(tiny_model("llama", num_layers=4), tmp_path / "a")

@@ -95,6 +95,7 @@ def test_ranks_route_differently(single, assets):
 
     tok = AutoTokenizer.from_pretrained(assets["model"])
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), single / "adapter")
+    model.base_model.record_router_stats = True  # eval-mode forwards record statistics only when asked
     loads = []
     for words in (WORDS_A, WORDS_B):
         with torch.no_grad():

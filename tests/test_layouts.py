@@ -130,6 +130,10 @@ def test_shared_a_model_counts_saves_loads_and_refuses_another_layout(tiny_model
     assert conf["layout"] == "shared_a" and conf["allocation"][0]["layout"] == "shared_a"
     conf["layout"] = "stacked"  # the same weights claimed for the other layout
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(conf))
+    with pytest.raises(AllocationError, match=r"adapter config edited after the adapter was saved: layout"):
+        PeftModel.from_pretrained(tiny_model("llama", num_layers=2), tmp_path / "a")
+    del conf["output_fingerprint"]  # an adapter saved before the fingerprint: the allocation check names the layer
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(conf))
     with pytest.raises(AllocationError, match=r"layer 0: checkpoint 4 experts/top-2/r2, layout shared_a vs config "
                                               r"4 experts/top-2/r2"):
         PeftModel.from_pretrained(tiny_model("llama", num_layers=2), tmp_path / "a")

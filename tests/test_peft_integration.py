@@ -80,6 +80,7 @@ def test_layer_indices_and_allocation(tiny_model, arch):
     assert config.allocation == [{"layer": i, "num_experts": experts[i], "top_k": ks[i], "r": ranks[i]}
                                  for i in range(num_layers)]
     batch = inputs()
+    model.base_model.record_router_stats = True  # an eval-mode forward records statistics only when asked
     with torch.no_grad():
         out = main_output(model(**batch))
         base_out = main_output(reference(**batch))
@@ -138,6 +139,10 @@ def test_loading_with_a_different_allocation_fails(tiny_model, tmp_path):
     path = tmp_path / "adapter_config.json"
     saved = json.loads(path.read_text())
     saved["num_experts"] = "□"  # the config now resolves to 5 experts everywhere, the checkpoint has 2,2,4,4,6,8
+    path.write_text(json.dumps(saved))
+    with pytest.raises(AllocationError, match=r"adapter config edited after the adapter was saved: num_experts"):
+        PeftModel.from_pretrained(tiny_model("llama", num_layers=6), tmp_path)
+    del saved["output_fingerprint"]  # an adapter saved before the fingerprint: the allocation check names the layer
     path.write_text(json.dumps(saved))
     with pytest.raises(AllocationError, match=r"differs.*layer 0: checkpoint 2 experts.*config 5"):
         PeftModel.from_pretrained(tiny_model("llama", num_layers=6), tmp_path)
@@ -249,6 +254,7 @@ def test_merge_and_unload_routed_layer_raises_and_leaves_the_model_intact(tiny_m
 
 def test_merge_static_experts(tiny_model):
     model, _ = build(tiny_model, "llama", num_experts="1,1,1,2,2,4", top_k=1)
+    model.base_model.record_router_stats = True  # router_summary is read after eval-mode forwards below
     batch = inputs()
     with torch.no_grad():
         before = main_output(model(**batch))

@@ -76,7 +76,8 @@ def decode_group(x2: torch.Tensor, wcat: torch.Tensor, members: Sequence[DecodeM
             routing = m.route_fn(logits, m.top_k, token_ids=token_ids, **m.route_kw)
         else:
             routing = m.route_fn(logits, m.top_k, **m.route_kw)
-        gs = (routing.gates * m.scaling).to(x2.dtype)
+        # scaling multiplied in at least fp32, as the training path does (a float64 model keeps float64)
+        gs = (routing.gates.to(torch.promote_types(x2.dtype, torch.float32)) * m.scaling).to(x2.dtype)
         hgs = (hl[:, r0:r0 + rank_all].reshape(tokens, m.num_experts, rank_all // m.num_experts)
                * gs[:, :, None]).reshape(tokens, rank_all)
         base = None if bases is None else bases[i]

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .recipe import Recipe, RecipeError, load_recipe, parse_overrides
-from .sweep_report import summarise, summary_markdown
+from .sweep_report import SweepError, summarise, summary_markdown
 
 __all__ = ["main", "plan_cells", "plan_search_cells", "parse_arm", "parse_search", "summarise", "summary_markdown",
            "parse_cells_spec", "SweepError", "Arm", "Cell"]
@@ -76,10 +76,6 @@ USAGE = """usage: molora sweep RECIPE.yaml --allocations A,B,... [--seeds 0,1,2]
 #: arms that are not mixtures of the sweep's budget
 LORA_ARMS = ("lora", "lora-active")
 BASE_ARM = "base"
-
-
-class SweepError(ValueError):
-    """A sweep that cannot start (the message names the value and what is allowed)."""
 
 
 @dataclass(frozen=True)

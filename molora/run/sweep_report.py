@@ -14,12 +14,16 @@ from typing import Any, Optional, Sequence
 
 from .paired_stats import correct_by_question, paired_bootstrap, t_interval
 
-__all__ = ["cell_metrics", "cell_predictions", "summarise", "summary_markdown", "REFERENCES"]
+__all__ = ["SweepError", "cell_metrics", "cell_predictions", "summarise", "summary_markdown", "REFERENCES"]
 
 #: arms every other arm is compared with, when present (▽, the two matched LoRAs, the untuned model)
 REFERENCES = ("inverted_triangle", "lora", "lora-active", "base")
 _SIDE = ("trainable params", "experts", "active rank", "train seconds", "router entropy", "near-uniform layers",
          "expert cosine")
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start or report (the message names the value or file and what is allowed)."""
 
 
 def _read(path: Path) -> Optional[dict]:
@@ -39,8 +43,6 @@ def _read(path: Path) -> Optional[dict]:
 
 
 def _unreadable(path: Path, why: str):
-    from .sweep import SweepError
-
     raise SweepError(f"{path} is unreadable ({why}); delete it (or its cell folder) and run the sweep again to "
                      f"redo that part")
 
