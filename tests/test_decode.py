@@ -1,6 +1,6 @@
-"""The inference path (issue 20.2): eval mode + no_grad + no statistics -> molora_kernels.decode on cached
-concatenated weights. Checked against the training path and the plain reference on fresh random inputs, for
-every router, in fp32 and under bf16/fp16 autocast, single modules and sibling groups, with cache invalidation."""
+"""The inference path (issue 20.2): eval mode + no_grad + no statistics -> molora_kernels.decode. Checked against
+the training path and the plain reference on fresh random inputs, for every router, in fp32 and under bf16/fp16
+autocast, with and without sibling sharing, and after weights are written in place (``param.data`` included)."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from peft import get_peft_model
 
 from molora import MoLoRAConfig
 from molora_kernels import moe_lora
-from molora_kernels.decode import DecodeMember, concat_weights, decode_group
+from molora_kernels.decode import DecodeMember, decode
 
 ROUTERS = [("topk", 2, None), ("soft", 2, None), ("topp", 3, {"top_p": 0.6}), ("switch", 1, {"capacity_factor": 0.5}),
            ("expert_choice", 1, {"capacity_factor": 1.5}), ("hash", 1, None)]
@@ -24,9 +24,8 @@ def _weights(seed, d_in=24, experts=(4, 3), r=2, d_out=(20, 12)):
 
 @pytest.mark.parametrize("router,k,opts", ROUTERS, ids=IDS)
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
-def test_decode_group_matches_the_reference_at_inference(router, k, opts, dtype):
-    """Two modules on one input, one GEMM: each output equals the reference backend's (training=False) for that
-    module alone, with and without a base to add to."""
+def test_decode_matches_the_reference_at_inference(router, k, opts, dtype):
+    """Each module's output equals the reference backend's (training=False), with and without a base to add to."""
     x = torch.randn(7, 24, generator=torch.Generator().manual_seed(1))
     ids = torch.randint(0, 500, (7,), generator=torch.Generator().manual_seed(2)) if router == "hash" else None
     ws = _weights(3)
@@ -36,9 +35,8 @@ def test_decode_group_matches_the_reference_at_inference(router, k, opts, dtype)
         want = [moe_lora(x, a, b, w, top_k=min(k, w.shape[0]), scaling=0.75, router=router, router_options=opts,
                          backend="reference", token_ids=ids).delta for a, b, w in ws]
     dt = dtype or torch.float32
-    wcat = concat_weights([a for a, _, _ in ws], [w for _, _, w in ws], dt)
-    members = [DecodeMember.of(b.to(dt), w.shape[0], min(k, w.shape[0]), 0.75, router, opts) for _, b, w in ws]
-    got = decode_group(x.to(dt), wcat, members, ids, bases=[base.to(dt), None])
+    got = [decode(x.to(dt), a, b, w, DecodeMember.of(w.shape[0], min(k, w.shape[0]), 0.75, router, opts), ids,
+                  base=base.to(dt) if i == 0 else None) for i, (a, b, w) in enumerate(ws)]
     tol = dict(rtol=1e-5, atol=1e-5) if dtype is None else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got[0].float(), (base.to(dt) + want[0].to(dt)).float(), **tol)
     torch.testing.assert_close(got[1].float(), want[1].float(), **tol)
@@ -63,7 +61,7 @@ def test_model_inference_path_equals_the_training_path(tiny_model, router, k, op
     with torch.no_grad():
         fast = model(input_ids=ids).logits
         assert tuner.router_summary() == {}
-        assert any("_decode_weights" in vars(m) for m in model.modules()), "the inference path did not run"
+        assert any("_decode_plan" in vars(m) for m in model.modules()), "the inference path did not run"
         tuner.record_router_stats = True
         slow = model(input_ids=ids).logits
         assert tuner.router_summary()
@@ -86,9 +84,11 @@ def test_model_inference_path_under_autocast(tiny_model, dtype):
     torch.testing.assert_close(fast.float(), slow.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_cached_weights_follow_in_place_updates_and_gradient_forwards_train(tiny_model):
-    """The concatenated weights are rebuilt after an in-place change (an optimizer step, load_state_dict); an
-    eval-mode forward with gradients takes the training path and reaches the adapter weights."""
+@pytest.mark.parametrize("how", ["in place", ".data"])
+def test_weights_written_in_place_are_seen_and_gradient_forwards_train(tiny_model, how):
+    """A weight changed between forwards -- by an in-place op or through ``param.data`` (which no version counter
+    sees; a cached copy of the weights went stale there) -- reaches the next inference forward; an eval-mode
+    forward with gradients takes the training path and reaches the adapter weights."""
     model = _model(tiny_model, "topk", 2, None)
     model.eval()
     ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(7))
@@ -96,7 +96,10 @@ def test_cached_weights_follow_in_place_updates_and_gradient_forwards_train(tiny
         before = model(input_ids=ids).logits
         for n, p in model.named_parameters():
             if "molora_A" in n or "molora_router" in n:
-                p.mul_(1.5)
+                if how == ".data":
+                    p.data[:1] = p.data[:1] * 3.0
+                else:
+                    p.mul_(1.5)
         after = model(input_ids=ids).logits
         model.base_model.record_router_stats = True
         want = model(input_ids=ids).logits
@@ -114,4 +117,4 @@ def test_shared_a_layout_and_a_forced_backend_take_the_training_path(tiny_model)
         model.eval()
         with torch.no_grad():
             model(input_ids=torch.randint(3, 64, (1, 5)))
-        assert not any("_decode_weights" in vars(m) for m in model.modules()), kw
+        assert not any("_decode_plan" in vars(m) for m in model.modules()), kw

@@ -375,8 +375,9 @@ def test_router_stats_are_recorded_in_training_forwards_only_unless_asked(tiny_m
         assert tuner.router_summary() and tuner.last_aux_loss is not None
         tuner.record_router_stats = False
         got = main_output(model(**batch))
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    torch.testing.assert_close(quiet, want, rtol=0, atol=0)
+    # no statistics: the inference path (same math, another GEMM split: round-off apart from the training path)
+    torch.testing.assert_close(got, quiet, rtol=0, atol=0)
+    torch.testing.assert_close(quiet, want, rtol=1e-5, atol=1e-5)
     assert tuner.router_summary() == {} and tuner.last_aux_loss is None
     tuner.record_router_stats = None
     model.train()

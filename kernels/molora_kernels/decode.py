@@ -1,38 +1,36 @@
 """The inference path: dense-gated MoE-LoRA under ``torch.no_grad`` with no statistics, no autograd Function and
-no per-call checks, on weights concatenated once (op + test + benchmark: ``tests/test_decode.py``,
-``molora bench generate``).
+no per-call checks (op + test + benchmark: ``tests/test_decode.py``, ``molora bench generate``).
 
-Same math as :mod:`torch_fused` (and :mod:`torch_dense`, the reference), for ``G`` modules that read the same
-input (one module: G = 1; q/k/v or gate/up siblings: G = 2-3), ``R_g = E_g·r_g``::
+Same math as :mod:`torch_fused` (and :mod:`torch_dense`, the reference), per module, ``R = E·r``::
 
-    [h_1 | ... | h_G | l_1 | ... | l_G] = x @ W_cat.T          one GEMM, W_cat = [A_1; ...; A_G; W_1; ...; W_G]
-    gates_g  = route_g(l_g)  at inference (``training=False``: every router routes each token alone)
-    out_g    = base_g + (h_g ⊙ (s_g · gates_g)[:, :, None]) @ B_g.T      one addmm per module
+    h        = x @ A_all.T                   [T, R]
+    logits   = x @ W_router.T                [T, E]
+    gates    = route(logits) at inference (``training=False``: every router routes each token alone)
+    out      = base + (h ⊙ (s · gates)[:, :, None]) @ B_all.T      one addmm
 
-``W_cat`` is built once per weight version by the caller (:func:`concat_weights`; the tuner caches it per module
-or sibling group in the compute dtype), so a decode step pays one GEMM for every shrink and router of a group
-instead of a concatenation plus a GEMM per module. Where the per-call time goes on CPU with SmolLM2-135M is in
-the README ("Generation").
+The weights are read where they live (no concatenated copy: a copy kept between calls could go stale when a
+user writes ``param.data``, which no version counter sees, and building one per call moves the weights through
+memory twice); what is resolved once per module is the router (its function and checked options), so a call
+does no dictionary work. Where the per-call time goes on CPU with SmolLM2-135M is in the README ("Generation").
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
 from .routers import get_router
 
-__all__ = ["DecodeMember", "concat_weights", "decode_group"]
+__all__ = ["DecodeMember", "decode"]
 
 
 @dataclass(frozen=True)
 class DecodeMember:
-    """One module of a decode group, resolved once: its B [d_out, E·r] (compute dtype), experts, top-k, scaling
-    (alpha / r), and the router's route function with its checked options (``training=False`` for routers whose
-    training routing depends on the batch). Build with :meth:`of`."""
+    """One module's routing, resolved once: experts, top-k, scaling (alpha / r), and the router's route function
+    with its checked options (``training=False`` for routers whose training routing depends on the batch).
+    Build with :meth:`of`."""
 
-    b_all: torch.Tensor
     num_experts: int
     top_k: int
     scaling: float
@@ -41,46 +39,35 @@ class DecodeMember:
     needs_token_ids: bool = False
 
     @classmethod
-    def of(cls, b_all: torch.Tensor, num_experts: int, top_k: int, scaling: float, router: str,
+    def of(cls, num_experts: int, top_k: int, scaling: float, router: str,
            router_options: Optional[dict] = None) -> "DecodeMember":
         r = get_router(router)
         kw = r.resolve_options(router_options)
         if r.batch_dependent:
             kw.update(token_mask=None, training=False)
-        return cls(b_all, num_experts, top_k, float(scaling), r._resolve(r.route_fn), kw, r.needs_token_ids)
-
-
-def concat_weights(a_list: Sequence[torch.Tensor], w_list: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``W_cat = [A_1; ...; A_G; W_1; ...; W_G]`` [ΣR + ΣE, d_in] in ``dtype`` (a new tensor, no gradient)."""
-    with torch.no_grad():
-        return torch.cat([t.to(dtype) for t in (*a_list, *w_list)], dim=0)
+        return cls(num_experts, top_k, float(scaling), r._resolve(r.route_fn), kw, r.needs_token_ids)
 
 
 @torch.no_grad()
-def decode_group(x2: torch.Tensor, wcat: torch.Tensor, members: Sequence[DecodeMember],
-                 token_ids: Optional[torch.Tensor] = None,
-                 bases: Optional[Sequence[Optional[torch.Tensor]]] = None) -> list[torch.Tensor]:
-    """Outputs ``[out_g [T, d_out_g]]`` (``base_g + delta_g``, or ``delta_g``) of every member on ``x2`` [T, d_in]
-    (already in the compute dtype of ``wcat``); ``token_ids`` [T] for routers that route by them. Inference only:
-    no gradient, no statistics."""
-    tokens = x2.shape[0]
-    hl = torch.mm(x2, wcat.t())                                       # [T, ΣR + ΣE]
-    outs = []
-    r0, e0 = 0, sum(m.b_all.shape[1] for m in members)
-    for i, m in enumerate(members):
-        rank_all = m.b_all.shape[1]
-        logits = hl[:, e0:e0 + m.num_experts]
-        if m.needs_token_ids:
-            if token_ids is None:
-                raise ValueError("a router that routes by token id needs token_ids")
-            routing = m.route_fn(logits, m.top_k, token_ids=token_ids, **m.route_kw)
-        else:
-            routing = m.route_fn(logits, m.top_k, **m.route_kw)
-        # scaling multiplied in at least fp32, as the training path does (a float64 model keeps float64)
-        gs = (routing.gates.to(torch.promote_types(x2.dtype, torch.float32)) * m.scaling).to(x2.dtype)
-        hgs = (hl[:, r0:r0 + rank_all].reshape(tokens, m.num_experts, rank_all // m.num_experts)
-               * gs[:, :, None]).reshape(tokens, rank_all)
-        base = None if bases is None else bases[i]
-        outs.append(torch.mm(hgs, m.b_all.t()) if base is None else torch.addmm(base, hgs, m.b_all.t()))
-        r0, e0 = r0 + rank_all, e0 + m.num_experts
-    return outs
+def decode(x2: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, router_weight: torch.Tensor,
+           member: DecodeMember, token_ids: Optional[torch.Tensor] = None,
+           base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``base + delta`` (or ``delta``) [T, d_out] on ``x2`` [T, d_in]; the weights are cast to x2's dtype (a
+    no-op when they already have it); ``token_ids`` [T] for routers that route by them. Inference only: no
+    gradient, no statistics."""
+    dt = x2.dtype
+    tokens, m = x2.shape[0], member
+    h = torch.mm(x2, a_all.to(dt).t())                                 # [T, R]
+    logits = torch.mm(x2, router_weight.to(dt).t())                    # [T, E]
+    if m.needs_token_ids:
+        if token_ids is None:
+            raise ValueError("a router that routes by token id needs token_ids")
+        routing = m.route_fn(logits, m.top_k, token_ids=token_ids, **m.route_kw)
+    else:
+        routing = m.route_fn(logits, m.top_k, **m.route_kw)
+    # scaling multiplied in at least fp32, as the training path does (a float64 model keeps float64)
+    gs = (routing.gates.to(torch.promote_types(dt, torch.float32)) * m.scaling).to(dt)
+    rank_all = h.shape[1]
+    hgs = (h.view(tokens, m.num_experts, rank_all // m.num_experts) * gs[:, :, None]).view(tokens, rank_all)
+    b = b_all.to(dt)
+    return torch.mm(hgs, b.t()) if base is None else torch.addmm(base, hgs, b.t())

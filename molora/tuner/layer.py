@@ -224,10 +224,8 @@ class Linear(nn.Module, MoLoRALayer):
             token_ids = self._token_ids(name, x)
             group = self.sibling_group  # q/k/v, gate/up: one shared shrink GEMM (molora.tuner.siblings)
             if not want_stats and not self.training and not torch.is_grad_enabled() and decodable(self, name, x):
-                # inference: cached concatenated weights, no autograd Function, no statistics (molora.tuner.decode)
-                delta = None if group is None else group.decode_for(self, name, x, token_ids)
-                if delta is None:
-                    delta = decode_module(self, name, x, token_ids)
+                # inference: no autograd Function, no statistics, routing resolved once (molora.tuner.decode)
+                delta = decode_module(self, name, x, token_ids)
                 if name in self.molora_shared_A:
                     delta = delta + self._shared_expert(name, x).to(delta.dtype)
                 result = result + delta.to(result.dtype)

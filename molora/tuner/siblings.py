@@ -77,31 +77,6 @@ class SiblingGroup:
                 return False
         return True
 
-    # ------------------------------------------------------------------ inference
-    def decode_for(self, member: nn.Module, name: str, x: torch.Tensor,
-                   token_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """``member``'s delta on the inference path (:mod:`molora.tuner.decode`), computed for every sibling in one
-        shrink + router GEMM on cached weights; None when a sibling cannot take that path."""
-        from .decode import compute_dtype, decodable, decode_members
-
-        key = ("decode", x._version, name, compute_dtype(x))
-        i = self.members.index(member)
-        if self._x is not None and self._x() is x and self._key == key and i in self._cache:
-            return self._cache.pop(i)
-        self._cache.clear()
-        self._x = None
-        for m in self.members:
-            if (name not in m.molora_A or name not in m.active_adapters or m.merged or m.disable_adapters
-                    or m.training or not decodable(m, name, x)):
-                return None
-        ids = token_ids
-        if ids is None:  # the token ids are the input's: any member whose router routes by them finds them
-            ids = next((t for t in (m._token_ids(name, x) for m in self.members) if t is not None), None)
-        outs = decode_members(self, name, self.members, x, ids)
-        self._cache = dict(enumerate(outs))
-        self._x, self._key = weakref.ref(x), key
-        return self._cache.pop(i)
-
     # ------------------------------------------------------------------ the shared call
     def output_for(self, member: nn.Module, name: str, x: torch.Tensor, token_mask, compute_stats: bool,
                    token_ids: Optional[torch.Tensor], routing_mask: Optional[torch.Tensor] = None
