@@ -318,3 +318,19 @@ def test_non_utf8_recipe_names_the_byte_and_line(tmp_path, data_file):
     p.write_bytes(f"data: {{train_file: {data_file}}}\n# caf\xe9 recipe\n".encode("latin-1"))
     msg = _error(load_recipe, p)
     assert "not UTF-8" in msg and "0xe9" in msg and "line 2" in msg and str(p) in msg
+
+
+def test_every_user_field_of_the_config_is_a_recipe_key():
+    """Issue 22.3 (drift guard): the recipe's allocation section offers every MoLoRAConfig field a user sets
+    (``share_sibling_shrink``, which the README tells users to set, was refused as an unknown key)."""
+    import dataclasses
+
+    from peft.config import PeftConfig
+
+    from molora import MoLoRAConfig
+    from molora.run.recipe import AllocationSection
+
+    internal = {"allocation", "num_layers", "output_fingerprint", "target_parameters", "modules_to_save"}
+    user = {f.name for f in dataclasses.fields(MoLoRAConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
+    missing = sorted(user - internal - set(AllocationSection.model_fields))
+    assert missing == [], f"MoLoRAConfig fields a recipe cannot set: {missing}"

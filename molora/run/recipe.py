@@ -154,6 +154,7 @@ class AllocationSection(_Section):
     aux_loss_mode: Literal["masked", "original"] = "masked"
     backend: str = "auto"
     layout: str = "stacked"                                # expert layout: stacked (MoLA) or shared_a (HydraLoRA)
+    share_sibling_shrink: bool = True                      # q/k/v and gate/up: one shrink GEMM (one dropout mask)
     init_weights: bool = True
     router_init: Literal["kaiming", "zeros"] = "kaiming"     # zeros: every token starts uniform over the experts
     expert_init: Literal["kaiming", "orthogonal"] = "kaiming"  # orthogonal: experts start on disjoint directions
