@@ -166,9 +166,13 @@ class MoLoRAModel(BaseTuner):
         ids = kwargs.get("input_ids")
         if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             ids = args[0]  # input_ids is the first positional argument of every HF model forward
+        # "training" for the default mode: any forward that may feed an objective -- train mode, autograd on (a
+        # hand-written loop in eval mode still trains), or labels given (the returned loss keeps coef * aux);
+        # only pure inference (eval mode, no_grad, no labels: evaluation scoring, generation) skips the statistics
+        wants_stats = module.training or torch.is_grad_enabled() or kwargs.get("labels") is not None
         self.collector.start_forward(mask if isinstance(mask, torch.Tensor) else None,
-                                     ids if isinstance(ids, torch.Tensor) else None, training=module.training)
-        if self.collector.mode is False and module.training and torch.is_grad_enabled():
+                                     ids if isinstance(ids, torch.Tensor) else None, training=wants_stats)
+        if self.collector.mode is False and torch.is_grad_enabled():
             self._check_stats_for_training()
         if neutralise_router_logits_kwarg(module, kwargs):
             return args, kwargs
@@ -205,8 +209,9 @@ class MoLoRAModel(BaseTuner):
     @property
     def record_router_stats(self) -> Optional[bool]:
         """Whether forwards record the routers' statistics (what :meth:`router_summary`, the aux loss, the router
-        regularisers and the training telemetry are computed from). ``None`` (default): in training forwards
-        only -- an eval-mode forward (evaluation, generation) computes no statistics, which are ~16 % of greedy
+        regularisers and the training telemetry are computed from). ``None`` (default): in every forward that may
+        feed an objective (train mode, autograd enabled, or ``labels`` given) -- a pure inference forward (eval
+        mode under ``no_grad`` without labels: scoring, generation) computes no statistics, which are ~16 % of greedy
         generation with SmolLM2-135M and ▽ on CPU. ``True``: in every forward (set it to read
         :meth:`router_summary` after an eval-mode forward, as ``merge-experts`` does). ``False``: never; a
         training forward that needs them (a load-balancing loss or a router regulariser with a positive
@@ -216,8 +221,8 @@ class MoLoRAModel(BaseTuner):
     @record_router_stats.setter
     def record_router_stats(self, value: Optional[bool]) -> None:
         if value is not None and not isinstance(value, bool):
-            raise ValueError(f"record_router_stats={value!r}: True (every forward), False (none) or None (training "
-                             f"forwards only, the default)")
+            raise ValueError(f"record_router_stats={value!r}: True (every forward), False (none) or None (every "
+                             f"forward but pure inference, the default)")
         self.collector.mode = value
 
     def _check_stats_for_training(self) -> None:
@@ -227,7 +232,7 @@ class MoLoRAModel(BaseTuner):
                 needs = [t for name in m.active_adapters if name in m.router_type for t in m.terms_needing_stats(name)]
                 if needs:
                     raise RuntimeError(
-                        f"record_router_stats is False in a training forward, but {m.module_name} trains with "
+                        f"record_router_stats is False in a forward with autograd on, but {m.module_name} trains with "
                         f"{needs[0]}: that term needs the routing statistics and would be silently missing. Set "
                         f"model.base_model.record_router_stats = True to train (or the coefficient to 0).")
 

@@ -155,7 +155,7 @@ class RouterCollector:
         self.token_mask: Optional[torch.Tensor] = None
         #: the forward's input_ids [batch, seq] (routers that route by token id read them)
         self.token_ids: Optional[torch.Tensor] = None
-        #: what the user asked for: None (default) records in training forwards only, True in every forward,
+        #: what the user asked for: None (default) records in every forward but pure inference, True in every forward,
         #: False in none (``MoLoRAModel.record_router_stats``)
         self.mode: Optional[bool] = None
         #: whether the current forward records (set by :meth:`start_forward` from ``mode`` and the model's mode)
