@@ -10,7 +10,7 @@ of ``--batch`` prompts of ``--prompt`` tokens. Variants (same target modules, ev
 * ``lora-r{r}``       PEFT LoRA of rank r, unmerged (the target to match);
 * ``lora-r{r} merged`` the same LoRA folded into the base weights (what a LoRA user serves): the floor again;
 * ``molora-▽``        molora, ``num_experts="2,4,6,8"``, ``top_k=2``, rank r (MoLA's best shape), as it serves by
-  default: the inference path (cached concatenated weights, no autograd Function, no statistics);
+  default: the inference path (routing resolved once per module, no autograd Function, no statistics);
 * ``molora-▽ +stats``  the same asked to record the routing statistics in every forward
   (``model.base_model.record_router_stats = True``, to read ``router_summary``): the training path.
 

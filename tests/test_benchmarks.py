@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,6 +68,26 @@ def test_generation_benchmark_runs_tiny(tmp_path):
     bad = subprocess.run([*cmd[:5], "--tiny", "--new-tokens", "0"], capture_output=True, text=True, timeout=600,
                          cwd=ROOT)
     assert bad.returncode == 2 and "--new-tokens=0 must be at least 1" in bad.stderr
+
+
+def test_bench_eval_tiny(tmp_path):
+    """Issue 20.6: `molora bench eval --tiny` times molora's scoring against lm-eval's HF backend on the same rows,
+    and both tools compute the same scores (the check the benchmark reports), so the same accuracy."""
+    pytest.importorskip("lm_eval")
+    rows = [{"input": f"which word is number {i}?", "choices": ["cat", "a dog", "bird fish tree"], "label": i % 3}
+            for i in range(6)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = [sys.executable, "-m", "molora", "bench", "eval", "--tiny", "--data", str(data), "--batch", "4", "--reps",
+           "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads((tmp_path / "bench_eval.json").read_text())
+    assert got["rows"] == 6 and got["options"] == 18 and got["max_abs_score_diff"] < 1e-3
+    by = {r["variant"]: r for r in got["results"]}
+    assert set(by) == {"lm-eval", "molora"} and by["lm-eval"]["ratio_to_lm_eval"] == 1.0
+    assert by["molora"]["accuracy"] == by["lm-eval"]["accuracy"] and by["molora"]["examples_per_s"] > 0
+    assert (tmp_path / "bench_eval.png").stat().st_size > 1000
 
 
 def test_a_benchmark_run_writes_its_own_folder_and_publishing_is_explicit(tmp_path):

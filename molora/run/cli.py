@@ -2,7 +2,7 @@
 
     molora train RECIPE.yaml [--key value ...]        fine-tune from a YAML recipe (see recipes/)
     molora report OUTPUT_DIR                          loss curves and expert-load heatmap as PNG
-    molora bench kernels|train|generate [options]     benchmarks (JSON + PNG + table)
+    molora bench kernels|train|generate|eval [opts] benchmarks (JSON + PNG + table)
     molora convert-mola SRC DST --num-experts 2,4,6,8 --top-k 2
     molora allocation MODEL --num-experts ▽ --top-k 2 --r 8   print the resolved per-layer table
     molora allocate RECIPE.yaml --method block-influence --budget 120   data-driven allocation
@@ -216,7 +216,8 @@ def _plot_allocation(res, path: Path):
 
 
 def _bench(argv: Sequence[str]) -> int:
-    names = {"kernels": "bench_kernels.py", "train": "bench_train.py", "generate": "bench_generate.py"}
+    names = {"kernels": "bench_kernels.py", "train": "bench_train.py", "generate": "bench_generate.py",
+             "eval": "bench_eval.py"}
     if argv and argv[0] in ("-h", "--help"):
         print(f"usage: molora bench {{{'|'.join(names)}}} [options]  (molora bench NAME --help for its options)")
         return 0
@@ -250,7 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "train": "fine-tune from a YAML recipe",
         "eval": "accuracy of a saved adapter (or the untuned model) under a recipe",
         "report": "render loss curves and the expert-load heatmap of a run",
-        "bench": "run a benchmark (kernels | train | generate)",
+        "bench": "run a benchmark (kernels | train | generate | eval)",
         "convert-mola": "import a checkpoint of the original MoLA code",
         "allocation": "print the resolved per-layer allocation for a model",
         "allocate": "data-driven allocation: per-layer scores -> experts per layer (table, PNG, YAML)",
