@@ -15,7 +15,10 @@ of ``--batch`` prompts of ``--prompt`` tokens. Variants (same target modules, ev
   (``model.base_model.record_router_stats = True``, to read ``router_summary``): the training path.
 
 Timed alternated in one run (benchmarks/common.py); the table gives the median time per call, generated
-tokens/s and the ratio to unmerged LoRA. Default model: the packaged SmolLM2-135M (real weights); ``--random``
+tokens/s and the ratio to unmerged LoRA. ``--compile`` adds a second table: one no-grad forward over the prompts
+(prefill: fixed shapes) of unmerged LoRA and ``molora-▽``, eager and ``torch.compile(model, fullgraph=True)`` with
+inductor (compiling takes minutes on CPU; ``generate`` itself is not compiled, its growing KV cache would
+recompile every step). Default model: the packaged SmolLM2-135M (real weights); ``--random``
 builds a random model of the same shape; ``--tiny`` a 4-layer random model for smoke tests.
 
     python benchmarks/bench_generate.py [--random|--tiny] [--batch 4] [--prompt 64] [--new-tokens 32] [--reps 5]
@@ -72,6 +75,37 @@ def make_generate(model, ids, mask, new_tokens: int):
     return run
 
 
+def compile_table(models: dict, lora: str, ids, mask, a) -> list[dict]:
+    """Prefill forward (no grad) of ``lora`` and ``molora-▽``, eager vs ``torch.compile(fullgraph=True)``."""
+    import time
+
+    def forward(m):
+        def run():
+            with torch.no_grad():
+                m(input_ids=ids, attention_mask=mask)
+        return run
+
+    calls, compile_s = {}, {}
+    for name in (lora, "molora-▽"):
+        calls[f"{name} eager"] = forward(models[name])
+        c = torch.compile(models[name], fullgraph=True)
+        t = time.perf_counter()
+        forward(c)()  # compile
+        compile_s[name] = time.perf_counter() - t
+        calls[f"{name} compiled"] = forward(c)
+    timing = time_alternating(calls, warmup=a.warmup, reps=max(a.reps, 5), device=ids.device)
+    rows = ratio_results(timing, f"{lora} eager", ids.numel())
+    for r in rows:
+        r["ratio_to_lora_eager"] = r.pop("ratio_to_lora")
+        r["compile_s"] = compile_s[r["variant"].rsplit(" ", 1)[0]] if r["variant"].endswith("compiled") else None
+    print(f"\nPrefill forward, batch {ids.shape[0]} x {ids.shape[1]} tokens, no grad, inductor, median of "
+          f"{int(timing[f'{lora} eager']['n'])} alternated reps")
+    print(format_table(["variant", "ms/call", "tokens/s", "x LoRA eager", "compile s"],
+                       [[r["variant"], r["median_s"] * 1e3, r["tokens_per_s"], r["ratio_to_lora_eager"],
+                         r["compile_s"]] for r in rows]))
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = p.add_mutually_exclusive_group()
@@ -86,6 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="also time a prefill forward, eager vs torch.compile")
     add_output_args(p, "bench_generate")
     a = p.parse_args(argv)
     for name in ("batch", "prompt", "new_tokens", "r", "reps"):
@@ -110,10 +145,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"\nGreedy generation, {model_desc}, batch {a.batch}, prompt {a.prompt} + {a.new_tokens} new tokens, fp32, "
           f"{device}, {torch.get_num_threads()} threads, median of {int(timing['frozen']['n'])} alternated reps")
     print(format_table(["variant", "ms/call", "new tokens/s", "x LoRA"], rows))
+    compiled = compile_table(models, f"lora-r{a.r}", ids, mask, a) if a.compile else None
     out = output_dir(a)
     payload = {"benchmark": "generate", "model": model_desc, "batch": a.batch, "prompt": a.prompt,
                "new_tokens": a.new_tokens, "r": a.r, "device": str(device), "environment": environment(),
-               "results": results}
+               "results": results, "compile": compiled}
     jpath = write_json(out / "bench_generate.json", payload)
     ppath = plot_ratio_bars(out / "bench_generate.png", [model_desc],
                             {r["variant"]: [r["ratio_to_lora"]] for r in results},

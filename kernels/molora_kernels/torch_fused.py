@@ -155,9 +155,8 @@ class DenseGatedMoLoRA(torch.autograd.Function):
         dlogits = router.logits_grad(dgates, dprobs, probs, idx, top_k, gates=gs).to(x.dtype)
         if xd is None:
             # Shrink and router share one GEMM forward and one per gradient.
-            dcat = torch.empty(tokens, rank_all + num_experts, dtype=x.dtype, device=x.device)
-            torch.mul(dhgs, gs[:, :, None], out=dcat[:, :rank_all].view(tokens, num_experts, rank))
-            dcat[:, rank_all:].copy_(dlogits)
+            # (one cat rather than writes into views of an empty buffer: torch.compile traces no out= into views)
+            dcat = torch.cat([(dhgs * gs[:, :, None]).view(tokens, rank_all), dlogits], dim=1)
             if need_a or need_w:
                 dwcat = torch.mm(dcat.t(), x)
                 da = dwcat[:rank_all] if need_a else None
@@ -194,7 +193,9 @@ def moe_lora_fused(x2: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, r
     """
     p = float(dropout) if (dropout > 0.0 and training) else 0.0
     a, b, w, xd, base = prepare_operands(x2, a_all, b_all, router_weight, 0.0, False, base)
-    if p > 0.0 and _rng_state(x2.device) is None:  # a device we cannot replay a draw on: draw outside, save xd
+    # a device we cannot replay a draw on, or a torch.compile trace (no RNG state juggling in a graph): draw
+    # outside and save xd
+    if p > 0.0 and (torch.compiler.is_compiling() or _rng_state(x2.device) is None):
         xd = torch.nn.functional.dropout(x2, p=p, training=True)
         p = 0.0
     out, probs, gates, idx = DenseGatedMoLoRA.apply(x2, xd, a, b, w, base, top_k, float(scaling), router, p,

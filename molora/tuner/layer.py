@@ -262,7 +262,10 @@ class Linear(nn.Module, MoLoRALayer):
                                   self.top_k[name], fixed_k=router.fixed_k, aux=router.aux_loss is not None,
                                   selects_top_k=router.selects_top_k)
                 coef = self.aux_loss_coef[name]
+                # under torch.compile the aux term is an ordinary differentiable loss term (MoLoRAModel adds it
+                # from the record); eager mode injects its gradient in backward (works with checkpointing)
                 if (coef > 0 and router.aux_loss is not None and self.num_experts[name] > 1
+                        and not torch.compiler.is_compiling()
                         and torch.is_grad_enabled() and out.stats.prob_sum.requires_grad):
                     delta = AuxLossGrad.apply(delta, out.stats.prob_sum, record, self.router_group[name], coef)
                 delta = self._router_regularizers(name, x, delta, out.routing.probs, mask, record)
@@ -312,15 +315,16 @@ class Linear(nn.Module, MoLoRALayer):
             return delta
         weights = (mask.reshape(-1).to(torch.float32) if mask is not None
                    else torch.ones(probs.shape[0], device=probs.device))
+        compiling = torch.compiler.is_compiling()  # then the value itself carries the gradient (no injection)
         for coef, kind in terms:
             if kind == "entropy":
-                t, value = probs, (lambda: mean_entropy(probs, weights))
+                t, value = probs, (lambda: mean_entropy(probs, weights, differentiable=compiling))
             else:  # the logits again: one [T, E] GEMM, so the z-loss gradient reaches router and input
                 t = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), self.molora_router[name]).float()
-                value = (lambda t=t: mean_z(t, weights))
+                value = (lambda t=t: mean_z(t, weights, differentiable=compiling))
             if not in_backward():
                 record.regularizers.append(coef * value())
-            if torch.is_grad_enabled() and t.requires_grad:
+            if not compiling and torch.is_grad_enabled() and t.requires_grad:
                 delta = RegularizerGrad.apply(delta, t, weights, record, coef, kind)
         return delta
 

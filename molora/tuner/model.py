@@ -180,14 +180,17 @@ class MoLoRAModel(BaseTuner):
 
     def _end_forward(self, module: nn.Module, args: tuple, out: Any) -> Any:
         """After the wrapped model's forward: store the aux loss and add ``coef * aux`` to the returned loss."""
-        aux = self.collector.current.aux_loss()
-        self.last_aux_loss = aux
+        # Under torch.compile the aux loss and the regularisers are plain differentiable terms (autograd carries
+        # their gradient through `loss` and `outputs.aux_loss`); eager mode injects them in backward instead.
+        compiling = torch.compiler.is_compiling()
+        aux = self.collector.current.aux_loss(differentiable=compiling)
+        self.last_aux_loss = aux if aux is None else aux.detach()
         cfg = self.peft_config[self.active_adapters[0]]
         reg = self.collector.current.regularizer()
         if (aux is not None or reg is not None) and isinstance(out, dict):
             if aux is not None:  # in training a leaf whose gradient a trainer weighting it (TRL) reports back
                 out["aux_loss"] = aux_output(aux, self.collector.current, cfg.aux_loss_coef) if (
-                    cfg.aux_loss_coef > 0 and self.collector.current.has_aux()) else aux
+                    cfg.aux_loss_coef > 0 and self.collector.current.has_aux() and not compiling) else aux
             if reg is not None:
                 out["router_regularizer"] = reg
             add_aux = cfg.aux_loss_coef > 0 and aux is not None and self.collector.current.has_aux()
@@ -197,7 +200,7 @@ class MoLoRAModel(BaseTuner):
                     loss = loss + cfg.aux_loss_coef * aux.to(loss.dtype)
                 if reg is not None:  # already weighted by its coefficient (router_options)
                     loss = loss + reg.to(loss.dtype)
-                if loss.requires_grad and loss.dim() == 0:  # the injected gradient follows the loss's scaling
+                if loss.requires_grad and loss.dim() == 0 and not compiling:  # injected gradient follows the loss
                     loss = LossGradProbe.apply(loss, self.collector.current)
                 out["loss"] = loss
         return out

@@ -37,7 +37,11 @@ from molora_kernels.routing import merge_stats
 
 
 def in_backward() -> bool:
-    """True while autograd runs a backward pass (e.g. a checkpointed layer being recomputed)."""
+    """True while autograd runs a backward pass (e.g. a checkpointed layer being recomputed). False while
+    torch.compile traces: a traced forward is never a recomputation (compiled checkpointing recomputes inside
+    the compiled backward graph, which runs no Python forward)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -203,17 +207,19 @@ class AuxLossGrad(torch.autograd.Function):
         return grad_delta, g, None, None, None
 
 
-def mean_entropy(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``mean_t H(probs_t)`` over tokens with weight 1 (probs [T, E], weights [T]); float32, no gradient."""
-    with torch.no_grad():
+def mean_entropy(probs: torch.Tensor, weights: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+    """``mean_t H(probs_t)`` over tokens with weight 1 (probs [T, E], weights [T]); float32, no gradient unless
+    ``differentiable`` (then autograd's gradient equals the one :class:`RegularizerGrad` injects)."""
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         p = probs.float()
         h = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
         return (h * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def mean_z(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``mean_t logsumexp(logits_t)^2`` over tokens with weight 1 (the Switch router z-loss); no gradient."""
-    with torch.no_grad():
+def mean_z(logits: torch.Tensor, weights: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+    """``mean_t logsumexp(logits_t)^2`` over tokens with weight 1 (the Switch router z-loss); no gradient unless
+    ``differentiable``."""
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         z = torch.logsumexp(logits.float(), dim=-1) ** 2
         return (z * weights).sum() / weights.sum().clamp_min(1.0)
 

@@ -81,7 +81,11 @@ class SiblingGroup:
     def output_for(self, member: nn.Module, name: str, x: torch.Tensor, token_mask, compute_stats: bool,
                    token_ids: Optional[torch.Tensor], routing_mask: Optional[torch.Tensor] = None
                    ) -> Optional[MoLoRAOutput]:
-        """``member``'s MoLoRAOutput for input ``x`` from the shared computation, or None (use the per-module op)."""
+        """``member``'s MoLoRAOutput for input ``x`` from the shared computation, or None (use the per-module op).
+        None while torch.compile traces: the cache is keyed on the input's identity (a weak reference), which a
+        traced graph cannot hold; the compiler then sees each module's op alone."""
+        if torch.compiler.is_compiling():
+            return None
         key = (x._version, name, torch.is_grad_enabled(), member.training, compute_stats,
                autocast_dtype(x), None if token_mask is None else (token_mask.data_ptr(), tuple(token_mask.shape)),
                None if routing_mask is None else (routing_mask.data_ptr(), tuple(routing_mask.shape)))
