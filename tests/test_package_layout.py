@@ -13,8 +13,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 WINGS = ("tuner", "allocation", "run")
-#: the allocation wing's pure core: no torch, nothing of molora outside it (recipes validate with it standalone)
-PURE_ALLOCATION = ("molora.allocation.specs", "molora.allocation.methods", "molora.allocation.mapping")
+#: the allocation wing's pure core: no torch, nothing of molora outside it but the (pure) router registry; recipes
+#: validate with it before torch is imported (test_recipe.test_recipe_module_needs_no_torch)
+PURE_ALLOCATION = ("molora.allocation.specs", "molora.allocation.methods", "molora.allocation.mapping",
+                   "molora_kernels.routers")
 MAX_LINES = 400
 
 

@@ -139,20 +139,54 @@ def test_main_reports_recipe_errors_fast_without_loading_a_model(tmp_path, data_
 
 
 def test_recipe_module_needs_no_torch():
-    """The recipe schema validates with pydantic + PyYAML only (loaded standalone, torch is never imported)."""
-    code = textwrap.dedent(f"""
-        import importlib.util, sys
-        spec = importlib.util.spec_from_file_location("r", {str(ROOT / 'molora' / 'run' / 'recipe.py')!r})
-        m = importlib.util.module_from_spec(spec); sys.modules["r"] = m; spec.loader.exec_module(m)
+    """The recipe schema validates with pydantic + PyYAML only: imported through the package as the `molora` command
+    imports it (deferred: no PEFT registration), the allocation specs and the router registry it checks against
+    import no torch (issue 22.1: no module is loaded by file path any more)."""
+    code = textwrap.dedent("""
+        import os, sys
+        os.environ["MOLORA_DEFER_IMPORT"] = "1"
+        from molora.run import recipe as m
+        from molora.allocation import specs
+        import molora_kernels
         try:
-            m.recipe_from_dict({{"data": {{"packaged": "bbc-news"}}, "allocation": {{"num_experts": "9,x"}}}})
+            m.recipe_from_dict({"data": {"packaged": "bbc-news"}, "allocation": {"num_experts": "9,x"}})
         except m.RecipeError as e:
             assert "allocation.num_experts" in str(e)
+        try:
+            m.recipe_from_dict({"data": {"packaged": "bbc-news"}, "allocation": {"router": "nope"}})
+        except m.RecipeError as e:
+            assert "not a known router" in str(e)
+        assert specs.router_registry() is sys.modules["molora_kernels.routers"]
         assert "torch" not in sys.modules, "torch was imported"
+        assert molora_kernels.get_router("topk").name == "topk" and "torch" not in sys.modules
+        molora_kernels.moe_lora  # a tensor op: now torch is loaded
+        assert "torch" in sys.modules
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_no_module_is_loaded_by_file_path():
+    """Issue 22.1: loading a module from its file made a second copy of its classes (two AllocationError classes,
+    compared by name) and hid the import edge from import checks."""
+    offenders = [p.relative_to(ROOT).as_posix() for d in ("molora", "kernels") for p in (ROOT / d).rglob("*.py")
+                 if "spec_from_file_location" in p.read_text()]
+    assert offenders == []
+
+
+def test_user_errors_are_recognised_by_class_not_by_name():
+    from molora.allocation import AllocationError
+    from molora.run.common import is_user_error
+    from molora.tuner.merge import MergeError
+
+    class Narrower(AllocationError):
+        pass
+
+    AllocationError2 = type("AllocationError", (ValueError,), {})  # a foreign class of the same name
+    assert is_user_error(AllocationError("x")) and is_user_error(Narrower("x"))
+    assert not is_user_error(AllocationError2("x")) and not is_user_error(ValueError("x"))
+    assert not is_user_error(MergeError("x"))  # merge-experts names it itself
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: p.relative_to(ROOT).as_posix())

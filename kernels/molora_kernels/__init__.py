@@ -10,10 +10,32 @@ Public API:
     moe_lora(x, a_all, b_all, w_router, ...) -> MoLoRAOutput     (output delta + RouterStats)
     load_balancing_loss(stats_list, ...)   -> scalar tensor      (MoLA aux loss of one decoder layer)
 """
-from .layouts import LAYOUTS, Layout, get_layout
-from .routers import ROUTERS, Router, get_router, register_router
-from .routing import Routing, RouterStats, route, routing_stats, load_balancing_loss
-from .ops import BACKENDS, MoLoRAOutput, moe_lora, available_backends
+import importlib
+from typing import Any
+
+# Lazy attributes (PEP 562): `import molora_kernels.routers` (pure Python, what configs and recipes validate
+# against) must not pay for torch; the names below import their submodule on first access.
+_LAZY = {
+    "LAYOUTS": "layouts", "Layout": "layouts", "get_layout": "layouts",
+    "ROUTERS": "routers", "Router": "routers", "get_router": "routers", "register_router": "routers",
+    "Routing": "routing", "RouterStats": "routing", "route": "routing", "routing_stats": "routing",
+    "load_balancing_loss": "routing",
+    "BACKENDS": "ops", "MoLoRAOutput": "ops", "moe_lora": "ops", "available_backends": "ops",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'molora_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later accesses skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ROUTERS",

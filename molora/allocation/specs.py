@@ -69,25 +69,10 @@ PRESET_ALIASES: dict[str, str] = {
 
 
 def router_registry():
-    """The router registry (:mod:`molora_kernels.routers`) without importing torch: the module itself when the
-    kernels package is imported already, else the file loaded on its own (it is pure Python)."""
-    import importlib.util
-    import sys
+    """The router registry, :mod:`molora_kernels.routers` (pure Python: importing it does not import torch)."""
+    from molora_kernels import routers
 
-    mod = sys.modules.get("molora_kernels.routers") or sys.modules.get("_molora_routers")
-    if mod is not None:
-        return mod
-    spec = importlib.util.find_spec("molora_kernels")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("molora_kernels is not installed (pip install -e . from the repository)")
-    import os
-
-    path = os.path.join(list(spec.submodule_search_locations)[0], "routers.py")
-    rspec = importlib.util.spec_from_file_location("_molora_routers", path)
-    mod = importlib.util.module_from_spec(rspec)
-    sys.modules["_molora_routers"] = mod
-    rspec.loader.exec_module(mod)
-    return mod
+    return routers
 
 
 def selects_top_k(router: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,10 +41,19 @@ class SimulatedCrash(BaseException):
     (the process then dies as if killed: no final adapter, no cleanup). Never set it outside tests."""
 
 
+#: the exceptions that report bad input or a bad state in one line (no traceback): (module, class name)
+USER_ERRORS = (("molora.allocation.specs", "AllocationError"), ("molora.run.checkpoint", "CheckpointError"),
+               ("molora.run.data_errors", "DataError"), ("molora.run.assets", "AssetError"),
+               ("molora.run.common", "RunError"), ("molora.run.nonfinite", "NonFiniteError"),
+               ("molora.run.resume", "ResumeError"), ("molora.run.storage", "StorageError"))
+
+
 def is_user_error(e: BaseException) -> bool:
-    names = {"AllocationError", "CheckpointError", "DataError", "AssetError", "RunError", "NonFiniteError",
-             "ResumeError", "StorageError"}
-    return any(c.__name__ in names for c in type(e).__mro__)
+    """Whether ``e`` is one of :data:`USER_ERRORS` (or a subclass). Checked by class, among the modules already
+    imported: an exception of a class whose module was never imported cannot exist, and importing it here would
+    load torch on an error path."""
+    classes = tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules)
+    return isinstance(e, classes)
 
 
 def rank_info() -> tuple[int, int, int]:

@@ -86,7 +86,7 @@ def _report_user_error(prog: str, e: BaseException) -> bool:
     from .common import is_user_error
     from .recipe import RecipeError
 
-    if isinstance(e, (GenerateError, RecipeError)) or is_user_error(e) or type(e).__name__ == "DataError":
+    if isinstance(e, (GenerateError, RecipeError)) or is_user_error(e):
         print(f"{prog}: error: {e}", file=sys.stderr)
         return True
     return False

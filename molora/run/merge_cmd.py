@@ -54,9 +54,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _run(recipe, adapter, out, a.max_experts, a.calib_examples)
     except Exception as e:  # noqa: BLE001 - a user error is one line, anything else a traceback
+        from ..tuner.merge import MergeError
         from .common import is_user_error
 
-        if is_user_error(e) or type(e).__name__ == "MergeError":
+        if is_user_error(e) or isinstance(e, MergeError):
             print(f"molora merge-experts: error: {e}", file=sys.stderr)
             return 2
         raise

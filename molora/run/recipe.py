@@ -21,8 +21,10 @@ well under a second, naming the key: ``train.lerning_rate: unknown key (did you 
 Relative paths (data files, deepspeed config, output_dir) are resolved against the current directory first
 and, for files that must exist, against the recipe's own directory when not found there.
 
-Over 400 lines because the recipe module is also loaded standalone by file path (no torch, no package
-import: ``molora train --validate`` answers in well under a second), so its sections cannot import siblings.
+Over 400 lines: one schema per section, with the cross-field checks that must run before torch is imported. The
+``molora`` command imports the package deferred (no torch, no PEFT registration; see ``molora_cli``), and the
+allocation specs and router registry it validates against are torch-free, so ``molora train --validate`` answers
+in about a second.
 """
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from ..allocation import methods as allocation_methods
+from ..allocation import specs as allocation_specs
 
 __all__ = ["RecipeError", "Recipe", "load_recipe", "parse_overrides", "apply_overrides", "recipe_from_dict",
            "PACKAGED_MODEL_NAMES", "PACKAGED_DATASET_NAMES", "model_num_layers", "resolve_recipe_allocation"]
@@ -177,7 +182,7 @@ class AllocationSection(_Section):
     @classmethod
     def _router(cls, v):
         try:
-            _allocation_module().router_names_of(v)
+            allocation_specs.router_names_of(v)
         except ValueError as e:  # AllocationError naming the known routers
             raise ValueError(str(e)) from None
         return v
@@ -185,13 +190,13 @@ class AllocationSection(_Section):
     @model_validator(mode="after")
     def _router_options(self):
         if self.router_options:
-            alloc = _allocation_module()
+            alloc = allocation_specs
             alloc.router_registry().options_for(alloc.router_names_of(self.router), self.router_options)
         return self
 
     @model_validator(mode="after")
     def _mlp_with_auto(self):
-        if self.num_experts_mlp is not None and _allocation_module().is_auto(self.num_experts):
+        if self.num_experts_mlp is not None and allocation_specs.is_auto(self.num_experts):
             raise ValueError(f"num_experts_mlp={self.num_experts_mlp!r} with num_experts={self.num_experts!r}: an "
                              f"auto: allocation sets the counts itself (auto:attn-mlp sets both); drop "
                              f"num_experts_mlp")
@@ -336,34 +341,12 @@ class Recipe(_Section):
 # ----------------------------------------------------------------------------------------------------- allocation
 
 
-def _pure_module(name: str):
-    """A torch-free module of molora.allocation (``specs``, ``methods``) without importing the molora package
-    (whose __init__ imports torch and peft): loaded from its file when the package is not imported yet."""
-    full = f"molora.allocation.{name}"
-    if full in sys.modules:
-        return sys.modules[full]
-    alias = f"_molora_recipe_{name}"
-    if alias in sys.modules:
-        return sys.modules[alias]
-    path = Path(__file__).resolve().parents[1] / "allocation" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(alias, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[alias] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _allocation_module():
-    """molora.allocation.specs, torch-free (see :func:`_pure_module`)."""
-    return _pure_module("specs")
-
-
 def _validate_allocation_spec(value: Any, field: str) -> None:
-    alloc = _allocation_module()
+    alloc = allocation_specs
     try:
         alloc.validate_spec(value, field, allow_preset=field.startswith("num_experts"))
         if alloc.is_auto(value):
-            _pure_module("methods").get_method(alloc.auto_method(value))
+            allocation_methods.get_method(alloc.auto_method(value))
     except ValueError as e:  # AllocationError, unknown method
         raise ValueError(str(e)) from None
 
@@ -434,7 +417,7 @@ def resolve_recipe_allocation(recipe: "Recipe") -> Optional[list]:
     if layers is None:
         return None
     a = recipe.allocation
-    alloc = _allocation_module()
+    alloc = allocation_specs
     if alloc.is_auto(a.num_experts):
         if a.expert_budget is None:
             raise RecipeError(f"allocation.num_experts={a.num_experts!r} needs allocation.expert_budget (the total "

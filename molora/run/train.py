@@ -182,10 +182,10 @@ def _check_allocation_early(recipe: Recipe, show_warnings: bool) -> Optional[lis
 
 def _allocation_runs(layers: list) -> str:
     """``layers 0-7: 2 experts, top_k 2, r 8; ... (total N experts)`` for a resolved allocation."""
-    from .recipe import _allocation_module
+    from ..allocation import specs as allocation_specs
 
     split = any(a.num_experts_mlp is not None for a in layers)
-    runs = _allocation_module().describe_runs([a.num_experts for a in layers], [a.top_k for a in layers],
+    runs = allocation_specs.describe_runs([a.num_experts for a in layers], [a.top_k for a in layers],
                                               [a.r for a in layers],
                                               [a.num_experts_mlp for a in layers] if split else None)
     if split:
