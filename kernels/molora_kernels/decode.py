@@ -5,7 +5,8 @@ Same math as :mod:`torch_fused` (and :mod:`torch_dense`, the reference), per mod
 
     h        = x @ A_all.T                   [T, R]
     logits   = x @ W_router.T                [T, E]
-    gates    = route(logits) at inference (``training=False``: every router routes each token alone)
+    gates    = route(logits) at inference (``training=False``: every router routes each token alone; the
+               router's ``gates_fn`` where it has one: the same gates with fewer ops)
     out      = base + (h ⊙ (s · gates)[:, :, None]) @ B_all.T      one addmm
 
 The weights are read where they live (no concatenated copy: a copy kept between calls could go stale when a
@@ -37,6 +38,8 @@ class DecodeMember:
     route_fn: Callable
     route_kw: dict
     needs_token_ids: bool = False
+    #: ``route_fn`` is the router's ``gates_fn`` (returns the gates alone, not a Routing)
+    gates_only: bool = False
 
     @classmethod
     def of(cls, num_experts: int, top_k: int, scaling: float, router: str,
@@ -45,7 +48,9 @@ class DecodeMember:
         kw = r.resolve_options(router_options)
         if r.batch_dependent:
             kw.update(token_mask=None, training=False)
-        return cls(num_experts, top_k, float(scaling), r._resolve(r.route_fn), kw, r.needs_token_ids)
+        fn = r.gates_fn if r.gates_fn is not None else r.route_fn
+        return cls(num_experts, top_k, float(scaling), r._resolve(fn), kw, r.needs_token_ids,
+                   gates_only=r.gates_fn is not None)
 
 
 @torch.no_grad()
@@ -57,17 +62,24 @@ def decode(x2: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, router_we
     gradient, no statistics."""
     dt = x2.dtype
     tokens, m = x2.shape[0], member
-    h = torch.mm(x2, a_all.to(dt).t())                                 # [T, R]
-    logits = torch.mm(x2, router_weight.to(dt).t())                    # [T, E]
+    # (every op here is a few microseconds at decode sizes: casts only where the dtype differs, no indexing)
+    a = a_all if a_all.dtype == dt else a_all.to(dt)
+    w = router_weight if router_weight.dtype == dt else router_weight.to(dt)
+    b = b_all if b_all.dtype == dt else b_all.to(dt)
+    h = torch.mm(x2, a.t())                                            # [T, R]
+    logits = torch.mm(x2, w.t())                                       # [T, E]
     if m.needs_token_ids:
         if token_ids is None:
             raise ValueError("a router that routes by token id needs token_ids")
         routing = m.route_fn(logits, m.top_k, token_ids=token_ids, **m.route_kw)
     else:
         routing = m.route_fn(logits, m.top_k, **m.route_kw)
+    gates = routing if m.gates_only else routing.gates                  # [T, E] fp32
     # scaling multiplied in at least fp32, as the training path does (a float64 model keeps float64)
-    gs = (routing.gates.to(torch.promote_types(dt, torch.float32)) * m.scaling).to(dt)
+    if dt == torch.float32:
+        gs = gates * m.scaling
+    else:
+        gs = (gates.to(torch.promote_types(dt, torch.float32)) * m.scaling).to(dt)
     rank_all = h.shape[1]
-    hgs = (h.view(tokens, m.num_experts, rank_all // m.num_experts) * gs[:, :, None]).view(tokens, rank_all)
-    b = b_all.to(dt)
+    hgs = (h.view(tokens, m.num_experts, rank_all // m.num_experts) * gs.unsqueeze(-1)).view(tokens, rank_all)
     return torch.mm(hgs, b.t()) if base is None else torch.addmm(base, hgs, b.t())

@@ -16,18 +16,23 @@ from molora_kernels import get_layout
 from molora_kernels.decode import DecodeMember, decode
 from molora_kernels.ops import autocast_dtype
 
-__all__ = ["decodable", "decode_module"]
+__all__ = ["decode_module"]
 
 
-def decodable(module: nn.Module, name: str, x: torch.Tensor) -> bool:
-    """Whether ``module``'s adapter ``name`` can take the inference path for input ``x`` (the caller has checked
-    eval mode, no gradient and no statistics)."""
+def _operands(module: nn.Module, name: str, x: torch.Tensor) -> Optional[tuple]:
+    """(A, B, router weight) of adapter ``name`` when it can take the inference path for input ``x``, else None:
+    the stacked layout on the ``auto`` or ``torch`` backend, weights whole (not ZeRO-3 partitions) on x's device.
+    The parameters are read from the ParameterDicts' own tables (``ParameterDict.__getitem__`` goes through
+    ``Module.__getattr__``: microseconds per call, which a decode step pays 600 times)."""
     if module.backend[name] not in ("auto", "torch") or get_layout(module.layout.get(name, "stacked")).shared_a:
-        return False
-    for p in (module.molora_A[name], module.molora_B[name], module.molora_router[name]):
-        if hasattr(p, "ds_id") or p.device != x.device:
-            return False
-    return True
+        return None
+    ops = (module.molora_A._parameters.get(name), module.molora_B._parameters.get(name),
+           module.molora_router._parameters.get(name))
+    device = x.device
+    for p in ops:
+        if p is None or p.device != device or getattr(p, "ds_id", None) is not None:
+            return None
+    return ops
 
 
 def _member(module: nn.Module, name: str) -> DecodeMember:
@@ -40,15 +45,20 @@ def _member(module: nn.Module, name: str) -> DecodeMember:
     return hit[1]
 
 
-def decode_module(module: nn.Module, name: str, x: torch.Tensor, token_ids: Optional[torch.Tensor]) -> torch.Tensor:
-    """One module's delta [..., d_out] on the inference path, in the compute dtype (autocast's when it is on)."""
-    dt = autocast_dtype(x)
+def decode_module(module: nn.Module, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """One module's delta [..., d_out] on the inference path, in the compute dtype (autocast's when it is on), or
+    None when adapter ``name`` cannot take it (see :func:`_operands`; the caller has checked eval mode, no gradient
+    and no statistics, and then runs the training path)."""
+    ops = _operands(module, name, x)
+    if ops is None:
+        return None
+    member = _member(module, name)
+    ids = module._token_ids(name, x).reshape(-1) if member.needs_token_ids else None
     x2 = x.reshape(-1, x.shape[-1])
-    ids = None if token_ids is None else token_ids.reshape(-1)
-    args = (module.molora_A[name], module.molora_B[name], module.molora_router[name], _member(module, name), ids)
+    dt = autocast_dtype(x)
     if dt is not None:
         with torch.autocast(x.device.type, enabled=False):
-            out = decode(x2.to(dt), *args)
+            out = decode(x2.to(dt), *ops, member, ids)
     else:
-        out = decode(x2, *args)
+        out = decode(x2, *ops, member, ids)
     return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -19,7 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from molora_kernels import get_layout, get_router, moe_lora
 
 from .base_layers import base_layer_type
-from .decode import decodable, decode_module
+from .decode import decode_module
 from .router_state import AuxLossGrad, RegularizerGrad, RouterCollector, in_backward, mean_entropy, mean_z
 
 #: router options that weight a regulariser computed from the routing (option -> the term it weights)
@@ -214,22 +214,24 @@ class Linear(nn.Module, MoLoRALayer):
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         collector = self.collector
+        want_stats = collector is not None and collector.enabled
+        inference = not want_stats and not self.training and not torch.is_grad_enabled()
         for name in self.active_adapters:
             if name not in self.molora_A:
                 continue
-            real = None if collector is None else collector.mask_for(x)  # [batch, seq] bool, True = real token
-            mask = real if self.aux_loss_mode[name] == "masked" else None   # the statistics' tokens
-            routing_mask = real if get_router(self.router_type[name]).batch_dependent else None  # capacity's
-            want_stats = collector is not None and collector.enabled
-            token_ids = self._token_ids(name, x)
-            group = self.sibling_group  # q/k/v, gate/up: one shared shrink GEMM (molora.tuner.siblings)
-            if not want_stats and not self.training and not torch.is_grad_enabled() and decodable(self, name, x):
-                # inference: no autograd Function, no statistics, routing resolved once (molora.tuner.decode)
-                delta = decode_module(self, name, x, token_ids)
+            # inference: no autograd Function, no statistics, routing resolved once (molora.tuner.decode);
+            # tried first, so a decode step does none of the training path's bookkeeping
+            delta = decode_module(self, name, x) if inference else None
+            if delta is not None:
                 if name in self.molora_shared_A:
                     delta = delta + self._shared_expert(name, x).to(delta.dtype)
                 result = result + delta.to(result.dtype)
                 continue
+            real = None if collector is None else collector.mask_for(x)  # [batch, seq] bool, True = real token
+            mask = real if self.aux_loss_mode[name] == "masked" else None   # the statistics' tokens
+            routing_mask = real if get_router(self.router_type[name]).batch_dependent else None  # capacity's
+            token_ids = self._token_ids(name, x)
+            group = self.sibling_group  # q/k/v, gate/up: one shared shrink GEMM (molora.tuner.siblings)
             out = None if group is None else group.output_for(self, name, x, mask, want_stats, token_ids,
                                                               routing_mask)
             if out is None:
