@@ -368,3 +368,18 @@ def test_every_user_field_of_the_config_is_a_recipe_key():
     user = {f.name for f in dataclasses.fields(MoLoRAConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
     missing = sorted(user - internal - set(AllocationSection.model_fields))
     assert missing == [], f"MoLoRAConfig fields a recipe cannot set: {missing}"
+
+
+@pytest.mark.parametrize("alloc,message", [
+    ({"layout": "nope"}, "allocation.layout: layout='nope' is not a known expert layout; allowed: stacked, shared_a"),
+    ({"backend": "nope"}, "allocation.backend: backend='nope' is not a known backend; allowed: auto, torch, "
+                          "reference, sparse, triton"),
+    ({"layout": "shared_a", "backend": "sparse"}, "backend='sparse' does not implement layout='shared_a'; backends "
+                                                  "for it: torch, reference (or 'auto')"),
+])
+def test_unknown_layout_and_backend_are_refused_by_the_recipe(alloc, message):
+    """Issue 19.10: `--validate` accepted an unknown layout (and backend); the run failed only after loading."""
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict({"data": {"packaged": "bbc-news"}, "allocation": alloc})
+    assert message in str(e.value)
+    recipe_from_dict({"data": {"packaged": "bbc-news"}, "allocation": {"layout": "shared_a", "backend": "torch"}})

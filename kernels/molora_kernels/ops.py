@@ -29,13 +29,15 @@ import torch
 
 from . import cost_model, torch_dense
 from .layouts import get_layout
-from .routers import get_router
+from .routers import ALL_BACKENDS, get_router
 from .routing import Routing, RouterStats, route, routing_stats
 from .sparse import moe_lora_sparse
 from .torch_fused import moe_lora_fused
 
-BACKENDS = ("auto", "torch", "reference", "sparse", "triton")
-_CONCRETE = ("torch", "reference", "sparse", "triton")
+#: every backend name a config accepts: "auto" (chosen per call) and the concrete ones (the one list lives in the
+#: pure router registry, so torch-free recipe checks see the same names)
+BACKENDS = ("auto", *ALL_BACKENDS)
+_CONCRETE = ALL_BACKENDS
 
 _TRITON: dict[str, object] = {}   # lazily imported module (or the reason it is unavailable)
 

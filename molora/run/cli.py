@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import runpy
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -235,6 +237,45 @@ def _bench(argv: Sequence[str]) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Command:
+    """One ``molora`` command: its help line and its entry, ``"module:function"`` (imported when the command
+    runs, so ``molora --help`` and recipe checks import no torch) or a function of this module."""
+
+    help: str
+    entry: object
+
+    def run(self, argv: list[str]) -> Optional[int]:
+        fn = self.entry
+        if isinstance(fn, str):
+            module, _, attr = fn.partition(":")
+            fn = getattr(importlib.import_module(module, __package__), attr)
+        return fn(argv)
+
+
+#: every command, in the order ``molora --help`` lists them (one table: adding a command is one entry)
+COMMANDS: dict[str, Command] = {
+    "train": Command("fine-tune from a YAML recipe", ".train:main"),
+    "eval": Command("accuracy of a saved adapter (or the untuned model) under a recipe", ".eval_run:main"),
+    "report": Command("render loss curves and the expert-load heatmap of a run", ".report:main"),
+    "bench": Command("run a benchmark (kernels | train | generate | eval)", _bench),
+    "convert-mola": Command("import a checkpoint of the original MoLA code", _convert),
+    "allocation": Command("print the resolved per-layer allocation for a model", _allocation),
+    "allocate": Command("data-driven allocation: per-layer scores -> experts per layer (table, PNG, YAML)",
+                        _allocate),
+    "sweep": Command("equal-budget allocation study: one training run per allocation x seed, merged table",
+                     ".sweep:main"),
+    "merge-experts": Command("fewer experts per layer after training (exact where unused, else lossy and measured)",
+                             ".merge_cmd:main"),
+    "lm-eval": Command("lm-evaluation-harness with molora adapters (and local tasks from molora JSONL files)",
+                       ".lm_eval_cmd:main"),
+    "split": Command("carve disjoint validation/test slices out of a data file (seeded, recorded)", ".split_cmd:main"),
+    "generate": Command("completions of prompts (or a JSONL file) with a tuned model and its recipe's template",
+                        ".generate_cmd:main_generate"),
+    "chat": Command("an interactive chat with a tuned chat model", ".generate_cmd:main_chat"),
+}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `deepspeed --module molora train RECIPE` runs `python -m molora --local_rank=N train RECIPE`: the launcher puts
@@ -247,69 +288,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             launcher.append(argv.pop(0))
     if launcher and argv:
         argv = [argv[0], *launcher, *argv[1:]]
-    commands = {
-        "train": "fine-tune from a YAML recipe",
-        "eval": "accuracy of a saved adapter (or the untuned model) under a recipe",
-        "report": "render loss curves and the expert-load heatmap of a run",
-        "bench": "run a benchmark (kernels | train | generate | eval)",
-        "convert-mola": "import a checkpoint of the original MoLA code",
-        "allocation": "print the resolved per-layer allocation for a model",
-        "allocate": "data-driven allocation: per-layer scores -> experts per layer (table, PNG, YAML)",
-        "sweep": "equal-budget allocation study: one training run per allocation x seed, merged table",
-        "merge-experts": "fewer experts per layer after training (exact where unused, else lossy and measured)",
-        "lm-eval": "lm-evaluation-harness with molora adapters (and local tasks from molora JSONL files)",
-        "split": "carve disjoint validation/test slices out of a data file (seeded, recorded)",
-        "generate": "completions of prompts (or a JSONL file) with a tuned model and its recipe's template",
-        "chat": "an interactive chat with a tuned chat model",
-    }
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: molora COMMAND [args]\n\ncommands:")
-        for c, h in commands.items():
-            print(f"  {c:<14}{h}")
+        for c, cmd in COMMANDS.items():
+            print(f"  {c:<14}{cmd.help}")
         return 0 if argv else 2
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "train":
-        from .train import main as train_main
-
-        return train_main(rest) or 0
-    if cmd == "eval":
-        from .eval_run import main as eval_main
-
-        return eval_main(rest) or 0
-    if cmd == "report":
-        from .report import main as report_main
-
-        return report_main(rest) or 0
-    if cmd == "bench":
-        return _bench(rest)
-    if cmd == "convert-mola":
-        return _convert(rest)
-    if cmd == "allocation":
-        return _allocation(rest)
-    if cmd == "allocate":
-        return _allocate(rest)
-    if cmd == "sweep":
-        from .sweep import main as sweep_main
-
-        return sweep_main(rest)
-    if cmd == "merge-experts":
-        from .merge_cmd import main as merge_main
-
-        return merge_main(rest)
-    if cmd == "lm-eval":
-        from .lm_eval_cmd import main as lm_eval_main
-
-        return lm_eval_main(rest)
-    if cmd in ("generate", "chat"):
-        from .generate_cmd import main_chat, main_generate
-
-        return (main_generate if cmd == "generate" else main_chat)(rest)
-    if cmd == "split":
-        from .split_cmd import main as split_main
-
-        return split_main(rest)
-    print(f"molora: unknown command {cmd!r}; commands: {', '.join(commands)}", file=sys.stderr)
-    return 2
+    name, rest = argv[0], argv[1:]
+    cmd = COMMANDS.get(name)
+    if cmd is None:
+        print(f"molora: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return cmd.run(rest) or 0
 
 
 if __name__ == "__main__":

@@ -187,6 +187,32 @@ class AllocationSection(_Section):
             raise ValueError(str(e)) from None
         return v
 
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v):
+        allowed = ("auto", *allocation_specs.router_registry().ALL_BACKENDS)
+        if v not in allowed:
+            raise ValueError(f"backend={v!r} is not a known backend; allowed: {', '.join(allowed)}")
+        return v
+
+    @field_validator("layout")
+    @classmethod
+    def _layout(cls, v):
+        from molora_kernels.layouts import get_layout  # pure Python, like the router registry
+
+        get_layout(v)  # ValueError naming the known layouts
+        return v
+
+    @model_validator(mode="after")
+    def _backend_implements_layout(self):
+        from molora_kernels.layouts import get_layout
+
+        lay = get_layout(self.layout)
+        if self.backend != "auto" and self.backend not in lay.backends:
+            raise ValueError(f"backend={self.backend!r} does not implement layout={self.layout!r}; backends for it: "
+                             f"{', '.join(lay.backends)} (or 'auto')")
+        return self
+
     @model_validator(mode="after")
     def _router_options(self):
         if self.router_options:
