@@ -5,8 +5,8 @@ Same math as :mod:`torch_fused` (and :mod:`torch_dense`, the reference), per mod
 
     h        = x @ A_all.T                   [T, R]
     logits   = x @ W_router.T                [T, E]
-    gates    = route(logits) at inference (``training=False``: every router routes each token alone; the
-               router's ``gates_fn`` where it has one: the same gates with fewer ops)
+    gates    = route(logits) at inference (``training=False``: every router routes each token alone; the router's
+               own function, so a float64 model keeps MoLA's exact gates: tests/test_convert.py)
     out      = base + (h ⊙ (s · gates)[:, :, None]) @ B_all.T      one addmm
 
 The weights are read where they live (no concatenated copy: a copy kept between calls could go stale when a
@@ -38,8 +38,6 @@ class DecodeMember:
     route_fn: Callable
     route_kw: dict
     needs_token_ids: bool = False
-    #: ``route_fn`` is the router's ``gates_fn`` (returns the gates alone, not a Routing)
-    gates_only: bool = False
 
     @classmethod
     def of(cls, num_experts: int, top_k: int, scaling: float, router: str,
@@ -48,9 +46,7 @@ class DecodeMember:
         kw = r.resolve_options(router_options)
         if r.batch_dependent:
             kw.update(token_mask=None, training=False)
-        fn = r.gates_fn if r.gates_fn is not None else r.route_fn
-        return cls(num_experts, top_k, float(scaling), r._resolve(fn), kw, r.needs_token_ids,
-                   gates_only=r.gates_fn is not None)
+        return cls(num_experts, top_k, float(scaling), r._resolve(r.route_fn), kw, r.needs_token_ids)
 
 
 @torch.no_grad()
@@ -74,7 +70,7 @@ def decode(x2: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, router_we
         routing = m.route_fn(logits, m.top_k, token_ids=token_ids, **m.route_kw)
     else:
         routing = m.route_fn(logits, m.top_k, **m.route_kw)
-    gates = routing if m.gates_only else routing.gates                  # [T, E] fp32
+    gates = routing.gates                                               # [T, E] fp32
     # scaling multiplied in at least fp32, as the training path does (a float64 model keeps float64)
     if dt == torch.float32:
         gs = gates * m.scaling

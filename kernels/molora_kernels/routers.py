@@ -89,9 +89,6 @@ class Router:
     #: ``token_mask`` ([T] bool or None, True = real token; padding takes no capacity) and ``training`` (at
     #: inference it routes every token on its own, so outputs do not depend on batch size, order or padding)
     batch_dependent: bool = False
-    #: inference only (the decode path): ``fn(logits [T, E], top_k, **options) -> gates [T, E] fp32``, the gates
-    #: ``route_fn`` gives at inference computed with fewer ops; None: ``route_fn(...).gates``
-    gates_fn: Optional[object] = None
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def _resolve(self, spec) -> Callable:
@@ -229,7 +226,6 @@ def get_router(name: str) -> Router:
 register_router(Router(
     "topk", "MoLA: softmax over the experts, top-k, renormalise the chosen weights (the default)",
     route_fn="routing:route_topk", logits_grad_fn="routing:topk_logits_grad", selects_top_k=True, aux_loss="mola",
-    gates_fn="routing:topk_gates",
     options=(Z_LOSS_COEF,)))
 register_router(Router(
     "soft", "LoRAMoE-style dense softmax: every expert, weighted by its probability (no load-balancing loss)",

@@ -115,16 +115,6 @@ def route_topk(logits: torch.Tensor, top_k: int, **_: float) -> Routing:
     return Routing(gates=gates, probs=probs, topk_idx=idx)
 
 
-def topk_gates(logits: torch.Tensor, top_k: int, **_: float) -> torch.Tensor:
-    """The gates of :func:`route_topk` [T, E] fp32 with fewer ops (the inference path's): the top-k of the logits
-    are the top-k of the softmax, and the renormalised top-k softmax weights are the softmax of the top-k logits."""
-    lf = logits.float()
-    if top_k == lf.shape[-1]:
-        return torch.softmax(lf, dim=-1)
-    vals, idx = torch.topk(lf, top_k, dim=-1)
-    return torch.zeros_like(lf).scatter(-1, idx, torch.softmax(vals, dim=-1))
-
-
 def route_topp(logits: torch.Tensor, top_k: int, top_p: float = 0.75, **_: float) -> Routing:
     """Dynamic top-p router (Huang et al. 2024, "Harder Tasks Need More Experts"; MoE-PEFT's dynamic MixLoRA)::
 
