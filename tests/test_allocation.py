@@ -93,7 +93,7 @@ def test_uneven_layers_first_groups_get_one_more():
 def test_uneven_matches_numpy_array_split():
     np = pytest.importorskip("numpy")
     for num_layers in range(4, 33):
-        want = [v for v, chunk in zip((2, 4, 6, 8), np.array_split(np.arange(num_layers), 4)) for _ in chunk]
+        want = [v for v, chunk in zip((2, 4, 6, 8), np.array_split(np.arange(num_layers), 4), strict=True) for _ in chunk]
         assert resolve("2,4,6,8", num_layers, "num_experts") == want
 
 
@@ -127,7 +127,7 @@ def _groups_of(spec, num_layers):
             ([spec] if isinstance(spec, int) else parse_blocks(spec))
         sizes = group_sizes(num_layers, len(values))
     out, start = [], 0
-    for v, n in zip(values, sizes):
+    for v, n in zip(values, sizes, strict=True):
         out.append((v, range(start, start + n)))
         start += n
     return out

@@ -57,7 +57,7 @@ def _hidden(model, batches, final_norm):
 
 def _cos_mean(xs, ys, batches):
     s = n = 0.0
-    for x, y, b in zip(xs, ys, batches):
+    for x, y, b in zip(xs, ys, batches, strict=True):
         x, y, m = x.double().numpy(), y.double().numpy(), b["attention_mask"].double().numpy()
         cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
         s += (cos * m).sum()
@@ -203,7 +203,7 @@ def test_aux_loss_and_its_gradient_are_grouped_per_layer_and_kind(tiny_model):
                                atol=1e-6)
     out.loss.backward()
     got = dict(model.named_parameters())
-    for (name, _), w in zip(params.items(), want):
+    for (name, _), w in zip(params.items(), want, strict=True):
         torch.testing.assert_close(got[name].grad, w, rtol=1e-4, atol=1e-6, msg=name)
     summary = model.base_model.router_summary()
     assert set(summary) == {f"{i}.{k}" for i in range(4) for k in ("attn", "mlp")}

@@ -43,7 +43,7 @@ def test_messages_rows_train_on_assistant_turns_only(chat_tok):
     assert chat_tok.decode(feats["input_ids"]) == whole
     assert len(feats["labels"]) == len(feats["input_ids"]) == len(feats["attention_mask"])
     # labels equal input_ids where set
-    assert all(l in (IGNORE_INDEX, i) for l, i in zip(feats["labels"], feats["input_ids"]))
+    assert all(l in (IGNORE_INDEX, i) for l, i in zip(feats["labels"], feats["input_ids"], strict=True))
     everything = tokenize_row(CONVERSATION, chat_tok, cutoff_len=None, train_on_inputs=True)
     assert everything["labels"] == everything["input_ids"]
 

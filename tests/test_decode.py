@@ -19,7 +19,7 @@ IDS = [r[0] for r in ROUTERS]
 def _weights(seed, d_in=24, experts=(4, 3), r=2, d_out=(20, 12)):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(e * r, d_in, generator=g) * 0.3, torch.randn(do, e * r, generator=g) * 0.3,
-             torch.randn(e, d_in, generator=g)) for e, do in zip(experts, d_out)]
+             torch.randn(e, d_in, generator=g)) for e, do in zip(experts, d_out, strict=True)]
 
 
 @pytest.mark.parametrize("router,k,opts", ROUTERS, ids=IDS)

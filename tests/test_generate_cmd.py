@@ -30,7 +30,7 @@ def test_generate_renders_the_template_and_matches_direct_greedy_decoding(assets
                           "--max-new-tokens", "3", "--batch-size", "2"]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     src = [json.loads(x) for x in open(assets["validation"]).read().splitlines()]
-    assert len(rows) == len(src) and all(r["prompt"] == f"Q: {s['input']}\nA:" for r, s in zip(rows, src))
+    assert len(rows) == len(src) and all(r["prompt"] == f"Q: {s['input']}\nA:" for r, s in zip(rows, src, strict=True))
     # batched, left-padded generation equals one-at-a-time greedy decoding
     tok = AutoTokenizer.from_pretrained(assets["model"])
     model = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()

@@ -157,7 +157,7 @@ def test_layer_matches_reference_fp32(E, k, r, shape, bias, router, backend):
         assert_close(y, y_ref, 2e-5, f"{mode} output")
         if with_aux:
             assert_close(aux, aux_ref, 1e-5, f"{mode} aux")
-        for name, g, g_ref in zip(GRAD_NAMES, grads, grads_ref):
+        for name, g, g_ref in zip(GRAD_NAMES, grads, grads_ref, strict=True):
             assert g is not None, name
             assert_close(g, g_ref, 5e-5, f"{mode} grad {name}")
         assert stats.prob_sum.dtype == torch.float32
@@ -203,7 +203,7 @@ def test_layer_matches_reference_low_precision(E, k, r, dtype, router, backend, 
         assert_close(y, y_ref, tol, f"{mode} output")
         if with_aux:
             assert_close(aux, aux_ref, tol, f"{mode} aux")
-        for name, g, g_ref in zip(GRAD_NAMES, grads, grads_ref):
+        for name, g, g_ref in zip(GRAD_NAMES, grads, grads_ref, strict=True):
             assert g.dtype == (x.dtype if name == "x" else layer.molora_A["default"].dtype)
             assert_close(g, g_ref, 2 * tol, f"{mode} grad {name}")
 
@@ -376,7 +376,7 @@ def reference_router_grads(tiny_model, model_with_aux, coef, mode, ids, mask, la
     g_aux = torch.autograd.grad(aux, list(params.values()), allow_unused=True)
     zero = torch.zeros(())
     return {n: (gt if gt is not None else zero) + coef * (ga if ga is not None else zero)
-            for n, gt, ga in zip(params, g_task, g_aux)}, {n: ga for n, ga in zip(params, g_aux)}
+            for n, gt, ga in zip(params, g_task, g_aux, strict=True)}, {n: ga for n, ga in zip(params, g_aux, strict=True)}
 
 
 @pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])

@@ -48,7 +48,7 @@ def test_shared_a_matches_the_per_token_reference_with_gradients(backend):
     got = torch.autograd.grad((out.delta * up).sum() + out.stats.prob_sum.sum() * 0.3, (x, a, b, w))
     prob_sum = torch.softmax(x @ w.t(), -1).sum(0)
     ref = torch.autograd.grad((want * up).sum() + prob_sum.sum() * 0.3, (x, a, b, w))
-    for name, gg, rr in zip("xabw", got, ref):
+    for name, gg, rr in zip("xabw", got, ref, strict=True):
         torch.testing.assert_close(gg, rr, rtol=1e-4, atol=1e-5, msg=name)
 
 
@@ -86,7 +86,7 @@ def test_shared_a_under_autocast_matches_the_reference_in_that_dtype(dtype):
     got = torch.autograd.grad(out.delta.float().sum(), (x, a, b, w))
     want = torch.autograd.grad(ref.delta.float().sum(), (x, a_rep, b, w))
     want = (want[0], want[1].view(w.shape[0], a.shape[0], -1).sum(0), want[2], want[3])
-    for name, g, r in zip("xabw", got, want):  # 16-bit sums in another order: compare relative to the norm
+    for name, g, r in zip("xabw", got, want, strict=True):  # 16-bit sums in another order: compare relative to the norm
         rel = float((g.float() - r.float()).norm() / r.float().norm())
         assert rel < 1e-2, (name, rel)
 

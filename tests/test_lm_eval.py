@@ -60,13 +60,13 @@ def test_lm_eval_scores_a_molora_adapter_like_molora(saved, monkeypatch):
     tok = AutoTokenizer.from_pretrained(d / "base")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d / "base"), d / "adapter").eval()
     ours = score_options(model, tok, rows, progress=False)
-    for row, want in zip(rows, ours):
+    for row, want in zip(rows, ours, strict=True):
         torch.testing.assert_close(torch.tensor(got[row["id"]]), torch.tensor(want), rtol=1e-4, atol=1e-4)
-    acc = sum(int(max(range(3), key=s.__getitem__) == r["label"]) for r, s in zip(rows, ours)) / len(rows)
+    acc = sum(int(max(range(3), key=s.__getitem__) == r["label"]) for r, s in zip(rows, ours, strict=True)) / len(rows)
     assert results["acc,none"] == pytest.approx(acc)
     # the adapter really was applied: the base model alone scores differently
     plain = score_options(AutoModelForCausalLM.from_pretrained(d / "base").eval(), tok, rows, progress=False)
-    assert max(abs(a - b) for p, o in zip(plain, ours) for a, b in zip(p, o)) > 1e-3
+    assert max(abs(a - b) for p, o in zip(plain, ours, strict=True) for a, b in zip(p, o, strict=True)) > 1e-3
 
 
 def test_bad_jsonl_task_specs_are_refused(saved, tmp_path, capsys):

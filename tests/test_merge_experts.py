@@ -42,8 +42,8 @@ def test_merged_parameters_are_the_usage_weighted_means(tiny_model):
     for j, g in enumerate(groups):
         f = torch.tensor([loads[0][e] for e in g], dtype=torch.float64)
         f = f / f.sum()
-        want_a = sum(fi * a[e * r:(e + 1) * r].double() for fi, e in zip(f, g)).float()
-        want_b = sum(fi * b[:, e * r:(e + 1) * r].double() for fi, e in zip(f, g)).float()
+        want_a = sum(fi * a[e * r:(e + 1) * r].double() for fi, e in zip(f, g, strict=True)).float()
+        want_b = sum(fi * b[:, e * r:(e + 1) * r].double() for fi, e in zip(f, g, strict=True)).float()
         torch.testing.assert_close(m.molora_A["default"][j * r:(j + 1) * r], want_a)
         torch.testing.assert_close(m.molora_B["default"][:, j * r:(j + 1) * r], want_b)
         torch.testing.assert_close(m.molora_router["default"][j], w[g[0]])
@@ -77,7 +77,7 @@ def test_removing_experts_no_token_selected_is_exact_on_those_tokens(tiny_model)
     report = merge_experts(model, 4, loads)
     assert all(r.exact and r.after == 4 for r in report)
     with torch.no_grad():
-        for b, w_ in zip(batches, want):
+        for b, w_ in zip(batches, want, strict=True):
             got = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             torch.testing.assert_close(got, w_, rtol=1e-5, atol=1e-5)
 
@@ -121,7 +121,7 @@ def test_exact_on_calibration_is_not_exact_on_held_out_tokens(tiny_model):
         got_held = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in held]
     direct = max(float(torch.log_softmax(g[:, :-1], -1).gather(-1, b["input_ids"][:, 1:, None]).sub(
         torch.log_softmax(w_[:, :-1], -1).gather(-1, b["input_ids"][:, 1:, None])).abs().max())
-        for g, w_, b in zip(got_held, want_held, held))
+        for g, w_, b in zip(got_held, want_held, held, strict=True))
     assert change["max_abs_logprob"] == pytest.approx(direct, rel=1e-4, abs=1e-6) and direct > 1e-3
 
 

@@ -74,7 +74,7 @@ def test_backend_under_autocast(backend, dtype, dropout, backward_inside):
     assert torch.equal(out.routing.topk_idx, ref.routing.topk_idx)
     tol = TOL[dtype]
     _close(out.delta, ref.delta, tol, "output")
-    for name, g, r in zip(("dx", "dA", "dB", "dW_router"), got, want):
+    for name, g, r in zip(("dx", "dA", "dB", "dW_router"), got, want, strict=True):
         assert g.dtype == (x.dtype if name == "dx" else torch.float32), name
         _close(g, r, tol, name)
 
@@ -93,7 +93,7 @@ def test_low_precision_activations_fp32_adapters(backend, dtype):
     ref = moe_lora(x, a.to(dtype), b.to(dtype), w.to(dtype), backend="reference", base=base, **kw)
     want = _grads(_loss(ref, dy, c), (x, a, b, w))
     _close(out.delta, ref.delta, TOL[dtype], "output")
-    for name, g, r in zip(("dx", "dA", "dB", "dW_router"), got, want):
+    for name, g, r in zip(("dx", "dA", "dB", "dW_router"), got, want, strict=True):
         assert g.dtype == (dtype if name == "dx" else torch.float32), name
         _close(g, r, TOL[dtype], name)
 

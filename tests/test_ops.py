@@ -76,7 +76,7 @@ def _inputs(shape, d_in, d_out, E, r, dtype, seed):
 
 def _grads(loss, tensors):
     gs = torch.autograd.grad(loss, tensors, allow_unused=True)
-    return [torch.zeros_like(t) if gr is None else gr for t, gr in zip(tensors, gs)]
+    return [torch.zeros_like(t) if gr is None else gr for t, gr in zip(tensors, gs, strict=True)]
 
 
 def _assert_close(actual, expected, tol, what):
@@ -123,7 +123,7 @@ def test_backend_matches_naive(backend, layout, cfg, router, dtype):
     want = [y.reshape(*shape, d_out)] + _grads(ref_loss, [x, a, b, w])
 
     tol = 2e-5 if dtype == torch.float32 else 4e-2
-    for name, g_, w_ in zip(["out", "dx", "dA", "dB", "dW_router"], got, want):
+    for name, g_, w_ in zip(["out", "dx", "dA", "dB", "dW_router"], got, want, strict=True):
         _assert_close(g_, w_, tol, f"{backend} {name}")
 
 
@@ -189,7 +189,7 @@ def test_sparse_random_routings_many_seeds():
             o = moe_lora(x, a, b, w, top_k=k, scaling=2.0, backend=be)
             loss = (o.delta * dy).sum() + (o.stats.prob_sum * c).sum()
             outs.append([o.delta, *_grads(loss, [x, a, b, w])])
-        for u, v in zip(*outs):
+        for u, v in zip(*outs, strict=True):
             torch.testing.assert_close(u, v, rtol=3e-5, atol=3e-5)
 
 
@@ -323,7 +323,7 @@ def test_dropout_is_replayed_not_saved():
     y_ref, g_ref, _, after_ref = run("reference")
     y, grads, saved, after = run("torch")
     assert torch.equal(y, y_ref), "the same mask and values as F.dropout"
-    for got, want in zip(grads, g_ref):
+    for got, want in zip(grads, g_ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(after, after_ref), "backward's replay does not move the RNG stream"
     big = [t for t in saved if t.shape == (T, d_in) and t.data_ptr() != x.data_ptr()]
@@ -347,5 +347,5 @@ def test_float64_inputs_stay_float64(backend, router):
         loss = (out.delta * dy.double()).sum() + (out.stats.prob_sum * c).sum()
         results.append([out.delta] + _grads(loss, [x, a, b]))
     # dx also carries the routing gradient (softmax backward), which every backend computes in float32 by design
-    for what, got, want, tol in zip(["out", "dx", "dA", "dB"], *results, [1e-12, 1e-6, 1e-12, 1e-12]):
+    for what, got, want, tol in zip(["out", "dx", "dA", "dB"], *results, [1e-12, 1e-6, 1e-12, 1e-12], strict=True):
         _assert_close(got, want, tol, f"{backend} float64 {what}")

@@ -174,3 +174,15 @@ def test_public_api_is_unchanged():
                      "RoutedMergeError", "PRESETS", "resolve_allocation", "allocation_table", "router_summary"):
             assert getattr(molora, name) is not None
     assert molora.MoLoRAConfig.__module__ == "molora.tuner.config"
+
+
+@pytest.mark.parametrize("command", [c for c in __import__("molora.run.cli", fromlist=["COMMANDS"]).COMMANDS
+                                     if c not in ("lm-eval",)])  # lm-eval prints lm_eval's own help
+def test_every_command_help_is_plain_text_and_exits_0(command):
+    """Issue 21.7: `merge-experts --help` showed raw reST markup (``...``, :mod:`...`); every command's --help exits
+    0 and prints plain text."""
+    out = subprocess.run([sys.executable, "-m", "molora", command, "--help"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-1500:]
+    text = out.stdout
+    assert "usage" in text.lower() and "``" not in text and ":mod:`" not in text and ":func:`" not in text, text

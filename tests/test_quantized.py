@@ -81,7 +81,7 @@ def test_quantized_base_matches_dequantized_reference(kind, compute, tol, router
     scale = y_ref.abs().max().item()
     assert (y.float() - y_ref).abs().max().item() <= tol * scale, "output"
     # the adapters do not read the base weight: their gradients agree to float32 rounding whatever the base
-    for name, g, gr in zip(("A", "B", "router"), grads[1:], grads_ref[1:]):
+    for name, g, gr in zip(("A", "B", "router"), grads[1:], grads_ref[1:], strict=True):
         assert g is not None and torch.allclose(g, gr, atol=1e-5, rtol=1e-4), name
     assert (grads[0] - grads_ref[0]).abs().max().item() <= tol * grads_ref[0].abs().max().item(), "x grad"
     # the delta on its own is exactly the reference's delta

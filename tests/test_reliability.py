@@ -335,6 +335,33 @@ def test_fp16_on_cpu_is_refused_before_loading(assets, tmp_path, capsys):
     assert not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("train,model,why", [
+    ({"deepspeed": str(ROOT / "recipes" / "deepspeed" / "zero3.json")}, {}, "DeepSpeed casts the model to float32"),
+    ({"bf16": True}, {}, "autocast would compute in 16 bits"),
+])
+def test_float64_is_refused_where_it_would_silently_be_something_else(assets, tmp_path, capsys, train, model, why):
+    """Issue 19.11: model.dtype float64 is the exact reference of the ZeRO equivalence test; under DeepSpeed the
+    engine silently trained a float64 model in float32 (its adapter came back float32)."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", assets, out, train={"max_steps": 2, **train},
+                          model={"dtype": "float64", **model})
+    assert _train([recipe]) == 2
+    err = capsys.readouterr().err
+    assert "model.dtype: float64 is a single-process, unquantized, no-autocast setting" in err and why in err
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_float64_trains_a_float64_adapter(assets, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", assets, out, train={"max_steps": 2, "save_steps": 2},
+                          model={"dtype": "float64"}, eval={"before": False, "after": False})
+    assert _train([recipe]) == 0
+    assert _records(out, "run")[0]["precision"].startswith("float64 (no autocast)")
+    assert {t.dtype for t in load_file(str(out / "adapter" / "adapter_model.safetensors")).values()} == {torch.float64}
+
+
 # ------------------------------------------------------------------------------------------ item 15, 18: warnings
 def test_a_run_prints_no_deprecation_warnings(assets, tmp_path):
     """A fresh process (transformers warns once per process) trains with activation checkpointing and

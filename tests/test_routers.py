@@ -82,7 +82,7 @@ def test_a_registered_router_matches_its_reference_with_gradients(tempered, back
     torch.testing.assert_close(out.stats.prob_sum, want_prob_sum, rtol=1e-5, atol=1e-5)
     got_grads = torch.autograd.grad((out.delta * up).sum() + (out.stats.prob_sum * c).sum(), (x, a, b, w))
     want_grads = torch.autograd.grad((want * up).sum() + (want_prob_sum * c).sum(), (x, a, b, w))
-    for name, gg, ww in zip("xabw", got_grads, want_grads):
+    for name, gg, ww in zip("xabw", got_grads, want_grads, strict=True):
         torch.testing.assert_close(gg, ww, rtol=1e-4, atol=1e-5, msg=name)
 
 
@@ -158,7 +158,7 @@ def _assert_loss_terms(model, ref, out_ref, batch_, coef, aux, reg):
                                rtol=1e-5, atol=1e-6)
     out.loss.backward()
     got = dict(model.named_parameters())
-    for (name, _), w_ in zip(params.items(), want):
+    for (name, _), w_ in zip(params.items(), want, strict=True):
         torch.testing.assert_close(got[name].grad, w_, rtol=1e-4, atol=1e-6, msg=name)
 
 
@@ -210,7 +210,7 @@ def test_topp_matches_the_per_token_reference_with_gradients(backend, top_p):
     want_prob_sum = torch.softmax(x @ w.t(), -1).sum(0)
     got = torch.autograd.grad((out.delta * up).sum() + (out.stats.prob_sum * c).sum(), (x, a, b, w))
     ref = torch.autograd.grad((want * up).sum() + (want_prob_sum * c).sum(), (x, a, b, w))
-    for name, gg, rr in zip("xabw", got, ref):
+    for name, gg, rr in zip("xabw", got, ref, strict=True):
         torch.testing.assert_close(gg, rr, rtol=1e-4, atol=1e-5, msg=name)
 
 
@@ -225,7 +225,7 @@ def test_topp_under_autocast_matches_the_reference_backend(dtype):
         grads = torch.autograd.grad(o.delta.float().sum(), (x, a, b, w))
         outs.append((o.delta.float(), grads))
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=2e-2, atol=2e-2)
-    for name, g1, g2 in zip("xabw", outs[0][1], outs[1][1]):
+    for name, g1, g2 in zip("xabw", outs[0][1], outs[1][1], strict=True):
         torch.testing.assert_close(g1.float(), g2.float(), rtol=3e-2, atol=3e-2, msg=name)
 
 
@@ -418,7 +418,7 @@ def test_switch_matches_the_per_token_reference_with_capacity_and_gradients(back
     want_prob_sum = torch.softmax(x @ w.t(), -1).sum(0)
     got = torch.autograd.grad((out.delta * up).sum() + (out.stats.prob_sum * c).sum(), (x, a, b, w))
     ref = torch.autograd.grad((want * up).sum() + (want_prob_sum * c).sum(), (x, a, b, w))
-    for name, gg, rr in zip("xabw", got, ref):
+    for name, gg, rr in zip("xabw", got, ref, strict=True):
         torch.testing.assert_close(gg, rr, rtol=1e-4, atol=1e-5, msg=name)
 
 
@@ -501,7 +501,7 @@ def test_expert_choice_matches_the_per_expert_reference_with_gradients(backend, 
     assert float(out.stats.dropped) == sum(n == 0 for n in per_token)  # tokens no expert chose
     got = torch.autograd.grad((out.delta * up).sum(), (x, a, b, w))
     ref = torch.autograd.grad((want * up).sum(), (x, a, b, w))
-    for name, gg, rr in zip("xabw", got, ref):
+    for name, gg, rr in zip("xabw", got, ref, strict=True):
         torch.testing.assert_close(gg, rr, rtol=1e-4, atol=1e-5, msg=name)
 
 
@@ -537,7 +537,7 @@ def test_hash_routes_by_token_id_against_the_per_token_reference():
         out = moe_lora(x, a, b, w, top_k=1, scaling=0.5, router="hash", token_ids=ids, backend=backend)
         torch.testing.assert_close(out.delta, want, rtol=1e-5, atol=1e-5)
         got = torch.autograd.grad((out.delta * up).sum(), (x, a, b, w))
-        for name, gg, rr in zip("xab", got, ref):
+        for name, gg, rr in zip("xab", got[:3], ref, strict=True):
             torch.testing.assert_close(gg, rr, rtol=1e-4, atol=1e-5, msg=f"{backend} {name}")
         assert float(got[3].abs().max()) == 0.0  # the router weights do not take part in the routing
     with pytest.raises(ValueError, match="router 'hash' routes by token id, but no token ids reached this layer"):
@@ -621,7 +621,7 @@ def test_dropped_tokens_reach_the_summary_telemetry_and_diagnostics(tiny_model):
         fractions.append([summary[layer]["dropped"] for layer in sorted(summary)])
     router = tele.collect()
     tele.close()
-    assert router["dropped"] == pytest.approx([sum(f) / 2 for f in zip(*fractions)], abs=1e-6)
+    assert router["dropped"] == pytest.approx([sum(f) / 2 for f in zip(*fractions, strict=True)], abs=1e-6)
     assert min(router["dropped"]) > 0.25  # capacity 0.5 x T / E: at least half the tokens over capacity
     assert "router/L00/dropped" in flat_router_scalars(router)
     assert router_headline(router)["router_max_dropped"] == pytest.approx(max(router["dropped"]), abs=1e-4)
@@ -675,7 +675,7 @@ def test_padding_takes_no_capacity_in_training(router, opts, backend):
     got = torch.autograd.grad((padded.delta * up).sum(), (x, a, b, w))
     want = torch.autograd.grad((alone.delta * up[mask]).sum(), (xr, a, b, w))
     torch.testing.assert_close(got[0][mask], want[0], rtol=1e-4, atol=1e-6)
-    for name, g, r in zip("abw", got[1:], want[1:]):
+    for name, g, r in zip("abw", got[1:], want[1:], strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=name)
     unmasked = moe_lora(x.detach(), a, b, w, **kw)
     assert not torch.allclose(unmasked.delta[mask], alone.delta, atol=1e-6), "padding took capacity before"

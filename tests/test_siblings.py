@@ -66,11 +66,11 @@ def test_shared_shrink_equals_per_module_reference(p, precision):
         g_ref = _grads(x, ops, ref, seed)
     if precision != "fp32":
         tol = 1e-2  # same low-precision inputs; GEMM accumulation order differs
-    for (o, pr), (ro, rpr) in zip(got, ref):
+    for (o, pr), (ro, rpr) in zip(got, ref, strict=True):
         torch.testing.assert_close(o.float(), ro.float(), rtol=tol, atol=tol)
         torch.testing.assert_close(pr, rpr, rtol=tol, atol=tol)
     names = ["x"] + [f"{w}{i}" for i in range(len(ops)) for w in ("A", "B", "W")]
-    for n, a, b in zip(names, g_got, g_ref):
+    for n, a, b in zip(names, g_got, g_ref, strict=True):
         scale = b.abs().max().clamp_min(1e-6)
         assert ((a.float() - b.float()).abs().max() / scale) <= tol * 4, n
     if p > 0:  # the mask really is shared: members differ from an undropped computation in the same places

@@ -143,9 +143,9 @@ def test_train_evaluates_saves_and_reports(assets, tmp_path, capsys):
         assert r["loss"] == pytest.approx(r["task_loss"] + 0.001 * r["aux_loss"], abs=2e-6)
         router = r["router"]
         assert router["layers"] == [0, 1, 2, 3] and router["num_experts"] == [1, 1, 2, 4]
-        for load, e in zip(router["load"], router["num_experts"]):
+        for load, e in zip(router["load"], router["num_experts"], strict=True):
             assert len(load) == e and sum(load) == pytest.approx(1.0, abs=1e-4)
-        assert all(1.0 <= imb <= e + 1e-6 for imb, e in zip(router["imbalance"], router["num_experts"]))
+        assert all(1.0 <= imb <= e + 1e-6 for imb, e in zip(router["imbalance"], router["num_experts"], strict=True))
     assert train[0]["router"]["forwards"] == 2 and train[1]["router"]["forwards"] == 2  # GA micro-batches
     assert train[2]["router"]["forwards"] == 4  # steps 3-4: every micro-batch of the interval, not just the last
     assert len(_records(out, "eval")) >= 2 and "eval_loss" in _records(out, "eval")[0]

@@ -267,7 +267,7 @@ def _run_case(T, d_in, d_out, E, r, k, router="topk", x_dtype=torch.float32, p_d
 
     loss(delta, rt).backward()
     loss(delta_ref, rr).backward()
-    for name, mt, rf in zip(("x", "a_all", "b_all", "router_weight"), mine, ref):
+    for name, mt, rf in zip(("x", "a_all", "b_all", "router_weight"), mine, ref, strict=True):
         assert mt.grad is not None and mt.grad.dtype == mt.dtype, name
         err = _rel_err(mt.grad, rf.grad)
         assert err <= 2 * tol, f"d{name}: relative error {err:.2e}"
@@ -317,7 +317,7 @@ def test_moe_lora_deterministic_and_partial_sums():
     assert splits > 1
     first = _run_case(T=70, d_in=48, d_out=40, E=4, r=4, k=2, seed=3)
     second = _run_case(T=70, d_in=48, d_out=40, E=4, r=4, k=2, seed=3)
-    for p, q in zip(first, second):
+    for p, q in zip(first, second, strict=True):
         assert torch.equal(p.grad, q.grad)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from .recipe import Recipe
 
-__all__ = ["RunError", "SimulatedCrash", "RunContext", "is_user_error", "rank_info", "free_port", "dist", "barrier",
+__all__ = ["plain_doc", "RunError", "SimulatedCrash", "RunContext", "is_user_error", "rank_info", "free_port", "dist", "barrier",
            "timer", "load_recipe_rows", "load_base_model", "write_json_atomic", "TEST_NAN_LOSS_AT"]
 
 
@@ -39,6 +39,15 @@ TEST_NAN_LOSS_AT = test_nan_loss_at()
 class SimulatedCrash(BaseException):
     """Test hook: raised right after checkpoint N is committed when ``MOLORA_TEST_CRASH_AFTER_CHECKPOINT=N`` is set
     (the process then dies as if killed: no final adapter, no cleanup). Never set it outside tests."""
+
+
+def plain_doc(text: str) -> str:
+    """A docstring paragraph as ``--help`` prints it: reST roles and literals (``:mod:`x```, double backticks)
+    reduced to their text, lines joined."""
+    import re
+
+    text = re.sub(r":[a-z]+:`~?([^`]*)`", r"\1", text)
+    return re.sub(r"``([^`]*)``", r"\1", " ".join(text.split()))
 
 
 #: the exceptions that report bad input or a bad state in one line (no traceback): (module, class name)
@@ -160,7 +169,8 @@ def load_base_model(recipe: Recipe):
 
     from .assets import load_model_and_tokenizer
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[recipe.model.dtype]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+             "float64": torch.float64}[recipe.model.dtype]
     return load_model_and_tokenizer(recipe.model.name_or_path, dtype=dtype,
                                     quantization=recipe.model.bnb_config_kwargs())
 

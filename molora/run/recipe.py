@@ -70,7 +70,7 @@ Spec = Union[int, list[int], str]
 
 class ModelSection(_Section):
     name_or_path: str = "smollm2-135m"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"  # float64: for equivalence checks
     # QLoRA-style quantized base (bitsandbytes; transformers' BitsAndBytesConfig names). The projections inside the
     # blocks are quantized, embeddings and lm_head stay in `dtype`; the adapters train in float32.
     load_in_4bit: bool = False

@@ -75,7 +75,9 @@ def carve(src: Path, out: Path, sizes: Sequence[tuple[str, int]], seed: int = 0)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="molora split", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    from .common import plain_doc
+
+    p = argparse.ArgumentParser(prog="molora split", description=plain_doc(__doc__.split("\n\n")[1]))
     p.add_argument("file", help="JSONL data file (one JSON object per line)")
     p.add_argument("--out", required=True, help="folder for <slice>.jsonl, train.jsonl (the rest) and split.json")
     p.add_argument("--sizes", required=True, help="slices to carve, e.g. dev=500,test=500")

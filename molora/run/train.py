@@ -712,7 +712,14 @@ def _precision(recipe: Recipe, cuda: bool) -> str:
     m = recipe.model
     base = (f"{m.bnb_4bit_quant_type} 4-bit (compute {m.bnb_4bit_compute_dtype or m.dtype})" if m.load_in_4bit
             else "int8 (LLM.int8)" if m.load_in_8bit else m.dtype)
-    weights = f"base weights {base}, adapter weights float32"
+    weights = f"base weights {base}, adapter weights {'float64' if m.dtype == 'float64' else 'float32'}"
+    if m.dtype == "float64":  # an equivalence check's reference: exact arithmetic, or refused
+        why = ("DeepSpeed casts the model to float32 (or 16 bits) without saying so" if t.deepspeed
+               else "autocast would compute in 16 bits" if (t.bf16 or t.fp16)
+               else "quantized layers compute in 16 or 32 bits" if m.quantization else None)
+        if why:
+            raise RunError(f"model.dtype: float64 is a single-process, unquantized, no-autocast setting (for "
+                           f"equivalence checks): {why}. Use model.dtype: float32")
     if t.fp16 and not cuda:
         raise RunError("train.fp16: true needs a CUDA GPU (fp16 autocast with loss scaling); on this machine the "
                        "Trainer would silently train in float32. Use train.bf16: true (bfloat16 autocast, which runs "
