@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 from .recipe import Recipe
 
-__all__ = ["plain_doc", "RunError", "SimulatedCrash", "RunContext", "is_user_error", "rank_info", "free_port", "dist", "barrier",
-           "timer", "load_recipe_rows", "load_base_model", "write_json_atomic", "TEST_NAN_LOSS_AT"]
+__all__ = ["plain_doc", "RunError", "SimulatedCrash", "RunContext", "is_user_error", "rank_info", "free_port", "dist",
+           "barrier", "timer", "load_recipe_rows", "load_base_model", "write_json_atomic", "TEST_NAN_LOSS_AT"]
 
 
 class RunError(RuntimeError):

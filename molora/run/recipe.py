@@ -216,8 +216,8 @@ class AllocationSection(_Section):
     @model_validator(mode="after")
     def _router_options(self):
         if self.router_options:
-            alloc = allocation_specs
-            alloc.router_registry().options_for(alloc.router_names_of(self.router), self.router_options)
+            allocation_specs.router_registry().options_for(allocation_specs.router_names_of(self.router),
+                                                           self.router_options)
         return self
 
     @model_validator(mode="after")
@@ -368,11 +368,10 @@ class Recipe(_Section):
 
 
 def _validate_allocation_spec(value: Any, field: str) -> None:
-    alloc = allocation_specs
     try:
-        alloc.validate_spec(value, field, allow_preset=field.startswith("num_experts"))
-        if alloc.is_auto(value):
-            allocation_methods.get_method(alloc.auto_method(value))
+        allocation_specs.validate_spec(value, field, allow_preset=field.startswith("num_experts"))
+        if allocation_specs.is_auto(value):
+            allocation_methods.get_method(allocation_specs.auto_method(value))
     except ValueError as e:  # AllocationError, unknown method
         raise ValueError(str(e)) from None
 
@@ -443,8 +442,7 @@ def resolve_recipe_allocation(recipe: "Recipe") -> Optional[list]:
     if layers is None:
         return None
     a = recipe.allocation
-    alloc = allocation_specs
-    if alloc.is_auto(a.num_experts):
+    if allocation_specs.is_auto(a.num_experts):
         if a.expert_budget is None:
             raise RecipeError(f"allocation.num_experts={a.num_experts!r} needs allocation.expert_budget (the total "
                               f"experts to distribute)")
@@ -453,8 +451,9 @@ def resolve_recipe_allocation(recipe: "Recipe") -> Optional[list]:
                               f"({recipe.model.name_or_path}: {layers} layers)")
         return None  # computed from the model before injection
     try:
-        return alloc.resolve_allocation(a.num_experts, a.top_k, a.r, layers, expert_budget=a.expert_budget,
-                                        router=a.router, num_experts_mlp=a.num_experts_mlp)
+        return allocation_specs.resolve_allocation(a.num_experts, a.top_k, a.r, layers,
+                                                   expert_budget=a.expert_budget, router=a.router,
+                                                   num_experts_mlp=a.num_experts_mlp)
     except ValueError as e:  # AllocationError
         raise RecipeError(f"allocation ({recipe.model.name_or_path}, {layers} layers): {e}") from None
 

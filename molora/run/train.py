@@ -186,8 +186,8 @@ def _allocation_runs(layers: list) -> str:
 
     split = any(a.num_experts_mlp is not None for a in layers)
     runs = allocation_specs.describe_runs([a.num_experts for a in layers], [a.top_k for a in layers],
-                                              [a.r for a in layers],
-                                              [a.num_experts_mlp for a in layers] if split else None)
+                                          [a.r for a in layers],
+                                          [a.num_experts_mlp for a in layers] if split else None)
     if split:
         return (f"{runs} (total {sum(a.num_experts for a in layers)} attention + "
                 f"{sum(a.num_experts_mlp for a in layers)} MLP experts)")
