@@ -102,7 +102,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from molora.run.data import PromptTemplate, choice_target
     from molora.run.evaluation import score_options
 
-    rows, source = load_rows(a.data, a.rows)
+    from molora.run.data_errors import DataError
+
+    try:
+        rows, source = load_rows(a.data, a.rows)
+    except DataError as e:  # a missing or malformed --data file: one line, not a traceback
+        p.error(f"--data: {e}")
     model, tok = build_model(a.tiny, a.model, not a.no_adapter)
     device = next(model.parameters()).device
     template = PromptTemplate(a.template)

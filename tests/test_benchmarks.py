@@ -88,6 +88,10 @@ def test_bench_eval_tiny(tmp_path):
     assert set(by) == {"lm-eval", "molora"} and by["lm-eval"]["ratio_to_lm_eval"] == 1.0
     assert by["molora"]["accuracy"] == by["lm-eval"]["accuracy"] and by["molora"]["examples_per_s"] > 0
     assert (tmp_path / "bench_eval.png").stat().st_size > 1000
+    bad = subprocess.run([*cmd[:5], "--tiny", "--data", str(tmp_path / "nope.jsonl")], capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert bad.returncode == 2 and "--data: " in bad.stderr and "nope.jsonl: file not found" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_a_benchmark_run_writes_its_own_folder_and_publishing_is_explicit(tmp_path):
