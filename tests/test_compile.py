@@ -125,3 +125,30 @@ def test_capacity_routers_compile_whole_too(tiny_model, router, padded):
     torch.testing.assert_close(got_out.loss, out.loss, rtol=1e-5, atol=1e-6)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_a_fresh_model_compiles_before_any_eager_step_under_bf16_autocast(tiny_model):
+    """The routers' functions were imported on first use; on a model compiled before any eager backward that first
+    use was inside the trace, where dynamo refuses `importlib` (fullgraph failed in the first backward). Attaching a
+    router now imports them. Checked from an emptied function cache, compiled first, under bf16 autocast."""
+    from molora_kernels import get_router
+
+    get_router("topk")._cache.clear()
+    model = build(tiny_model, "topk")
+    model.train()
+    ids, mask = batch()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_out = compiled(input_ids=ids, attention_mask=mask, labels=ids)
+    got_out.loss.backward()
+    got = grads(model)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    want = grads(model)
+    torch.testing.assert_close(got_out.loss, out.loss, rtol=1e-3, atol=1e-3)
+    assert set(got) == set(want) and any("molora_router" in n for n in got)
+    for n in want:  # bf16 matmuls: the same graph in both, so the same round-off up to op order
+        torch.testing.assert_close(got[n], want[n], rtol=2e-2, atol=1e-3, msg=lambda m, n=n: f"{n}: {m}")

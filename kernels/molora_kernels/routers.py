@@ -102,6 +102,16 @@ class Router:
             fn = self._cache[spec] = getattr(mod, attr)
         return fn
 
+    def resolve_functions(self) -> "Router":
+        """Import ``route_fn`` and ``logits_grad_fn`` now (they are named as strings and imported on first use).
+        Called where a router is attached to a layer, outside any ``torch.compile`` trace: inside one, the first
+        use would call ``importlib``, which dynamo does not trace (a fresh model compiled with fullgraph=True failed
+        in its first backward)."""
+        for spec in (self.route_fn, self.logits_grad_fn):
+            if spec is not None:
+                self._resolve(spec)
+        return self
+
     def resolve_options(self, given=None) -> dict:
         """The full, checked options (defaults filled in); ValueError naming an unknown or out-of-range one."""
         given = dict(given or {})

@@ -93,7 +93,8 @@ class MoLoRALayer(BaseTunerLayer):
         self.scaling[adapter_name] = lora_alpha / r
         self.lora_dropout[adapter_name] = float(lora_dropout)
         self.router_type[adapter_name] = router
-        self.router_options[adapter_name] = get_router(router).resolve_options(router_options)
+        # functions imported now, not on first use inside a torch.compile trace (see Router.resolve_functions)
+        self.router_options[adapter_name] = get_router(router).resolve_functions().resolve_options(router_options)
         self.aux_loss_coef[adapter_name] = float(aux_loss_coef)
         self.aux_loss_mode[adapter_name] = aux_loss_mode
         self.backend[adapter_name] = backend
