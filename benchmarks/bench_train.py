@@ -145,15 +145,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     rows = []
     for res in results:
         name = res["variant"]
-        res.update(trainable_params=trainable[name], saved_activation_mb=act[name] / 2**20,
-                   peak_mem_mb=peak.get(name, 0) / 2**20 if peak else None)
+        res.update(trainable_params=trainable[name], saved_activation_mib=act[name] / 2**20,
+                   peak_mem_mib=peak.get(name, 0) / 2**20 if peak else None)
         rows.append([name, res["median_s"] * 1e3, res["tokens_per_s"], res["ratio_to_lora"], f"{trainable[name]:,}",
-                     res["saved_activation_mb"]])
+                     res["saved_activation_mib"]])
     model_desc = "random SmolLM2-135M shape" if a.random else a.model
     print(f"\nTraining step (fwd+bwd+AdamW), {model_desc}, {a.batch}x{a.seq} tokens, lora_dropout {a.dropout}, fp32, "
           f"{device}, "
           f"{torch.get_num_threads()} threads, median of {int(timing['frozen']['n'])} alternated reps")
-    print(format_table(["variant", "ms/step", "tokens/s", "x LoRA", "trainable", "saved act. MB"], rows))
+    print(format_table(["variant", "ms/step", "tokens/s", "x LoRA", "trainable", "saved act. MiB"], rows))
     out = output_dir(a)
     payload = {"benchmark": "train_step", "model": model_desc, "batch": a.batch, "seq": a.seq, "r": a.r,
                "lora_dropout": a.dropout,

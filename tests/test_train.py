@@ -138,8 +138,8 @@ def test_train_evaluates_saves_and_reports(assets, tmp_path, capsys):
     for r in train:
         assert {"loss", "task_loss", "aux_loss", "learning_rate", "tokens_per_s", "grad_norm"} <= set(r)
         assert r["tokens_per_s"] > 0 and r["aux_loss"] > 0
-        assert 0.05 < r["host_rss_gb"] < 64  # resident memory of the process, logged with every record
-        assert r["host_rss_gb"] <= r["host_peak_rss_gb"] + 0.01  # and the process's peak so far
+        assert 0.05 < r["host_rss_gib"] < 64  # resident memory of the process, logged with every record
+        assert r["host_rss_gib"] <= r["host_peak_rss_gib"] + 0.01  # and the process's peak so far
         assert r["loss"] == pytest.approx(r["task_loss"] + 0.001 * r["aux_loss"], abs=2e-6)
         router = r["router"]
         assert router["layers"] == [0, 1, 2, 3] and router["num_experts"] == [1, 1, 2, 4]

@@ -678,7 +678,7 @@ def _run_locked(recipe: Recipe, resume: Optional[str], resume_allow: Optional[st
                                "global_step": global_step, "train_loss": train_loss,
                                "timings": timings, "accuracy": {}, "plots": [], "world_size": world,
                                "nonfinite_skipped_steps": trainer.nonfinite_skipped,
-                               "host_peak_rss_gb": round((peak_resident_bytes() or 0) / 2**30, 2)}
+                               "host_peak_rss_gib": round((peak_resident_bytes() or 0) / 2**30, 2)}
     if is_main:
         before = results.get("before") or _previous_accuracy(out / "metrics.jsonl", "before")
         for stage, res in (("before", before), ("after", results.get("after"))):

@@ -258,10 +258,10 @@ def build_trainer_class():
                 rss = max(self.molora.rss_interval_max, resident_bytes() or 0)
                 self.molora.rss_interval_max = 0
                 if rss:
-                    logs["host_rss_gb"] = round(rss / 2**30, 2)
+                    logs["host_rss_gib"] = round(rss / 2**30, 2)
                 peak = peak_resident_bytes()
                 if peak is not None:
-                    logs["host_peak_rss_gb"] = round(peak / 2**30, 2)
+                    logs["host_peak_rss_gib"] = round(peak / 2**30, 2)
                 if router is not None:
                     logs.update(router_headline(router))
                 record = {"type": "train", "step": self.state.global_step, **logs, "tokens": tokens}
