@@ -355,19 +355,58 @@ def test_non_utf8_recipe_names_the_byte_and_line(tmp_path, data_file):
 
 
 def test_every_user_field_of_the_config_is_a_recipe_key():
-    """Issue 22.3 (drift guard): the recipe's allocation section offers every MoLoRAConfig field a user sets
-    (``share_sibling_shrink``, which the README tells users to set, was refused as an unknown key)."""
+    """Issue 22.3: the recipe's allocation section is built from the adapter's fields, so every MoLoRAConfig field a
+    user sets is a recipe key (``share_sibling_shrink``, which the README tells users to set, was once refused as an
+    unknown key), with the same help; only the data-driven ``auto_*`` keys are the recipe's own."""
     import dataclasses
 
     from peft.config import PeftConfig
 
     from molora import MoLoRAConfig
+    from molora.allocation.adapter_fields import FIELD_NAMES, field_help
     from molora.run.recipe import AllocationSection
 
-    internal = {"allocation", "num_layers", "output_fingerprint", "target_parameters", "modules_to_save"}
+    internal = {"allocation", "num_layers", "output_fingerprint", "target_parameters"}
     user = {f.name for f in dataclasses.fields(MoLoRAConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
-    missing = sorted(user - internal - set(AllocationSection.model_fields))
-    assert missing == [], f"MoLoRAConfig fields a recipe cannot set: {missing}"
+    assert user - internal == set(FIELD_NAMES)
+    recipe_keys = set(AllocationSection.model_fields)
+    assert recipe_keys - set(FIELD_NAMES) == {"auto_beta", "auto_min", "auto_max", "auto_groups",
+                                               "auto_calib_examples"}
+    for name in FIELD_NAMES:
+        assert AllocationSection.model_fields[name].description == field_help(name)
+
+
+def test_every_adapter_field_has_a_check_that_accepts_its_defaults():
+    """Contract of the adapter-field table: each field's check accepts its config default and its recipe default (a
+    field added without a check fails here, not in a user's run)."""
+    import dataclasses
+
+    from molora.allocation.adapter_fields import AdapterFields, check_field
+    from molora.run.recipe import AllocationSection
+
+    for f in dataclasses.fields(AdapterFields):
+        check_field(f.name, f.default)
+        check_field(f.name, AllocationSection.model_fields[f.name].default)
+
+
+@pytest.mark.parametrize("bad", [
+    {"num_experts": 0}, {"top_k": "x"}, {"expert_budget": 0}, {"lora_alpha": 0.0}, {"lora_dropout": 1.0},
+    {"aux_loss_coef": -1.0}, {"aux_loss_mode": "sum"}, {"router": "nope"}, {"backend": "nope"}, {"layout": "nope"},
+    {"router_init": "ones"}, {"expert_init": "svd"}, {"shared_expert_r": -1}, {"target_modules": []},
+    {"num_experts": 2, "top_k": 3}, {"router": "topk", "router_options": {"top_p": 0.5}},
+    {"layout": "shared_a", "backend": "sparse"}, {"num_experts": "auto:block-influence", "num_experts_mlp": 4},
+])
+def test_config_and_recipe_refuse_a_bad_value_with_the_same_message(bad):
+    """One check per field (issue 22.3): MoLoRAConfig and a recipe's allocation section refuse the same values with
+    the same words (the recipe adds where: ``allocation.<key>``)."""
+    from molora import MoLoRAConfig
+    from molora.allocation import AllocationError
+
+    with pytest.raises(AllocationError) as err:
+        MoLoRAConfig(**bad)
+    msg = str(err.value)
+    recipe_msg = _error(recipe_from_dict, {"data": {"packaged": "bbc-news"}, "allocation": bad})
+    assert msg in recipe_msg and "allocation" in recipe_msg
 
 
 @pytest.mark.parametrize("alloc,message", [

@@ -24,8 +24,8 @@ A per-layer value (``num_experts``, ``top_k`` or ``r``) is given as one of:
   layers sum to N, or as near as the shape allows with equal counts inside each group (see
   :func:`distribute_budget`; a warning says when the total differs).
 
-Over 400 lines because recipes load this module standalone by file path (no torch, no package import), so
-it cannot import siblings; it holds every spec form, budgets, resolution and their messages.
+Over 400 lines: every spec form, budgets, resolution and their messages. Pure Python (no torch): recipes validate
+with it before torch is imported.
 """
 from __future__ import annotations
 

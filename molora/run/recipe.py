@@ -7,7 +7,8 @@ A recipe has six sections (every key optional except where noted; unknown keys a
     data:        packaged (bbc-news) | train_file [+ eval_file] | hf_dataset (+ hf_subset, hf_split,
                  hf_eval_split, hf_where, columns), format (choices | alpaca | messages | auto), prompt_template,
                  cutoff_len, train_on_inputs, max_train_examples, max_eval_examples, validation_size
-    allocation:  everything MoLoRAConfig takes (num_experts "2,4,6,8", top_k, r, lora_alpha, lora_dropout, ...)
+    allocation:  every field of MoLoRAConfig a user sets (num_experts "2,4,6,8", top_k, r, lora_alpha, lora_dropout,
+                 ...: molora.allocation.adapter_fields, from which this section is built) + auto_* keys
     train:       Hugging Face TrainingArguments names (output_dir, max_steps, num_train_epochs,
                  per_device_train_batch_size, gradient_accumulation_steps, learning_rate, lr_scheduler_type,
                  warmup_steps/ratio, bf16/fp16, gradient_checkpointing, eval/save/logging steps, seed,
@@ -37,9 +38,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator,
+                      model_validator)
 
-from ..allocation import methods as allocation_methods
+from ..allocation import adapter_fields
 from ..allocation import specs as allocation_specs
 
 __all__ = ["RecipeError", "Recipe", "load_recipe", "parse_overrides", "apply_overrides", "recipe_from_dict",
@@ -64,8 +66,6 @@ class _Section(BaseModel):
     # allow_inf_nan=False: `.inf` / `.nan` (YAML) for a learning rate, a coefficient, a norm... is an error
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
-
-Spec = Union[int, list[int], str]
 
 
 class ModelSection(_Section):
@@ -143,27 +143,15 @@ class DataSection(_Section):
         return self
 
 
-class AllocationSection(_Section):
-    num_experts: Spec = "2,4,6,8"
-    top_k: Spec = 2
-    r: Spec = 8
-    expert_budget: Optional[int] = Field(None, ge=1)
-    num_experts_mlp: Optional[Spec] = None                 # MLP projections' own experts per layer (None: num_experts)
-    lora_alpha: float = Field(16, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Optional[Union[list[str], str]] = None
-    exclude_modules: Optional[Union[list[str], str]] = None
-    router: Union[str, list[str]] = "topk"                 # a registered router, "topk,topp" groups, or per layer
-    router_options: Optional[dict[str, float]] = None     # e.g. {top_p: 0.8, entropy_coef: 0.0001} for topp
-    aux_loss_coef: float = Field(0.001, ge=0)
-    aux_loss_mode: Literal["masked", "original"] = "masked"
-    backend: str = "auto"
-    layout: str = "stacked"                                # expert layout: stacked (MoLA) or shared_a (HydraLoRA)
-    share_sibling_shrink: bool = True                      # q/k/v and gate/up: one shrink GEMM (one dropout mask)
-    init_weights: bool = True
-    router_init: Literal["kaiming", "zeros"] = "kaiming"     # zeros: every token starts uniform over the experts
-    expert_init: Literal["kaiming", "orthogonal"] = "kaiming"  # orthogonal: experts start on disjoint directions
-    shared_expert_r: int = Field(0, ge=0)                  # rank of an always-on shared expert (0: none)
+#: every field of ``AdapterFields`` with the recipe's defaults: a new adapter field is a recipe key by itself
+_AdapterFieldsSection = create_model("_AdapterFieldsSection", __base__=_Section, __module__=__name__,
+                                     **adapter_fields.recipe_fields())
+
+
+class AllocationSection(_AdapterFieldsSection):
+    """The allocation section: the adapter's fields (``molora.allocation.adapter_fields``, checked by the same
+    functions ``MoLoRAConfig`` uses) plus the ``auto_*`` keys of data-driven allocations."""
+
     # num_experts: "auto:METHOD" (molora.run.allocate): how the per-layer scores become expert counts
     auto_beta: Optional[float] = Field(None, ge=0)         # E_l ∝ score^beta (None: the method's default)
     auto_min: Optional[int] = Field(None, ge=1)            # experts per layer, at least (None: top_k, or 1)
@@ -171,61 +159,15 @@ class AllocationSection(_Section):
     auto_groups: Optional[int] = Field(None, ge=1)         # average the scores over G contiguous groups first
     auto_calib_examples: int = Field(64, ge=1)             # training rows the data-driven signals read
 
-    @field_validator("num_experts", "top_k", "r", "num_experts_mlp")
+    @field_validator(*adapter_fields.FIELD_NAMES)
     @classmethod
-    def _spec(cls, v, info):
-        if v is not None or info.field_name != "num_experts_mlp":
-            _validate_allocation_spec(v, info.field_name)
-        return v
-
-    @field_validator("router")
-    @classmethod
-    def _router(cls, v):
-        try:
-            allocation_specs.router_names_of(v)
-        except ValueError as e:  # AllocationError naming the known routers
-            raise ValueError(str(e)) from None
-        return v
-
-    @field_validator("backend")
-    @classmethod
-    def _backend(cls, v):
-        allowed = ("auto", *allocation_specs.router_registry().ALL_BACKENDS)
-        if v not in allowed:
-            raise ValueError(f"backend={v!r} is not a known backend; allowed: {', '.join(allowed)}")
-        return v
-
-    @field_validator("layout")
-    @classmethod
-    def _layout(cls, v):
-        from molora_kernels.layouts import get_layout  # pure Python, like the router registry
-
-        get_layout(v)  # ValueError naming the known layouts
+    def _field(cls, v, info):
+        adapter_fields.check_field(info.field_name, v)  # AllocationError (a ValueError) naming what is allowed
         return v
 
     @model_validator(mode="after")
-    def _backend_implements_layout(self):
-        from molora_kernels.layouts import get_layout
-
-        lay = get_layout(self.layout)
-        if self.backend != "auto" and self.backend not in lay.backends:
-            raise ValueError(f"backend={self.backend!r} does not implement layout={self.layout!r}; backends for it: "
-                             f"{', '.join(lay.backends)} (or 'auto')")
-        return self
-
-    @model_validator(mode="after")
-    def _router_options(self):
-        if self.router_options:
-            allocation_specs.router_registry().options_for(allocation_specs.router_names_of(self.router),
-                                                           self.router_options)
-        return self
-
-    @model_validator(mode="after")
-    def _mlp_with_auto(self):
-        if self.num_experts_mlp is not None and allocation_specs.is_auto(self.num_experts):
-            raise ValueError(f"num_experts_mlp={self.num_experts_mlp!r} with num_experts={self.num_experts!r}: an "
-                             f"auto: allocation sets the counts itself (auto:attn-mlp sets both); drop "
-                             f"num_experts_mlp")
+    def _together(self):
+        adapter_fields.check_together(self)
         return self
 
 
@@ -365,15 +307,6 @@ class Recipe(_Section):
 
 
 # ----------------------------------------------------------------------------------------------------- allocation
-
-
-def _validate_allocation_spec(value: Any, field: str) -> None:
-    try:
-        allocation_specs.validate_spec(value, field, allow_preset=field.startswith("num_experts"))
-        if allocation_specs.is_auto(value):
-            allocation_methods.get_method(allocation_specs.auto_method(value))
-    except ValueError as e:  # AllocationError, unknown method
-        raise ValueError(str(e)) from None
 
 
 def model_num_layers(name_or_path: str) -> Optional[int]:
