@@ -279,7 +279,7 @@ def test_recipe_trains_on_messages_rows(tmp_path, monkeypatch, capsys):
               "report": {"wandb": False, "plots": False}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main([str(tmp_path / "r.yaml")]) == 0
-    assert "not in the choices format" in capsys.readouterr().out
+    assert "no answer options to score" in capsys.readouterr().out
     evals = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in r for r in evals)
 
@@ -302,5 +302,5 @@ def test_a_run_asked_for_accuracy_it_cannot_measure_says_why(tmp_path, monkeypat
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main([str(tmp_path / "r.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "no evaluation rows" in out or "not in the choices format" in out, out
+    assert "no evaluation rows" in out or "no answer options to score" in out, out
     assert json.loads((tmp_path / "out" / "results.json").read_text())["accuracy"] == {}

@@ -1,26 +1,12 @@
 """Training data: loading, validation, prompting and tokenisation.
 
-Three row formats are understood (one JSON object per row):
-
-* ``"choices"`` -- classification / multiple choice, the schema of the MoLA task files::
-
-      {"input": str, "choices": [str, ...], "label": int, ...any other fields}
-
-  ``label`` indexes ``choices``. The training target is ``" " + choices[label]`` (without the space
-  when the prompt already ends in whitespace).
-* ``"alpaca"`` -- instruction data::
-
-      {"instruction": str, "input": str (optional), "output": str}
-
-* ``"messages"`` -- chat conversations ``{"messages": [{"role", "content"}, ...]}``, rendered with the
-  tokenizer's chat template, loss on the assistant turns only (:mod:`molora.run.chat`).
-
-Files are JSONL (one object per line; blank lines are skipped), a JSON list of objects (sniffed from
-the first non-blank character), Parquet (``.parquet``) or Arrow (``.arrow``: IPC stream or file, as
-``datasets`` writes them). The row format is detected per file from its
-first row (``format="auto"``) or given explicitly. Every row is validated, and a broken row raises
-:class:`DataError` naming the file, the 1-based line (JSONL) or the item index (JSON list) and what
-is wrong.
+Row formats and file readers live in :mod:`molora.run.formats`, one module per format, behind one registry
+each: ``choices`` (multiple choice / classification, the MoLA task files: ``{"input", "choices", "label"}``),
+``alpaca`` (``{"instruction", "input", "output"}``) and ``messages`` (chat conversations, rendered with the
+tokenizer's chat template, loss on the assistant turns only); JSONL / JSON list, Parquet and Arrow files. The row
+format is detected per file from its first row (``format="auto"``) or given explicitly. Every row is validated,
+and a broken row raises :class:`DataError` naming the file, the 1-based line (JSONL) or the item index (JSON
+list) and what is wrong.
 
 Prompts come from a template string with ``str.format`` fields: ``{input}``, ``{choices}`` (the
 options as lettered lines ``"A. first\\nB. second"``), ``{instruction}``, and any other string
@@ -34,12 +20,11 @@ appended to the target, truncation to ``cutoff_len`` and prompt tokens masked wi
 ``train_on_inputs``. :class:`DataCollator` right-pads a batch. :mod:`molora.run.evaluation` uses the
 same templates and encoding, so training and scoring see identical token sequences.
 
-Over 400 lines because the row formats, prompt templates, tokenisation and truncation accounting must
-agree to the token: evaluation reuses exactly these functions, so they are kept together.
+Over 400 lines because the prompt templates, tokenisation and truncation accounting must agree to the token:
+evaluation reuses exactly these functions, so they are kept together here.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import string
@@ -49,6 +34,13 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
+
+from .data_errors import IGNORE_INDEX, DataError
+from .formats import FORMATS, RowFormat, get_format
+from .formats import detect_format as _detect
+from .formats.alpaca import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, alpaca_template
+from .formats.choices import DEFAULT_CHOICES_TEMPLATE, OPTION_LETTERS, choice_target, format_choices
+from .formats.readers import TABLE_SUFFIXES, read_entries, read_table_rows  # noqa: F401
 
 __all__ = [
     "DataError",
@@ -74,22 +66,6 @@ __all__ = [
     "DataCollator",
 ]
 
-FORMATS = ("choices", "alpaca", "messages", "auto")
-RowFormat = Literal["choices", "alpaca", "messages"]
-
-#: Default prompt for classification / multiple-choice rows.
-DEFAULT_CHOICES_TEMPLATE = "{input}\nAnswer:"
-#: The Alpaca prompt (as used by alpaca-lora and the original MoLA code) for rows with an input.
-ALPACA_TEMPLATE = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-#: The Alpaca prompt for rows whose ``input`` is empty.
-ALPACA_TEMPLATE_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes "
-    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
 #: Named templates accepted wherever a template string is: ``"default"`` picks the format's default.
 TEMPLATE_PRESETS = {
     "default": None,
@@ -98,10 +74,6 @@ TEMPLATE_PRESETS = {
     "alpaca": "alpaca",  # the two Alpaca variants, chosen per row by whether `input` is empty
 }
 DEFAULT_CUTOFF_LEN = 256
-OPTION_LETTERS = string.ascii_uppercase
-
-
-from .data_errors import IGNORE_INDEX, DataError  # noqa: E402  (also used by molora.run.chat)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,69 +81,18 @@ from .data_errors import IGNORE_INDEX, DataError  # noqa: E402  (also used by mo
 # --------------------------------------------------------------------------------------------------
 
 
-def detect_format(row: Mapping[str, Any]) -> RowFormat | None:
-    """``"messages"`` if ``row`` has ``messages``, ``"choices"`` if it has ``choices`` or ``label``,
-    ``"alpaca"`` if it has ``instruction`` or ``output``, else ``None``."""
-    if not isinstance(row, Mapping):
-        return None
-    if "messages" in row:
-        return "messages"
-    if "choices" in row or "label" in row:
-        return "choices"
-    if "instruction" in row or "output" in row:
-        return "alpaca"
-    return None
-
-
-def _check_row(row: Any, fmt: RowFormat) -> str | None:
-    """What is wrong with ``row`` for format ``fmt`` (``None`` if it is valid)."""
-    if not isinstance(row, dict):
-        return f"expected a JSON object, got {type(row).__name__}"
-    if fmt == "messages":
-        from .chat import check_messages
-
-        return check_messages(row)
-    if fmt == "choices":
-        for key in ("input", "choices", "label"):
-            if key not in row:
-                return f"missing field {key!r} (choices format needs 'input', 'choices', 'label')"
-        if not isinstance(row["input"], str):
-            return f"field 'input' must be a string, got {type(row['input']).__name__}"
-        choices = row["choices"]
-        if not isinstance(choices, list):
-            return f"field 'choices' must be a list of strings, got {type(choices).__name__}"
-        if not choices:
-            return "empty choices"
-        for i, c in enumerate(choices):
-            if not isinstance(c, str):
-                return f"choices[{i}] must be a string, got {type(c).__name__}"
-            if not c.strip():
-                return f"choices[{i}] is empty"
-        label = row["label"]
-        if isinstance(label, bool) or not isinstance(label, int):
-            return f"field 'label' must be an integer index into 'choices', got {label!r}"
-        if not 0 <= label < len(choices):
-            return f"label {label} out of range for {len(choices)} choices"
-        return None
-    # alpaca
-    for key in ("instruction", "output"):
-        if key not in row:
-            return f"missing field {key!r} (alpaca format needs 'instruction', 'output', optional 'input')"
-        if not isinstance(row[key], str):
-            return f"field {key!r} must be a string, got {type(row[key]).__name__}"
-    if not row["instruction"].strip():
-        return "field 'instruction' is empty"
-    if row.get("input") is not None and not isinstance(row["input"], str):
-        return f"field 'input' must be a string, got {type(row['input']).__name__}"
-    return None
+def detect_format(row: Mapping[str, Any]) -> str | None:
+    """The name of the first registered row format that recognises ``row`` (:mod:`molora.run.formats`: messages
+    if it has ``messages``, choices if ``choices`` or ``label``, alpaca if ``instruction`` or ``output``), else
+    ``None``."""
+    fmt = _detect(row)
+    return fmt.name if fmt else None
 
 
 def _resolve_format(format: str, first_row: Any, where: str) -> RowFormat:
-    if format not in FORMATS:
-        raise DataError(f"unknown data format {format!r}; expected one of {FORMATS}")
     if format != "auto":
-        return format  # type: ignore[return-value]
-    fmt = detect_format(first_row)
+        return get_format(format)  # DataError naming the known formats
+    fmt = _detect(first_row)
     if fmt is None:
         keys = sorted(first_row) if isinstance(first_row, dict) else type(first_row).__name__
         raise DataError(
@@ -182,102 +103,40 @@ def _resolve_format(format: str, first_row: Any, where: str) -> RowFormat:
     return fmt
 
 
-def _normalise(row: dict[str, Any], fmt: RowFormat) -> dict[str, Any]:
-    if fmt == "alpaca" and row.get("input") is None:
-        row = dict(row, input="")
-    return row
-
-
-def _prepare(row: Any) -> Any:
-    """ShareGPT turns become OpenAI turns before validation (see :mod:`molora.run.chat`)."""
-    if isinstance(row, dict) and "messages" in row:
-        from .chat import normalise_messages
-
-        return dict(row, messages=normalise_messages(row["messages"]))
-    return row
+def _validated(entries: Sequence[tuple[str, Any]], format: str) -> list[dict[str, Any]]:
+    """Every row normalised and checked by its format; DataError ``<location> (id=...): <problem>`` for the first
+    broken one."""
+    fmt = _resolve_format(format, entries[0][1], entries[0][0])
+    rows = []
+    for where, row in entries:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        row = fmt.normalise(row)
+        problem = fmt.check(row)
+        if problem:
+            raise DataError(f"{where}{_id_hint(row)}: {problem}")
+        rows.append(row)
+    return rows
 
 
 def validate_rows(
     rows: Iterable[Mapping[str, Any]], format: str = "auto", source: str = "<rows>"
 ) -> list[dict[str, Any]]:
-    """Validate in-memory rows and return them as a list (alpaca rows get ``input`` = ``""`` if
-    missing).
+    """Validate in-memory rows and return them as a list (normalised by their format: alpaca rows get ``input`` =
+    ``""`` if missing, ShareGPT turns become OpenAI turns).
 
     Raises:
         DataError: naming ``source`` and the 0-based row index of the first broken row, or an
             empty input.
     """
-    rows = [_prepare(r) for r in rows]
-    if not rows:
+    entries = [(f"{source}, row [{i}]", r) for i, r in enumerate(rows)]
+    if not entries:
         raise DataError(f"{source}: no rows (empty dataset)")
-    fmt = _resolve_format(format, rows[0], source)
-    out = []
-    for i, row in enumerate(rows):
-        problem = _check_row(row, fmt)
-        if problem:
-            raise DataError(f"{source}, row [{i}]{_id_hint(row)}: {problem}")
-        out.append(_normalise(row, fmt))
-    return out
+    return _validated(entries, format)
 
 
 def _id_hint(row: Any) -> str:
     return f" (id={row['id']!r})" if isinstance(row, dict) and "id" in row else ""
-
-
-#: table files read with pyarrow (a dependency of ``datasets``)
-TABLE_SUFFIXES = (".parquet", ".arrow")
-
-
-def read_table_rows(path: str | os.PathLike) -> list[Any]:
-    """Rows of a Parquet file or an Arrow IPC file/stream (``datasets``' ``.arrow`` files) as Python dicts."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        if path.suffix.lower() == ".parquet":
-            table = pq.read_table(path)
-        else:
-            try:
-                with pa.memory_map(str(path)) as src:
-                    table = pa.ipc.open_stream(src).read_all()
-            except pa.ArrowInvalid:
-                with pa.memory_map(str(path)) as src:
-                    table = pa.ipc.open_file(src).read_all()
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: cannot read as {path.suffix[1:]}: {exc}") from exc
-    return table.to_pylist()
-
-
-def _read_json_entries(path: Path) -> list[tuple[str, Any]]:
-    """(location, row) of a JSONL file or a JSON list."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read: {exc}") from exc
-
-    stripped = text.lstrip()
-    entries: list[tuple[str, Any]] = []  # (location, row)
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: bad JSON: {exc.msg} (column {exc.colno})") from None
-        entries = [(f"{path}, item [{i}]", row) for i, row in enumerate(data)]
-    else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: bad JSON: {exc.msg} (column {exc.colno})") from None
-            entries.append((f"{path}:{lineno}", row))
-    return entries
 
 
 def load_rows(
@@ -289,8 +148,9 @@ def load_rows(
 
     Args:
         path: a ``.jsonl`` file (one object per line), a JSON file holding a list of objects, a
-            ``.parquet`` file or an ``.arrow`` file.
-        format: ``"choices"``, ``"alpaca"``, ``"messages"`` or ``"auto"`` (detected from the first row).
+            ``.parquet`` file or an ``.arrow`` file (:mod:`molora.run.formats.readers`).
+        format: a registered row format (``"choices"``, ``"alpaca"``, ``"messages"``) or ``"auto"`` (detected
+            from the first row).
         max_examples: keep only the first ``max_examples`` rows (all rows are still validated).
 
     Returns:
@@ -301,20 +161,10 @@ def load_rows(
             for JSONL, ``<file>, item [<index>]: <problem>`` for a JSON list), or no rows at all.
     """
     path = Path(path)
-    if path.suffix.lower() in TABLE_SUFFIXES:
-        entries = [(f"{path}, row [{i}]", row) for i, row in enumerate(read_table_rows(path))]
-    else:
-        entries = _read_json_entries(path)
+    entries = read_entries(path)
     if not entries:
         raise DataError(f"{path}: no rows (empty dataset)")
-    fmt = _resolve_format(format, entries[0][1], entries[0][0])
-    rows = []
-    for where, row in entries:
-        row = _prepare(row)
-        problem = _check_row(row, fmt)
-        if problem:
-            raise DataError(f"{where}{_id_hint(row)}: {problem}")
-        rows.append(_normalise(row, fmt))
+    rows = _validated(entries, format)
     if max_examples is not None:
         if max_examples < 1:
             raise DataError(f"max_examples must be >= 1, got {max_examples}")
@@ -344,19 +194,6 @@ def split_validation(
 # --------------------------------------------------------------------------------------------------
 # Prompting
 # --------------------------------------------------------------------------------------------------
-
-
-def format_choices(choices: Sequence[str]) -> str:
-    """``["x", "y"]`` -> ``"A. x\\nB. y"`` (the ``{choices}`` template field)."""
-    if len(choices) > len(OPTION_LETTERS):
-        return "\n".join(f"{i + 1}. {c}" for i, c in enumerate(choices))
-    return "\n".join(f"{OPTION_LETTERS[i]}. {c}" for i, c in enumerate(choices))
-
-
-def choice_target(prompt: str, choice: str) -> str:
-    """Continuation text for option ``choice`` after ``prompt``: ``" " + choice``, or ``choice`` if
-    the prompt already ends in whitespace."""
-    return choice if (not prompt or prompt[-1].isspace()) else " " + choice
 
 
 class PromptTemplate:
@@ -406,25 +243,24 @@ class PromptTemplate:
     def __repr__(self) -> str:
         return f"PromptTemplate({self.template!r})"
 
+    def _format(self, row: Mapping[str, Any]) -> RowFormat:
+        fmt = _detect(row)
+        if fmt is None:
+            raise DataError(f"row{_id_hint(row)} is in no known row format: fields {sorted(row)}")
+        if not fmt.uses_prompt_template:
+            raise DataError(f"row{_id_hint(row)} is a {fmt.name} row: its prompt comes from the tokenizer's chat "
+                            f"template (molora.run.formats.messages), not from a prompt template")
+        return fmt
+
     def prompt(self, row: Mapping[str, Any]) -> str:
         """The prompt text for ``row`` (no target)."""
-        fmt = detect_format(row)
-        if fmt is None:
-            raise DataError(f"row{_id_hint(row)} is neither choices nor alpaca format: fields {sorted(row)}")
-        if fmt == "messages":
-            raise DataError(f"row{_id_hint(row)} is a messages row: its prompt comes from the tokenizer's chat "
-                            f"template (molora.run.chat), not from a prompt template")
+        fmt = self._format(row)
         text = self.template
-        if text is None or text == "alpaca":
-            if fmt == "choices" and text is None:
-                text = DEFAULT_CHOICES_TEMPLATE
-            else:
-                text = ALPACA_TEMPLATE if (row.get("input") or "").strip() else ALPACA_TEMPLATE_NO_INPUT
-        values = {k: v for k, v in row.items() if isinstance(v, (str, int, float)) and k != "output"}
-        values["input"] = row.get("input") or ""
-        if fmt == "choices":
-            values["choices"] = format_choices(row["choices"])
-            values.pop("label", None)
+        if text is None:
+            text = fmt.default_template(row)
+        elif text == "alpaca":
+            text = alpaca_template(row)
+        values = fmt.template_values(row)
         try:
             return text.format_map(values)
         except KeyError as exc:
@@ -435,10 +271,8 @@ class PromptTemplate:
 
     def target(self, row: Mapping[str, Any], prompt: str | None = None) -> str:
         """The training target: the gold option (choices rows) or ``output`` (alpaca rows)."""
-        if detect_format(row) == "choices":
-            prompt = self.prompt(row) if prompt is None else prompt
-            return choice_target(prompt, row["choices"][row["label"]])
-        return row["output"]
+        fmt = self._format(row)
+        return fmt.target(row, self.prompt(row) if prompt is None else prompt)
 
     def render(self, row: Mapping[str, Any]) -> tuple[str, str]:
         """``(prompt, target)`` for ``row``."""
@@ -557,7 +391,7 @@ def tokenize_row(
     lengths: dict[str, int] | None = None,
 ) -> dict[str, list[int]]:
     """Training features of one row (``lengths``: see :func:`encode_prompt_target`). Messages rows are rendered
-    with the tokenizer's chat template instead of ``template`` (:func:`molora.run.chat.tokenize_messages`).
+    with the tokenizer's chat template instead of ``template`` (:mod:`molora.run.formats.messages`).
 
     Returns:
         ``{"input_ids": [L], "attention_mask": [L], "labels": [L]}`` (lists of ints, ``L <=
@@ -565,10 +399,9 @@ def tokenize_row(
         ones, labels equal to ``input_ids`` except the prompt positions are -100 unless
         ``train_on_inputs``.
     """
-    if detect_format(row) == "messages":
-        from .chat import tokenize_messages
-
-        return tokenize_messages(row, tokenizer, cutoff_len, train_on_inputs, lengths)
+    fmt = _detect(row)
+    if fmt is not None and not fmt.uses_prompt_template:  # chat rows: the tokenizer's template (formats.messages)
+        return fmt.tokenize(row, tokenizer, cutoff_len, train_on_inputs, lengths)
     template = template if isinstance(template, PromptTemplate) else PromptTemplate(template)
     prompt, target = template.render(row)
     p_ids, t_ids = encode_prompt_target(tokenizer, prompt, target, cutoff_len, add_eos, prompt_truncation, lengths)

@@ -112,13 +112,22 @@ class DataSection(_Section):
     hf_eval_split: Optional[str] = None                    # None: carve validation_size rows out of the train split
     hf_where: Optional[dict[str, Any]] = None              # keep rows whose columns equal these values
     columns: Optional[dict[str, Any]] = None               # molora field -> column, "a.b" path, "{a} {b}" or a literal
-    format: Literal["auto", "choices", "alpaca", "messages"] = "auto"
+    format: str = "auto"                                   # a registered row format (molora.run.formats) or auto
     prompt_template: Optional[str] = None
     cutoff_len: int = Field(256, ge=2)
     train_on_inputs: bool = False
     max_train_examples: Optional[int] = Field(None, ge=1)
     max_eval_examples: Optional[int] = Field(None, ge=1)
     validation_size: int = Field(200, ge=1)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v):
+        from .formats import format_names  # the registry (pure Python)
+
+        if v not in format_names():
+            raise ValueError(f"format={v!r} is not a known row format; allowed: {', '.join(format_names())}")
+        return v
 
     @field_validator("packaged")
     @classmethod

@@ -396,6 +396,7 @@ def _run_locked(recipe: Recipe, resume: Optional[str], resume_allow: Optional[st
         from .allocate import resolve_recipe_auto
         from ..tuner.compat import enable_activation_checkpointing, peft_wrap
         from .data import DataCollator, PromptTemplate, build_dataset
+        from .formats import detect_format
         from .host_memory import peak_resident_bytes, release_free_memory, resident_bytes
         from .label_logits import accepts_logits_to_keep
         from ..tuner.summary import _tuner
@@ -547,9 +548,11 @@ def _run_locked(recipe: Recipe, resume: Optional[str], resume_allow: Optional[st
             raise RunError("train.eval_strategy needs evaluation data: set data.eval_file (or use a packaged data set)")
         eval_ds = build_dataset(eval_rows, tokenizer, template, d.cutoff_len, d.train_on_inputs,
                                 max_examples=d.max_eval_examples)
-    acc_rows = eval_rows if (eval_rows and "choices" in eval_rows[0]) else None
+    eval_fmt = detect_format(eval_rows[0]) if eval_rows else None
+    acc_rows = eval_rows if (eval_fmt is not None and eval_fmt.has_options) else None
     if eval_rows and acc_rows is None and is_main:
-        print("molora: evaluation data is not in the choices format; accuracy is not measured (eval_loss only)")
+        print(f"molora: evaluation data is in the {eval_fmt.name if eval_fmt else 'unknown'} format, which has no "
+              f"answer options to score; accuracy is not measured (eval_loss only)")
     elif not eval_rows and is_main and (recipe.eval.before or recipe.eval.after) and \
             (recipe.eval.loglik or recipe.eval.generation):
         print("molora: no evaluation rows (data.eval_file, or a packaged data set's validation split), so the "

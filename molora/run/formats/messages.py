@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .data_errors import IGNORE_INDEX, DataError
+from ..data_errors import IGNORE_INDEX, DataError
+from .base import RowFormat, register_format
 
 ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -118,3 +119,29 @@ def tokenize_messages(row: Mapping[str, Any], tokenizer, cutoff_len: int | None,
         lengths.update(prompt=len(enc["input_ids"]) - n_target, target=n_target,
                        target_kept=sum(1 for x in labels if x != IGNORE_INDEX))
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+class MessagesFormat(RowFormat):
+    """``{"messages": [{"role", "content"}, ...]}``: the tokenizer's chat template renders it; loss on the assistant
+    turns (:func:`tokenize_messages`)."""
+
+    name = "messages"
+    uses_prompt_template = False
+
+    def detect(self, row):
+        return "messages" in row
+
+    def normalise(self, row):
+        return dict(row, messages=normalise_messages(row["messages"])) if "messages" in row else row
+
+    def check(self, row):
+        return check_messages(row)
+
+    def tokenize(self, row, tokenizer, cutoff_len, train_on_inputs, lengths):
+        return tokenize_messages(row, tokenizer, cutoff_len, train_on_inputs, lengths)
+
+    def example(self):
+        return {"messages": [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "Yes."}]}
+
+
+register_format(MessagesFormat())
