@@ -358,3 +358,35 @@ def test_allocate_through_the_light_command_entry_point(assets, tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sum(json.loads((tmp_path / "a" / "grad-norm-budget8.json").read_text())["experts"]) == 8
+
+
+@pytest.mark.parametrize("method", sorted(__import__("molora.allocation.methods", fromlist=["METHODS"]).METHODS))
+def test_every_registered_method_allocates_the_budget(tiny_model, method):
+    """Contract of the method registry (issue 22.2): every registered method scores each layer of a tiny model and
+    its allocation spends the budget exactly, with at least one expert per layer."""
+    from molora.allocation.auto import allocate
+
+    model = tiny_model("llama", num_layers=4)
+    res = allocate(model, method, 12, batches=_batches())
+    counts = list(res.experts) + list(res.experts_mlp or [])
+    assert len(res.experts) == len(res.scores) == 4 and all(c >= 1 for c in counts)
+    assert sum(counts) == 12 * (2 if res.experts_mlp else 1)
+
+
+def test_a_method_registered_from_its_own_module_runs(tiny_model):
+    """One file + one entry: a method whose function lives outside the signals module ("module:function")."""
+    from molora.allocation import methods
+    from molora.allocation.auto import allocate
+
+    entry = methods.AllocationMethod("bi-elsewhere", "molora.allocation.signals:block_influence", True, True, 1.0,
+                                     "block influence, registered by module path")
+    methods.register_method(entry)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            methods.register_method(entry)
+        model = tiny_model("llama", num_layers=4)
+        got = allocate(model, "bi-elsewhere", 12, batches=_batches())
+        want = allocate(model, "block-influence", 12, batches=_batches())
+        assert got.experts == want.experts and got.scores == want.scores
+    finally:
+        methods.METHODS.pop("bi-elsewhere")

@@ -96,8 +96,10 @@ def test_bad_layout_values_are_refused_naming_the_allowed_ones():
     with pytest.raises(ValueError, match="backend 'sparse' does not implement layout 'shared_a'; backends for it: "
                                          "torch, reference"):
         moe_lora(x, a, b, w, top_k=2, scaling=1.0, layout="shared_a", backend="sparse")
-    with pytest.raises(ValueError, match=r"layout 'shared_a': a \(3, 12\) must be \[r, d_in=12\] and b \(10, 8\)"):
+    with pytest.raises(ValueError, match=r"layout 'shared_a': b \(10, 8\) must be \[d_out, E·r=12\]"):
         moe_lora(x, a, b[:, :8], w, top_k=2, scaling=1.0, layout="shared_a")
+    with pytest.raises(ValueError, match=r"layout 'shared_a': a \(3, 11\) must be \[r, d_in=12\] with E=4"):
+        moe_lora(x, a[:, :11], b, w, top_k=2, scaling=1.0, layout="shared_a")
     with pytest.raises(AllocationError, match=r"layout='hydra' is not a known expert layout; allowed: stacked, "
                                               r"shared_a"):
         MoLoRAConfig(layout="hydra")

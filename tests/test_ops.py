@@ -276,7 +276,9 @@ def test_backend_errors_and_listing():
 def test_triton_import_guard(monkeypatch):
     """ops works whether or not triton_moe_lora imports; a failed import is reported, not raised."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")   # so that CPU asks the module at all
-    monkeypatch.setattr(ops, "_TRITON", {"module": None, "error": "ModuleNotFoundError: No module named 'triton'"})
+    from molora_kernels import backends
+
+    monkeypatch.setattr(backends, "_TRITON", {"module": None, "error": "ModuleNotFoundError: No module named 'triton'"})
     assert "triton" not in available_backends("cpu")
     x, a, b, w, *_ = _inputs((4,), 8, 8, 2, 2, torch.float32, 0)
     with pytest.raises(ValueError, match="No module named 'triton'"):

@@ -5,6 +5,8 @@ Installed as ``molora_kernels`` (the repository folder is ``kernels/``). Never i
 
 Public API:
     ROUTERS / get_router / register_router -> the router registry (molora_kernels.routers)
+    LAYOUTS / get_layout / register_layout -> the expert-layout registry (molora_kernels.layouts)
+    BACKEND_REGISTRY / register_backend / select_backend -> the op's implementations (molora_kernels.backends)
     route(logits, top_k, router)           -> Routing            (gates, probs, top-k indices)
     routing_stats(routing, top_k, mask)    -> RouterStats        (per-expert loads for aux loss/telemetry)
     moe_lora(x, a_all, b_all, w_router, ...) -> MoLoRAOutput     (output delta + RouterStats)
@@ -16,7 +18,9 @@ from typing import Any
 # Lazy attributes (PEP 562): `import molora_kernels.routers` (pure Python, what configs and recipes validate
 # against) must not pay for torch; the names below import their submodule on first access.
 _LAZY = {
-    "LAYOUTS": "layouts", "Layout": "layouts", "get_layout": "layouts",
+    "LAYOUTS": "layouts", "Layout": "layouts", "get_layout": "layouts", "register_layout": "layouts",
+    "BACKEND_REGISTRY": "backends", "Backend": "backends", "register_backend": "backends",
+    "select_backend": "backends",
     "ROUTERS": "routers", "Router": "routers", "get_router": "routers", "register_router": "routers",
     "Routing": "routing", "RouterStats": "routing", "route": "routing", "routing_stats": "routing",
     "load_balancing_loss": "routing",
@@ -42,6 +46,11 @@ __all__ = [
     "LAYOUTS",
     "Layout",
     "get_layout",
+    "register_layout",
+    "BACKEND_REGISTRY",
+    "Backend",
+    "register_backend",
+    "select_backend",
     "Router",
     "get_router",
     "register_router",

@@ -14,6 +14,9 @@ statistics the aux loss and telemetry need. ``backend`` selects the implementati
   and triton import and ``is_triton_available(device)`` says so).
 * ``"auto"``: the cheapest available for the device and the sizes (``cost_model.choose_backend``).
 
+The backends are registered in :mod:`.backends` (one ``Backend`` each, one selection function, how to add one);
+a layout with a formula of its own (``shared_a``) runs its op from :mod:`.layouts` instead of the stacked one.
+
 All backends compute exactly docs/design.md §2: fp32 softmax, top-k, renormalise; dropout only on the
 experts' input (the router sees x); gradients reach the router through the gates and, via
 ``stats.prob_sum`` / ``Routing.probs``, through the full softmax for the aux loss.
@@ -21,25 +24,19 @@ experts' input (the router sees x); gradients reach the router through the gates
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from . import cost_model, torch_dense
+from .backends import BACKEND_REGISTRY, available_backends, get_backend, select_backend
 from .layouts import get_layout
 from .routers import ALL_BACKENDS, get_router
-from .routing import Routing, RouterStats, route, routing_stats
-from .sparse import moe_lora_sparse
-from .torch_fused import moe_lora_fused
+from .routing import Routing, RouterStats, routing_stats
 
 #: every backend name a config accepts: "auto" (chosen per call) and the concrete ones (the one list lives in the
 #: pure router registry, so torch-free recipe checks see the same names)
 BACKENDS = ("auto", *ALL_BACKENDS)
-_CONCRETE = ALL_BACKENDS
-
-_TRITON: dict[str, object] = {}   # lazily imported module (or the reason it is unavailable)
 
 
 @dataclass
@@ -54,79 +51,12 @@ class MoLoRAOutput:
     routing: Optional[Routing] = None
 
 
-def _triton_module():
-    """The triton_moe_lora module, or None (reason kept in ``_TRITON['error']``). Imported on first use."""
-    if "module" not in _TRITON:
-        try:
-            from . import triton_moe_lora as mod  # noqa: WPS433 (optional, written separately)
-            _TRITON["module"] = mod
-        except Exception as exc:  # module missing, triton missing or broken
-            _TRITON["module"] = None
-            _TRITON["error"] = f"{type(exc).__name__}: {exc}"
-    return _TRITON["module"]
-
-
-def _interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _triton_available(device: torch.device | str) -> bool:
-    if torch.device(device).type != "cuda" and not _interpreter_requested():
-        return False   # Triton runs on CPU tensors only under its interpreter: don't even import it
-    mod = _triton_module()
-    if mod is None:
-        return False
-    try:
-        return bool(mod.is_triton_available(device))
-    except Exception as exc:
-        _TRITON["error"] = f"is_triton_available failed: {type(exc).__name__}: {exc}"
-        return False
-
-
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Concrete backends that can run on ``device`` (``"auto"`` picks among these)."""
-    names = ["torch", "reference", "sparse"]
-    if _triton_available(device):
-        names.append("triton")
-    return names
-
-
-def _unavailable(backend: str, device: torch.device) -> ValueError:
-    why = ""
-    if backend == "triton":
-        if device.type != "cuda" and not _interpreter_requested():
-            why = " (the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 for the CPU interpreter)"
-        elif _triton_module() is None:
-            why = f" ({_TRITON.get('error', 'triton_moe_lora could not be imported')})"
-        else:
-            why = f" (is_triton_available({str(device)!r}) is False)"
-    return ValueError(f"backend {backend!r} is not available on {device}{why}; "
-                      f"available: {', '.join(available_backends(device))} (or 'auto')")
-
-
 def resolve_backend(backend: str, x2: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
                     router_weight: torch.Tensor, top_k: int, router: str, needs_backward: bool = True) -> str:
-    """The concrete backend ``moe_lora`` runs for these inputs (``"auto"`` asks the cost model)."""
+    """The concrete backend ``moe_lora`` runs for these inputs (:func:`molora_kernels.backends.select_backend`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
-    device = x2.device
-    r = get_router(router)
-    if backend == "auto":
-        num_experts = router_weight.shape[0]
-        choice = cost_model.choose_backend(
-            tokens=x2.shape[0], d_in=x2.shape[1], d_out=b_all.shape[0], num_experts=num_experts,
-            top_k=r.effective_top_k(top_k, num_experts), rank=a_all.shape[0] // num_experts,
-            device=device, dtype=x2.dtype, backward=needs_backward,
-            triton=device.type == "cuda" and _triton_available(device) and "triton" in r.backends)
-        if choice not in r.backends:  # the router is not implemented there: the first of its own that runs here
-            choice = next(b for b in ("torch", "sparse", "reference") if b in r.backends)
-        return choice
-    if backend not in r.backends:
-        raise ValueError(f"backend {backend!r} does not implement router {router!r}; backends for it: "
-                         f"{', '.join(r.backends)} (or 'auto')")
-    if backend == "triton" and not _triton_available(device):
-        raise _unavailable(backend, device)
-    return backend
+    return select_backend(backend, x2, a_all, b_all, router_weight, top_k, router, needs_backward)
 
 
 def _check(x, a_all, b_all, router_weight, top_k, router, backend, router_options=None, layout="stacked"):
@@ -134,42 +64,17 @@ def _check(x, a_all, b_all, router_weight, top_k, router, backend, router_option
     lay = get_layout(layout)
     if x.shape[-1] != d_in:
         raise ValueError(f"x has {x.shape[-1]} features but the router expects d_in={d_in}")
-    if lay.shared_a:
-        if a_all.shape[1] != d_in or b_all.shape[1] != num_experts * a_all.shape[0]:
-            raise ValueError(f"layout 'shared_a': a {tuple(a_all.shape)} must be [r, d_in={d_in}] and b "
-                             f"{tuple(b_all.shape)} [d_out, E·r={num_experts * a_all.shape[0]}]")
-        if backend != "auto" and backend not in lay.backends:
-            raise ValueError(f"backend {backend!r} does not implement layout 'shared_a'; backends for it: "
-                             f"{', '.join(lay.backends)} (or 'auto')")
-    else:
-        if a_all.shape[0] % num_experts or a_all.shape[1] != d_in:
-            raise ValueError(f"a_all {tuple(a_all.shape)} must be [E·r, d_in] with E={num_experts}, d_in={d_in}")
-        if b_all.shape[1] != a_all.shape[0]:
-            raise ValueError(f"b_all {tuple(b_all.shape)} must be [d_out, E·r={a_all.shape[0]}]")
+    problem = lay.shape_problem(a_all, b_all, num_experts, d_in)
+    if problem:
+        raise ValueError(problem)
+    if backend != "auto" and backend in BACKENDS and backend not in lay.backends:
+        raise ValueError(f"backend {backend!r} does not implement layout {layout!r}; backends for it: "
+                         f"{', '.join(lay.backends)} (or 'auto')")
     get_router(router).resolve_options(router_options)  # ValueError naming the routers / the option and its range
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
-
-
-def _shared_a(x2, a, b_all, router_weight, *, top_k, scaling, dropout, training, router, base,
-              router_options=None, token_ids=None, routing_mask=None):
-    """Layout ``shared_a`` (see :mod:`molora_kernels.layouts`): one shrink, the [T, r] result repeated for the E
-    heads, then the dense-gated expand; autograd does the backward (the shrink's gradient sums the heads')."""
-    num_experts = router_weight.shape[0]
-    h, logits = torch_dense.shrink_and_logits(x2, a, router_weight, dropout, training)
-    routing = route(logits, top_k, router, router_options, token_ids, routing_mask, training)
-    delta = torch_dense.gate_expand(h.repeat(1, num_experts), routing.gates, b_all, scaling)
-    return (delta if base is None else base + delta), routing
-
-
-def _reference(x2, a_all, b_all, router_weight, *, top_k, scaling, dropout, training, router, base,
-               router_options=None, token_ids=None, routing_mask=None):
-    h, logits = torch_dense.shrink_and_logits(x2, a_all, router_weight, dropout, training)
-    routing = route(logits, top_k, router, router_options, token_ids, routing_mask, training)
-    delta = torch_dense.gate_expand(h, routing.gates, b_all, scaling)
-    return (delta if base is None else base + delta), routing
 
 
 def moe_lora(
@@ -239,9 +144,10 @@ def moe_lora(
         x2 = x2.to(compute_dtype)
         if base2 is not None:
             base2 = base2.to(compute_dtype)
-    shared = get_layout(layout).shared_a
-    name = "shared_a" if shared else resolve_backend(backend, x2, a_all, b_all, router_weight, top_k, router,
-                                                      needs_backward)
+    op = get_layout(layout).resolve_op()  # a layout with a formula of its own runs it on any of its backends
+    if op is None:
+        op = BACKEND_REGISTRY[resolve_backend(backend, x2, a_all, b_all, router_weight, top_k, router,
+                                              needs_backward)].run
     kw = dict(top_k=top_k, scaling=scaling, dropout=dropout, training=training, router=router)
     router_options = get_router(router).routing_options(router_options)  # loss weights are the tuner's business
     if router_options:  # only routers with routing options take them, and those run on the torch/reference backends
@@ -256,7 +162,7 @@ def moe_lora(
         kw["routing_mask"] = routing_mask.reshape(-1)
     with (torch.autocast(x2.device.type, enabled=False) if compute_dtype is not None
           else contextlib.nullcontext()):
-        out, routing = _run_backend(name, x2, a_all, b_all, router_weight, base2, kw)
+        out, routing = op(x2, a_all, b_all, router_weight, base=base2, **kw)
     stats = None
     if compute_stats:
         mask = None if token_mask is None else token_mask.reshape(-1)
@@ -277,19 +183,4 @@ def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type) if enabled else None
 
 
-def _run_backend(name, x2, a_all, b_all, router_weight, base2, kw):
-    if name == "torch":
-        return moe_lora_fused(x2, a_all, b_all, router_weight, base=base2, **kw)
-    if name == "sparse":
-        return moe_lora_sparse(x2, a_all, b_all, router_weight, base=base2, **kw)
-    if name == "reference":
-        return _reference(x2, a_all, b_all, router_weight, base=base2, **kw)
-    if name == "shared_a":
-        return _shared_a(x2, a_all, b_all, router_weight, base=base2, **kw)
-    if name == "triton":
-        out, routing = _triton_module().moe_lora_triton(x2, a_all, b_all, router_weight, **kw)
-        return (out if base2 is None else base2 + out), routing
-    raise AssertionError(name)  # pragma: no cover - resolve_backend only returns the names above
-
-
-__all__ = ["BACKENDS", "MoLoRAOutput", "Routing", "available_backends", "moe_lora", "resolve_backend"]
+__all__ = ["BACKENDS", "MoLoRAOutput", "Routing", "available_backends", "get_backend", "moe_lora", "resolve_backend"]

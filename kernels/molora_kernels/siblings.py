@@ -30,7 +30,7 @@ import torch
 
 from .routers import get_router
 from .routing import Routing, route, routing_stats
-from .torch_fused import _replay_dropout_scale, _rng_state
+from .torch_fused import _replay_dropout_scale, _rng_state, gate_and_expand
 
 
 @dataclass
@@ -110,12 +110,7 @@ class GatedExpand(torch.autograd.Function):
         tokens, num_experts = logits.shape
         rank = h.shape[1] // num_experts
         routing = route(logits, top_k, router, router_options, token_ids, routing_mask, training)
-        probs, gates, idx = routing.probs, routing.gates, routing.topk_idx
-        if gates is probs:
-            gates = probs.clone()
-        gs = (gates.to(torch.promote_types(h.dtype, torch.float32)) * scaling).to(h.dtype)
-        hgs = (h.reshape(tokens, num_experts, rank) * gs[:, :, None]).view(tokens, num_experts * rank)
-        out = torch.mm(hgs, b_all.t()) if base is None else torch.addmm(base, hgs, b_all.t())
+        probs, gates, idx, gs, hgs, out = gate_and_expand(h, routing, b_all, scaling, base)
         ctx.save_for_backward(h, b_all, hgs, gs, probs, idx)
         ctx.meta = (num_experts, rank, base is not None, get_router(router), top_k, scaling)
         ctx.device_type = h.device.type

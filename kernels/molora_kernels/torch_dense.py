@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .routing import route
+
 
 def shrink_and_logits(x: torch.Tensor, a_all: torch.Tensor, router_weight: torch.Tensor,
                       dropout: float, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,3 +55,15 @@ def gate_expand(h: torch.Tensor, gates: torch.Tensor, b_all: torch.Tensor, scali
     if rank > 1:
         g = g.repeat_interleave(rank, dim=1)
     return ((h * g) @ b_all.to(h.dtype).t()) * scaling
+
+
+def moe_lora_shared_a(x2, a, b_all, router_weight, *, top_k, scaling, dropout, training, router, base,
+                      router_options=None, token_ids=None, routing_mask=None):
+    """The ``shared_a`` layout's op (HydraLoRA, :mod:`molora_kernels.layouts`): one shrink with the shared A
+    [r, d_in], the [T, r] result repeated for the E heads, then the dense-gated expand with b_all [d_out, E·r];
+    autograd does the backward (the shrink's gradient sums the heads'). Returns (base + delta or delta, Routing)."""
+    num_experts = router_weight.shape[0]
+    h, logits = shrink_and_logits(x2, a, router_weight, dropout, training)
+    routing = route(logits, top_k, router, router_options, token_ids, routing_mask, training)
+    delta = gate_expand(h.repeat(1, num_experts), routing.gates, b_all, scaling)
+    return (delta if base is None else base + delta), routing

@@ -67,6 +67,24 @@ def _replay_dropout_scale(x: torch.Tensor, p: float, state: torch.Tensor) -> tor
         return _dropout_scale(x, p)
 
 
+def gate_and_expand(h: torch.Tensor, routing, b_all: torch.Tensor, scaling: float,
+                    base: Optional[torch.Tensor]) -> tuple:
+    """The forward after routing, shared with the sibling op (:mod:`.siblings`): gates scaled by ``scaling``
+    (multiplied in at least fp32: a float64 model keeps float64, alpha / r is rarely exact in fp32), folded into
+    h [T, E·r] as a [T, E, r] view, then one expand GEMM (into ``base`` [T, d_out] when given).
+
+    Returns (probs, gates, idx, gs [T, E] in h.dtype, hgs [T, E·r], out [T, d_out]); ``gates`` is a copy when the
+    router returned the probs themselves (soft router / E == k), so probs keeps its own gradient."""
+    probs, gates, idx = routing.probs, routing.gates, routing.topk_idx
+    if gates is probs:
+        gates = probs.clone()
+    tokens, num_experts = gates.shape
+    gs = (gates.to(torch.promote_types(h.dtype, torch.float32)) * scaling).to(h.dtype)
+    hgs = (h.reshape(tokens, num_experts, h.shape[1] // num_experts) * gs[:, :, None]).view(tokens, h.shape[1])
+    out = torch.mm(hgs, b_all.t()) if base is None else torch.addmm(base, hgs, b_all.t())
+    return probs, gates, idx, gs, hgs, out
+
+
 class DenseGatedMoLoRA(torch.autograd.Function):
     """out, probs, gates, topk_idx = f(x, xd, a_all, b_all, router_weight, base, ..., dropout).
 
@@ -85,7 +103,6 @@ class DenseGatedMoLoRA(torch.autograd.Function):
         num_experts = router_weight.shape[0]
         rank_all = a_all.shape[0]
         rank = rank_all // num_experts
-        tokens = x.shape[0]
         rng = None
         if xd is None and dropout > 0.0:
             rng = _rng_state(x.device)
@@ -100,17 +117,7 @@ class DenseGatedMoLoRA(torch.autograd.Function):
             logits = torch.mm(x, router_weight.t())
             hl = h
         routing = route(logits, top_k, router, router_options, token_ids, routing_mask, training)
-        probs, gates, idx = routing.probs, routing.gates, routing.topk_idx
-        if gates is probs:  # soft router / E == k: separate outputs (probs keeps its gradient)
-            gates = probs.clone()
-        # scaling folded into the [T, E] gate, multiplied in at least fp32 (a float64 model keeps float64: alpha / r
-        # is rarely exact in fp32)
-        gs = (gates.to(torch.promote_types(x.dtype, torch.float32)) * scaling).to(x.dtype)
-        hgs = (h.view(tokens, num_experts, rank) * gs[:, :, None]).view(tokens, rank_all)
-        if base is None:
-            out = torch.mm(hgs, b_all.t())
-        else:
-            out = torch.addmm(base, hgs, b_all.t())
+        probs, gates, idx, gs, hgs, out = gate_and_expand(h, routing, b_all, scaling, base)
         replay = rng is not None
         ctx.save_for_backward(x, None if replay else xd, a_all, b_all, router_weight, wcat, hl, hgs, gs, probs, idx,
                               rng)

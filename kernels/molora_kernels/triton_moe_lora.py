@@ -61,10 +61,9 @@ from .triton_routing import (
     is_triton_available,
     num_sms,
     route_bwd_rows,
-    softmax_rows,
+    route_rows_and_store,
     tl,
     token_bucket,
-    topk_gates_rows,
     triton,
 )
 
@@ -144,15 +143,8 @@ def _shrink_route_kernel(
     tl.store(h_ptr + rows[:, None] * ER + r_offs[None, :], acc_h, mask=row_mask[:, None] & r_mask[None, :])
 
     if routes:
-        probs = softmax_rows(acc_l, e_mask)
-        if SOFT:
-            gates = probs
-        else:
-            gates = topk_gates_rows(probs, e_offs, e_mask, rows, row_mask, idx_ptr, TOP_K, TOP_K, BLOCK_E)
-        out = rows[:, None] * E + e_offs[None, :]
-        mask = row_mask[:, None] & e_mask[None, :]
-        tl.store(probs_ptr + out, probs, mask=mask)
-        tl.store(gates_ptr + out, gates, mask=mask)
+        route_rows_and_store(acc_l, e_offs, e_mask, rows, row_mask, idx_ptr, probs_ptr, gates_ptr, E, TOP_K, SOFT,
+                             BLOCK_E)
 
 
 @triton.autotune(

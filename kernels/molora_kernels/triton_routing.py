@@ -197,6 +197,23 @@ def topk_gates_rows(probs, e_offs, e_mask, rows, row_mask, idx_ptr, stride_idx_t
 
 
 @triton.jit
+def route_rows_and_store(logits, e_offs, e_mask, rows, row_mask, idx_ptr, probs_ptr, gates_ptr, E,
+                         TOP_K: tl.constexpr, SOFT: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The routing step of a block of rows, shared by the routing kernel and the fused forward: fp32 softmax of
+    ``logits`` [BLOCK_T, BLOCK_E], the renormalised top-k gates (the probs themselves for the soft router; top-k
+    indices to ``idx_ptr``), both stored [T, E] row-major."""
+    probs = softmax_rows(logits, e_mask)
+    if SOFT:
+        gates = probs
+    else:
+        gates = topk_gates_rows(probs, e_offs, e_mask, rows, row_mask, idx_ptr, TOP_K, TOP_K, BLOCK_E)
+    out = rows[:, None] * E + e_offs[None, :]
+    mask = row_mask[:, None] & e_mask[None, :]
+    tl.store(probs_ptr + out, probs, mask=mask)
+    tl.store(gates_ptr + out, gates, mask=mask)
+
+
+@triton.jit
 def route_bwd_rows(d_gates, d_probs, gates, probs, SOFT: tl.constexpr):
     """Gradient to the logits [BLOCK_T, BLOCK_E] fp32 from those of the gates and of the probs.
 
@@ -246,14 +263,8 @@ def _route_fwd_kernel(logits_ptr, gates_ptr, probs_ptr, idx_ptr,
     mask = row_mask[:, None] & e_mask[None, :]
     logits = tl.load(logits_ptr + rows[:, None] * stride_lt + e_offs[None, :] * stride_le,
                      mask=mask, other=0.0).to(tl.float32)
-    probs = softmax_rows(logits, e_mask)
-    if SOFT:
-        gates = probs
-    else:
-        gates = topk_gates_rows(probs, e_offs, e_mask, rows, row_mask, idx_ptr, TOP_K, TOP_K, BLOCK_E)
-    out = rows[:, None] * E + e_offs[None, :]
-    tl.store(probs_ptr + out, probs, mask=mask)
-    tl.store(gates_ptr + out, gates, mask=mask)
+    route_rows_and_store(logits, e_offs, e_mask, rows, row_mask, idx_ptr, probs_ptr, gates_ptr, E, TOP_K, SOFT,
+                         BLOCK_E)
 
 
 @triton.autotune(configs=_ROUTE_CONFIGS, key=["T_BUCKET", "E"], prune_configs_by=AUTOTUNE_PRUNE)

@@ -50,7 +50,13 @@ def allocate(model, method: str, budget: int, *, batches: Optional[Sequence[dict
     m: AllocationMethod = get_method(method)
     if m.needs_data and not batches:
         raise ValueError(f"method {m.name!r} needs calibration rows (the recipe's training data)")
-    fn = getattr(signals, m.function)
+    if ":" in m.function:  # a method registered from a module of its own
+        import importlib
+
+        module, name = m.function.split(":")
+        fn = getattr(importlib.import_module(module), name)
+    else:
+        fn = getattr(signals, m.function)
     ls = fn(model, batches, target_modules=target_modules)
     b = m.default_beta if beta is None else float(beta)
     experts_mlp = None

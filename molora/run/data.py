@@ -39,8 +39,10 @@ from .data_errors import IGNORE_INDEX, DataError
 from .formats import FORMATS, RowFormat, get_format
 from .formats import detect_format as _detect
 from .formats.alpaca import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, alpaca_template
-from .formats.choices import DEFAULT_CHOICES_TEMPLATE, OPTION_LETTERS, choice_target, format_choices
-from .formats.readers import TABLE_SUFFIXES, read_entries, read_table_rows  # noqa: F401
+from .formats.choices import OPTION_LETTERS  # noqa: F401  (evaluation and hf_data read it from here)
+from .formats.choices import DEFAULT_CHOICES_TEMPLATE, choice_target, format_choices
+from .formats.readers import TABLE_SUFFIXES, read_table_rows  # noqa: F401  (public names kept)
+from .formats.readers import read_entries
 
 __all__ = [
     "DataError",

@@ -33,23 +33,25 @@ final``). ``--eval-file`` scores every finished cell on extra choices-format fil
 (and with ``--report`` alone) the results are merged into ``sweep/summary.{json,md,png}``
 (:mod:`molora.run.sweep_report`).
 
-Over 400 lines because one command plans arms, search and final cells, runs them resumably and selects settings;
-the statistics live in :mod:`molora.run.sweep_report` and :mod:`molora.run.paired_stats`.
+Over 400 lines because one command runs search and final cells resumably, selects settings and reports; the plan
+(arms, cells, budgets) lives in :mod:`molora.run.sweep_plan`, the statistics in :mod:`molora.run.sweep_report` and
+:mod:`molora.run.paired_stats`.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .recipe import Recipe, RecipeError, load_recipe, parse_overrides
+from .recipe import RecipeError, load_recipe, parse_overrides
+from .sweep_plan import (BASE_ARM, LORA_ARMS, Arm, Cell, _cell_overrides, _setting_args,  # noqa: F401
+                         active_rank, budget_and_lora_rank, parse_arm, parse_cells_spec, parse_search, plan_cells,
+                         plan_search_cells)
 from .sweep_report import SweepError, summarise, summary_markdown
 
 __all__ = ["main", "plan_cells", "plan_search_cells", "parse_arm", "parse_search", "summarise", "summary_markdown",
@@ -74,263 +76,6 @@ USAGE = """usage: molora sweep RECIPE.yaml --allocations A,B,... [--seeds 0,1,2]
   --report        only merge the results that exist into sweep/summary.{json,md,png}"""
 
 #: arms that are not mixtures of the sweep's budget
-LORA_ARMS = ("lora", "lora-active")
-BASE_ARM = "base"
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One entry of ``--allocations``: an allocation and the recipe overrides of this arm alone."""
-
-    spec: str                                   # as given
-    allocation: str                             # canonical: preset, blocks, auto:M, lora, lora-active, base
-    overrides: tuple[tuple[str, str], ...] = ()  # (section.key, raw value)
-    slug: str = ""                              # folder-safe name
-
-    def override_args(self) -> list[str]:
-        return [a for k, v in self.overrides for a in (f"--{k}", v)]
-
-
-@dataclass(frozen=True)
-class Cell:
-    index: int
-    allocation: str   # the arm's canonical allocation
-    slug: str         # the arm's folder-safe name
-    seed: Optional[int]                                  # None: the untuned model (seed-independent)
-    arm: Optional[Arm] = field(default=None, compare=False)
-    setting: Optional[int] = None                        # search grid point, None for final cells
-    extra: tuple[str, ...] = ()                          # CLI overrides of the grid point / selected setting
-
-    @property
-    def name(self) -> str:
-        if self.seed is None:
-            return self.slug
-        g = f"-g{self.setting}" if self.setting is not None else ""
-        return f"{self.slug}{g}-seed{self.seed}"
-
-    @property
-    def folder(self) -> str:
-        return f"search/{self.name}" if self.setting is not None else self.name
-
-
-# ------------------------------------------------------------------------------------------------ plan
-
-
-def _slug(alloc: str) -> str:
-    from ..allocation.specs import is_auto, preset_name
-
-    if alloc in LORA_ARMS or alloc == BASE_ARM:
-        return alloc
-    if is_auto(alloc):
-        return "auto-" + alloc.split(":", 1)[1].strip().lower()
-    p = preset_name(alloc)
-    if p is not None:
-        return p
-    return "blocks-" + re.sub(r"[^0-9]+", "-", alloc).strip("-")
-
-
-def _check_allocation_name(alloc: str) -> str:
-    """Canonical form of one ``--allocations`` entry's allocation, or SweepError naming it."""
-    from ..allocation.methods import get_method
-    from ..allocation.specs import auto_method, is_auto, preset_name
-
-    a = alloc.strip()
-    if a.lower() in LORA_ARMS or a.lower() == BASE_ARM:
-        return a.lower()
-    if is_auto(a):
-        try:
-            get_method(auto_method(a))
-        except ValueError as e:
-            raise SweepError(f"--allocations: {a!r}: {e}") from None
-        return a
-    if preset_name(a) is not None:
-        return a
-    if re.fullmatch(r"\d+(\|\d+)+|\d{2,}", a):
-        return a.replace("|", ",")
-    raise SweepError(f"--allocations: unknown allocation {a!r}; allowed: presets (▽ □ △ ⋈ ◇ or inverted_triangle, "
-                     f"uniform, triangle, hourglass, diamond), block strings like 2|4|6|8 or 2468, auto:METHOD, lora, "
-                     f"lora-active, base")
-
-
-def _split_assignment(text: str, where: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise SweepError(f"{where}: {text!r} is not section.key=value (e.g. allocation.router_init=zeros)")
-    key, value = (t.strip() for t in text.split("=", 1))
-    if not re.fullmatch(r"[a-z_]+\.[A-Za-z0-9_]+", key):
-        raise SweepError(f"{where}: {key!r} is not a recipe key section.key (e.g. train.learning_rate)")
-    if value == "":
-        raise SweepError(f"{where}: {key} has no value")
-    return key, value
-
-
-def parse_arm(spec: str) -> Arm:
-    """``"▽@allocation.router_init=zeros@train.learning_rate=1e-3"`` -> an :class:`Arm`."""
-    head, *assigns = spec.strip().split("@")
-    alloc = _check_allocation_name(head)
-    overrides = tuple(_split_assignment(a, f"--allocations {spec!r}") for a in assigns)
-    if alloc == BASE_ARM and overrides:
-        raise SweepError(f"--allocations {spec!r}: base is the untuned model; it takes no overrides")
-    slug = _slug(alloc)
-    for k, v in overrides:
-        slug += "-" + re.sub(r"[^A-Za-z0-9._]+", "", k.split(".", 1)[1]) + re.sub(r"[^A-Za-z0-9.+-]+", "", v)
-    return Arm(spec.strip(), alloc, overrides, slug)
-
-
-def parse_search(items: Sequence[str]) -> list[dict[str, str]]:
-    """``["train.learning_rate=1e-4,3e-4", "allocation.top_k=1,2"]`` -> the grid (list of {key: raw value})."""
-    axes: list[tuple[str, list[str]]] = []
-    for item in items:
-        key, values = _split_assignment(item, "--search")
-        vals = [v.strip() for v in values.split(",") if v.strip()]
-        if not vals:
-            raise SweepError(f"--search {item!r}: no values")
-        if len(set(vals)) != len(vals):
-            raise SweepError(f"--search {item!r}: a value repeats")
-        if key in (k for k, _ in axes):
-            raise SweepError(f"--search: {key} is given twice; list all its values in one --search")
-        if key in ("train.seed", "train.output_dir"):
-            raise SweepError(f"--search: {key} is set by the sweep itself; tune other keys")
-        axes.append((key, vals))
-    return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])] \
-        if axes else []
-
-
-def _setting_args(setting: dict[str, str]) -> tuple[str, ...]:
-    return tuple(a for k, v in setting.items() for a in (f"--{k}", v))
-
-
-def parse_cells_spec(spec: Optional[str]) -> tuple[int, int]:
-    """``"2/4"`` -> (2, 4); None -> (1, 1). SweepError when out of range."""
-    if spec is None:
-        return 1, 1
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
-    if not m:
-        raise SweepError(f"--cells {spec!r}: expected i/N with 1 <= i <= N, e.g. 1/2")
-    i, n = int(m.group(1)), int(m.group(2))
-    if n < 1 or not 1 <= i <= n:
-        raise SweepError(f"--cells {spec!r}: i must be between 1 and N (got i={i}, N={n})")
-    return i, n
-
-
-def _arms(allocations: Sequence[str]) -> list[Arm]:
-    arms, seen = [], set()
-    for a in allocations:
-        arm = parse_arm(a)
-        if arm.slug in seen:
-            raise SweepError(f"--allocations: {a!r} repeats {arm.slug}")
-        seen.add(arm.slug)
-        arms.append(arm)
-    return arms
-
-
-def plan_cells(allocations: Sequence[str], seeds: Sequence[int],
-               selected: Optional[dict[str, dict[str, str]]] = None) -> list[Cell]:
-    """The final cells: every arm × seed (``base`` once), each with its arm's selected search setting."""
-    cells: list[Cell] = []
-    for arm in _arms(allocations):
-        if arm.allocation == BASE_ARM:
-            cells.append(Cell(len(cells), arm.allocation, arm.slug, None, arm))
-            continue
-        extra = _setting_args((selected or {}).get(arm.slug) or {})
-        for s in seeds:
-            cells.append(Cell(len(cells), arm.allocation, arm.slug, int(s), arm, None, extra))
-    return cells
-
-
-def plan_search_cells(allocations: Sequence[str], grid: Sequence[dict[str, str]], seeds: Sequence[int]) -> list[Cell]:
-    """The search cells: every trained arm × grid point × search seed (the same budget for every arm)."""
-    cells: list[Cell] = []
-    for arm in _arms(allocations):
-        if arm.allocation == BASE_ARM:
-            continue
-        for g, setting in enumerate(grid):
-            for s in seeds:
-                cells.append(Cell(len(cells), arm.allocation, arm.slug, int(s), arm, g, _setting_args(setting)))
-    return cells
-
-
-def _meta_model(recipe: Recipe):
-    """The recipe's model with empty (meta) weights where it can be built from a config; shapes only."""
-    from .recipe import PACKAGED_MODEL_NAMES
-
-    name = recipe.model.name_or_path
-    if name in PACKAGED_MODEL_NAMES:
-        from .assets import cache_dir, load_model_and_tokenizer
-
-        load_model_and_tokenizer(name)  # converts once into the cache
-        name = str(cache_dir() / "models" / name)
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(name, local_files_only=True)
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(cfg)
-
-
-def budget_and_lora_rank(recipe: Recipe) -> tuple[int, int, int, int]:
-    """(expert budget, LoRA rank matching the mixtures' trainable parameters, mixture params, LoRA params)."""
-    from ..allocation.auto import layer_params
-    from ..allocation.specs import resolve_allocation
-    from ..allocation.signals import blocks_of
-
-    a = recipe.allocation
-    model = _meta_model(recipe)
-    _, blocks = blocks_of(model)
-    n = len(blocks)
-    if a.expert_budget is not None:
-        budget = a.expert_budget
-        shape = a.num_experts if not isinstance(a.num_experts, str) or not a.num_experts.startswith("auto:") \
-            else "uniform"
-    else:
-        shape = a.num_experts
-        if isinstance(shape, str) and shape.startswith("auto:"):
-            raise SweepError("the recipe's num_experts is auto:...; give allocation.expert_budget for the sweep")
-        budget = sum(x.num_experts for x in resolve_allocation(shape, 1, 1, n))
-    experts = [x.num_experts for x in resolve_allocation(shape, 1, 1, n, expert_budget=budget)]
-    ranks = a.r if isinstance(a.r, int) else [x.r for x in resolve_allocation(1, 1, a.r, n)]
-    targets = a.target_modules if isinstance(a.target_modules, list) else None
-    mix = sum(layer_params(model, experts, ranks, targets))
-    per_rank = sum(layer_params(model, [1] * n, 1, targets)) - sum(
-        layer_params(model, [1] * n, 0, targets))  # sum(d_in + d_out) over the targeted projections
-    shared = getattr(a, "shared_expert_r", 0) or 0
-    mix += shared * per_rank  # an always-on shared expert of rank s is a rank-s LoRA beside the routed experts
-    rank = max(1, round(mix / per_rank))
-    lora = rank * per_rank
-    return budget, rank, mix, lora
-
-
-def active_rank(recipe: Recipe) -> int:
-    """Rank of one LoRA with the mixtures' active rank per token: top_k x r (+ the shared expert's rank)."""
-    a = recipe.allocation
-    if not (isinstance(a.top_k, int) and isinstance(a.r, int)):
-        raise SweepError(f"lora-active needs one top_k and one r for all layers (got top_k={a.top_k!r}, r={a.r!r}); "
-                         f"give them as ints or drop lora-active")
-    return a.top_k * a.r + (getattr(a, "shared_expert_r", 0) or 0)
-
-
-def _lora_overrides(rank: int) -> list[str]:
-    return ["--allocation.num_experts", "1", "--allocation.top_k", "1", "--allocation.r", str(rank),
-            "--allocation.lora_alpha", str(2 * rank), "--allocation.expert_budget", "null",
-            "--allocation.num_experts_mlp", "null", "--allocation.aux_loss_coef", "0",
-            "--allocation.shared_expert_r", "0"]
-
-
-def _cell_overrides(cell: Cell, budget: int, lora_rank: int, out: Path, active: Optional[int] = None) -> list[str]:
-    ov = ["--train.seed", str(cell.seed), "--train.output_dir", str(out / cell.folder)]
-    if cell.allocation == "lora":
-        ov += _lora_overrides(lora_rank)
-    elif cell.allocation == "lora-active":
-        ov += _lora_overrides(active if active is not None else lora_rank)
-    else:
-        ov += ["--allocation.num_experts", json.dumps(cell.allocation), "--allocation.expert_budget", str(budget)]
-    if cell.arm is not None:
-        ov += cell.arm.override_args()
-    return ov + list(cell.extra)
-
-
-# ------------------------------------------------------------------------------------------------ running
-
-
 def _run(cmd: list[str], log: Path) -> int:
     env = dict(os.environ)
     root = Path(__file__).resolve().parents[2]
@@ -555,7 +300,162 @@ def _seeds(text: str, flag: str) -> list[int]:
     return seeds
 
 
+@dataclass
+class _Sweep:
+    """What one invocation of ``molora sweep`` plans (checked before any cell runs)."""
+
+    opts: dict[str, Any]
+    overrides: list[str]
+    seeds: list[int]
+    search_seeds: list[int]
+    grid: list[dict[str, str]]
+    allocations: list[str]
+    cells: list[Cell]
+    search_cells: list[Cell]
+    part: int
+    parts: int
+    recipe: Any
+    active: Optional[int]
+    out: Path = Path(".")
+
+    def final_cells(self, selection: Optional[dict]) -> list[Cell]:
+        return plan_cells(self.allocations, self.seeds,
+                          {k: v["setting"] for k, v in (selection or {}).get("arms", {}).items()})
+
+
+def _prepare(opts: dict[str, Any]) -> _Sweep:
+    """The sweep the arguments ask for, every arm's recipe loaded with each search setting (SweepError/RecipeError
+    naming what is wrong, before any work)."""
+    if opts["recipe"] is None:
+        raise SweepError("no recipe given (e.g. molora sweep recipes/csqa_smollm2_cpu.yaml --allocations ▽,□,lora)")
+    if not opts["allocations"]:
+        raise SweepError("--allocations is required, e.g. --allocations ▽,□,auto:block-influence,lora")
+    if opts["phase"] not in ("search", "final", "all"):
+        raise SweepError(f"--phase {opts['phase']!r}; allowed: search, final, all")
+    seeds = _seeds(opts["seeds"], "--seeds")
+    search_seeds = _seeds(opts["search-seeds"], "--search-seeds") if opts["search-seeds"] else seeds[:1]
+    grid = parse_search(opts["search"])
+    allocations = opts["allocations"].split(",")
+    cells = plan_cells(allocations, seeds)
+    search_cells = plan_search_cells(allocations, grid, search_seeds)
+    part, parts = parse_cells_spec(opts["cells"])
+    phase_cells = search_cells if opts["phase"] == "search" else cells
+    if parts > max(1, len(phase_cells)):
+        raise SweepError(f"--cells {opts['cells']}: N={parts} is more than the {len(phase_cells)} cells of the "
+                         f"{'search' if opts['phase'] == 'search' else 'plan'}")
+    for ef in opts["eval_files"]:
+        if not Path(ef).is_file():
+            raise SweepError(f"--eval-file {ef}: no such file")
+    overrides = opts["rest"]
+    recipe = load_recipe(opts["recipe"], parse_overrides(overrides))
+    for arm in {c.arm.slug: c.arm for c in cells if c.arm is not None}.values():  # every arm's overrides load
+        for setting in grid or [{}]:
+            try:
+                load_recipe(opts["recipe"], parse_overrides(overrides + arm.override_args()
+                                                            + list(_setting_args(setting))))
+            except RecipeError as e:
+                raise SweepError(f"arm {arm.spec!r}{f' with search setting {setting}' if setting else ''}: "
+                                 f"{e}") from None
+    if grid and not recipe.data.eval_file:
+        raise SweepError("--search selects on the recipe's validation rows: give data.eval_file (a split carved "
+                         "from train, never the held-out one)")
+    active = active_rank(recipe) if any(c.allocation == "lora-active" for c in cells) else None
+    return _Sweep(opts, overrides, seeds, search_seeds, grid, allocations, cells, search_cells, part, parts, recipe,
+                  active, Path(recipe.train.output_dir) / "sweep")
+
+
+def _write_plan(sw: _Sweep, budget: int, lora_rank: int, mix_params: int, lora_params: int) -> None:
+    """``sweep/plan.json``; a folder holding a sweep with another search grid is refused (cells are numbered by
+    their grid point)."""
+    from .common import write_json_atomic
+
+    opts = sw.opts
+    plan = {"recipe": str(Path(opts["recipe"]).resolve()), "overrides": sw.overrides, "budget": budget,
+            "lora_rank": lora_rank, "lora_active_rank": sw.active, "mixture_params": mix_params,
+            "lora_params": lora_params, "cells": [c.name for c in sw.cells], "search": opts["search"],
+            "search_seeds": sw.search_seeds, "eval_files": [str(Path(e).resolve()) for e in opts["eval_files"]]}
+    plan_path = sw.out / "plan.json"
+    if plan_path.is_file():
+        try:
+            old = json.loads(plan_path.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+        except (OSError, ValueError) as e:
+            raise SweepError(f"{plan_path} is unreadable ({e}); delete it (each cell keeps its own settings in "
+                             f"cell.json and is checked against them) and run the sweep again") from None
+        # what each cell computes is checked per cell (cell.json); the grid itself must stay
+        diff = [k for k in ("search", "search_seeds") if k in old and old.get(k) != plan.get(k)]
+        if diff and not opts["restart-changed"]:
+            raise SweepError(f"{sw.out} holds a sweep with other settings ({', '.join(diff)}: "
+                             f"{[old.get(k) for k in diff]} there, {[plan.get(k) for k in diff]} now); use another "
+                             f"train.output_dir")
+    write_json_atomic(plan_path, plan)
+
+
+def _changed_cells(sw: _Sweep, budget: int, lora_rank: int) -> list[str]:
+    """Cells already on disk whose recorded settings differ from what they would run now (the final cells of a
+    search are checked when their selection is known)."""
+    problems = []
+    for c in (sw.search_cells if sw.grid else sw.cells):
+        if not (sw.out / c.folder).exists():
+            continue
+        untuned = c.allocation == BASE_ARM
+        cell_ov = ["--train.output_dir", str(sw.out / c.folder)] if untuned else _cell_overrides(
+            c, budget, lora_rank, sw.out, sw.active)
+        try:
+            _check_settings(c, sw.out / c.folder, effective_settings(sw.opts["recipe"], sw.overrides, cell_ov,
+                                                                    untuned), False)
+        except SweepError as e:
+            problems.append(str(e))
+    return problems
+
+
+def _run_cells(sw: _Sweep, todo: list[Cell], what: str, eval_files: Sequence[str], budget: int, lora_rank: int,
+               selection: Optional[dict], failed: list[str]) -> None:
+    """This process's share (``--cells i/N``) of ``todo``, one after the other; a failed cell is recorded in
+    ``failed`` and the others still run (re-running the sweep resumes it)."""
+    mine = [c for c in todo if c.index % sw.parts == sw.part - 1]
+    print(f"molora sweep: {what}: {len(mine)} of {len(todo)} cells here"
+          f"{f' (part {sw.part}/{sw.parts})' if sw.parts > 1 else ''}", flush=True)
+    for c in mine:
+        reuse = None
+        if selection is not None and c.seed is not None and c.seed in sw.search_seeds and c.slug in selection["arms"]:
+            reuse = sw.out / "search" / f"{c.slug}-g{selection['arms'][c.slug]['selected']}-seed{c.seed}"
+        t0 = time.perf_counter()
+        try:
+            status = run_cell(sw.opts["recipe"], c, sw.overrides, budget, lora_rank, sw.out, eval_files, sw.active,
+                              reuse, sw.opts["restart-changed"])
+        except SweepError as e:
+            print(f"molora sweep: error: {e}", file=sys.stderr, flush=True)
+            failed.append(c.name)
+            continue
+        print(f"molora sweep: {what} cell {c.index + 1}/{len(todo)} {c.name}: {status} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def _select(sw: _Sweep, failed: list[str]) -> Optional[dict]:
+    """The search's choice per arm on validation (``search.json``), or None without a search grid."""
+    from .common import write_json_atomic
+
+    if not sw.grid:
+        return None
+    selection = select_settings(sw.out, sw.search_cells, sw.grid, sw.recipe.eval.primary_metric,
+                                require_all=sw.opts["phase"] != "search" and not failed)
+    if not selection["missing"]:
+        write_json_atomic(sw.out / "search.json", selection)
+        for slug, s in selection["arms"].items():
+            print(f"molora sweep: selected for {slug} on validation ({selection['primary']} "
+                  f"{s['scores'][s['selected']]:.3f}): {s['setting']}", flush=True)
+    return selection
+
+
+def _error(e: Exception, code: int = 2) -> int:
+    print(f"molora sweep: error: {e}", file=sys.stderr)
+    return code
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``molora sweep``: plan, check, run the search phase, select on validation, run the final phase, report."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -563,155 +463,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if opts.get("help"):
             print(USAGE)
             return 0
-        if opts["recipe"] is None:
-            raise SweepError("no recipe given (e.g. molora sweep recipes/csqa_smollm2_cpu.yaml --allocations ▽,□,lora)")
-        if not opts["allocations"]:
-            raise SweepError("--allocations is required, e.g. --allocations ▽,□,auto:block-influence,lora")
-        if opts["phase"] not in ("search", "final", "all"):
-            raise SweepError(f"--phase {opts['phase']!r}; allowed: search, final, all")
-        seeds = _seeds(opts["seeds"], "--seeds")
-        search_seeds = _seeds(opts["search-seeds"], "--search-seeds") if opts["search-seeds"] else seeds[:1]
-        grid = parse_search(opts["search"])
-        allocations = opts["allocations"].split(",")
-        cells = plan_cells(allocations, seeds)
-        search_cells = plan_search_cells(allocations, grid, search_seeds)
-        part, parts = parse_cells_spec(opts["cells"])
-        phase_cells = search_cells if opts["phase"] == "search" else cells
-        if parts > max(1, len(phase_cells)):
-            raise SweepError(f"--cells {opts['cells']}: N={parts} is more than the {len(phase_cells)} cells of the "
-                             f"{'search' if opts['phase'] == 'search' else 'plan'}")
-        for ef in opts["eval_files"]:
-            if not Path(ef).is_file():
-                raise SweepError(f"--eval-file {ef}: no such file")
-        overrides = opts["rest"]
-        recipe = load_recipe(opts["recipe"], parse_overrides(overrides))
-        for arm in {c.arm.slug: c.arm for c in cells if c.arm is not None}.values():  # every arm's overrides load
-            for setting in grid or [{}]:
-                try:
-                    load_recipe(opts["recipe"], parse_overrides(overrides + arm.override_args()
-                                                                + list(_setting_args(setting))))
-                except RecipeError as e:
-                    raise SweepError(f"arm {arm.spec!r}{f' with search setting {setting}' if setting else ''}: "
-                                     f"{e}") from None
-        if grid and not recipe.data.eval_file:
-            raise SweepError("--search selects on the recipe's validation rows: give data.eval_file (a split carved "
-                             "from train, never the held-out one)")
-        active = active_rank(recipe) if any(c.allocation == "lora-active" for c in cells) else None
+        sw = _prepare(opts)
     except (SweepError, RecipeError) as e:
-        print(f"molora sweep: error: {e}", file=sys.stderr)
-        return 2
-    out = Path(recipe.train.output_dir) / "sweep"
-    out.mkdir(parents=True, exist_ok=True)
-    primary = recipe.eval.primary_metric
+        return _error(e)
+    sw.out.mkdir(parents=True, exist_ok=True)
+    primary = sw.recipe.eval.primary_metric
     if opts["report"]:
         try:
-            selection = select_settings(out, search_cells, grid, primary, require_all=False) if grid else None
-            final = plan_cells(allocations, seeds,
-                               {k: v["setting"] for k, v in (selection or {}).get("arms", {}).items()})
-            summary = summarise(out, final, primary=primary, selection=selection)
+            selection = select_settings(sw.out, sw.search_cells, sw.grid, primary, require_all=False) \
+                if sw.grid else None
+            print(summary_markdown(summarise(sw.out, sw.final_cells(selection), primary=primary,
+                                             selection=selection)))
         except SweepError as e:
-            print(f"molora sweep: error: {e}", file=sys.stderr)
-            return 2
-        print(summary_markdown(summary))
+            return _error(e)
         return 0
-    budget, lora_rank, mix_params, lora_params = budget_and_lora_rank(recipe)
-    plan = {"recipe": str(Path(opts["recipe"]).resolve()), "overrides": overrides, "budget": budget,
-            "lora_rank": lora_rank, "lora_active_rank": active, "mixture_params": mix_params,
-            "lora_params": lora_params, "cells": [c.name for c in cells], "search": opts["search"],
-            "search_seeds": search_seeds, "eval_files": [str(Path(e).resolve()) for e in opts["eval_files"]]}
-    plan_path = out / "plan.json"
-    if plan_path.is_file():
-        try:
-            old = json.loads(plan_path.read_text(encoding="utf-8"))
-            if not isinstance(old, dict):
-                raise ValueError(f"a JSON {type(old).__name__}, not an object")
-        except (OSError, ValueError) as e:
-            print(f"molora sweep: error: {plan_path} is unreadable ({e}); delete it (each cell keeps its own "
-                  f"settings in cell.json and is checked against them) and run the sweep again", file=sys.stderr)
-            return 2
-        # what each cell computes is checked per cell (cell.json); the grid itself must stay (cells are numbered
-        # by their grid point)
-        diff = [k for k in ("search", "search_seeds") if k in old and old.get(k) != plan.get(k)]
-        if diff and not opts["restart-changed"]:
-            print(f"molora sweep: error: {out} holds a sweep with other settings ({', '.join(diff)}: "
-                  f"{[old.get(k) for k in diff]} there, {[plan.get(k) for k in diff]} now); use another "
-                  f"train.output_dir", file=sys.stderr)
-            return 2
-    from .common import write_json_atomic as _write_json_atomic
-
-    _write_json_atomic(plan_path, plan)
-    print(f"molora sweep: {len(cells)} final cells, {len(search_cells)} search cells "
-          f"({len(grid)} settings per arm); budget {budget} experts (~{mix_params:,} trainable params), lora rank "
-          f"{lora_rank} ({lora_params:,}){f', lora-active rank {active}' if active else ''}; output in {out}",
-          flush=True)
-    failed: list[str] = []
-
-    def reuse_for(c: Cell) -> Optional[Path]:
-        if selection is None or c.seed is None or c.seed not in search_seeds or c.slug not in selection["arms"]:
-            return None
-        return out / "search" / f"{c.slug}-g{selection['arms'][c.slug]['selected']}-seed{c.seed}"
-
-    def run_all(todo: list[Cell], total: int, what: str, eval_files: Sequence[str]) -> None:
-        mine = [c for c in todo if c.index % parts == part - 1]
-        print(f"molora sweep: {what}: {len(mine)} of {total} cells here"
-              f"{f' (part {part}/{parts})' if parts > 1 else ''}", flush=True)
-        for c in mine:
-            t0 = time.perf_counter()
-            try:
-                status = run_cell(opts["recipe"], c, overrides, budget, lora_rank, out, eval_files, active,
-                                  reuse_for(c), opts["restart-changed"])
-            except SweepError as e:  # the other cells still run; re-running the sweep resumes this one
-                print(f"molora sweep: error: {e}", file=sys.stderr, flush=True)
-                failed.append(c.name)
-                continue
-            print(f"molora sweep: {what} cell {c.index + 1}/{total} {c.name}: {status} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
-
-    # cells already on disk with other settings are refused before any work (the final cells of a search are
-    # checked when their selection is known)
-    if not opts["restart-changed"]:
-        known = search_cells if grid else cells
-        problems = []
-        for c in known:
-            if not (out / c.folder).exists():
-                continue
-            untuned = c.allocation == BASE_ARM
-            cell_ov = ["--train.output_dir", str(out / c.folder)] if untuned else _cell_overrides(
-                c, budget, lora_rank, out, active)
-            try:
-                _check_settings(c, out / c.folder, effective_settings(opts["recipe"], overrides, cell_ov, untuned),
-                                False)
-            except SweepError as e:
-                problems.append(str(e))
+    budget, lora_rank, mix_params, lora_params = budget_and_lora_rank(sw.recipe)
+    try:
+        _write_plan(sw, budget, lora_rank, mix_params, lora_params)
+    except SweepError as e:
+        return _error(e)
+    print(f"molora sweep: {len(sw.cells)} final cells, {len(sw.search_cells)} search cells "
+          f"({len(sw.grid)} settings per arm); budget {budget} experts (~{mix_params:,} trainable params), lora rank "
+          f"{lora_rank} ({lora_params:,}){f', lora-active rank {sw.active}' if sw.active else ''}; output in "
+          f"{sw.out}", flush=True)
+    if not opts["restart-changed"]:  # cells on disk with other settings are refused before any work
+        problems = _changed_cells(sw, budget, lora_rank)
         if problems:
             for p in problems:
                 print(f"molora sweep: error: {p}", file=sys.stderr)
             return 2
-    selection = None
-    if grid and opts["phase"] in ("search", "all"):
-        run_all(search_cells, len(search_cells), "search", ())
-    if grid:
-        try:
-            selection = select_settings(out, search_cells, grid, primary,
-                                        require_all=opts["phase"] != "search" and not failed)
-        except SweepError as e:
-            print(f"molora sweep: error: {e}", file=sys.stderr)
-            return 1 if failed else 2
-        if not selection["missing"]:
-            _write_json_atomic(out / "search.json", selection)
-            for slug, s in selection["arms"].items():
-                print(f"molora sweep: selected for {slug} on validation ({selection['primary']} "
-                      f"{s['scores'][s['selected']]:.3f}): {s['setting']}", flush=True)
-    final = plan_cells(allocations, seeds, {k: v["setting"] for k, v in (selection or {}).get("arms", {}).items()})
-    if opts["phase"] in ("final", "all") and not (grid and failed):
-        run_all(final, len(final), "final", opts["eval_files"])
+    failed: list[str] = []
+    if sw.grid and opts["phase"] in ("search", "all"):
+        _run_cells(sw, sw.search_cells, "search", (), budget, lora_rank, None, failed)
     try:
-        summary = summarise(out, final, primary=primary, selection=selection)
+        selection = _select(sw, failed)
     except SweepError as e:
-        print(f"molora sweep: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e, 1 if failed else 2)
+    final = sw.final_cells(selection)
+    if opts["phase"] in ("final", "all") and not (sw.grid and failed):
+        _run_cells(sw, final, "final", opts["eval_files"], budget, lora_rank, selection, failed)
+    try:
+        summary = summarise(sw.out, final, primary=primary, selection=selection)
+    except SweepError as e:
+        return _error(e)
     print(summary_markdown(summary))
-    print(f"molora sweep: wrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'summary.png'}")
+    print(f"molora sweep: wrote {sw.out / 'summary.json'}, {sw.out / 'summary.md'}, {sw.out / 'summary.png'}")
     if failed:
         print(f"molora sweep: {len(failed)} cell(s) failed: {', '.join(failed)}; their logs are beside them; "
               f"run the same command again to resume", file=sys.stderr)

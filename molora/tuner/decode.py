@@ -24,7 +24,7 @@ def _operands(module: nn.Module, name: str, x: torch.Tensor) -> Optional[tuple]:
     the stacked layout on the ``auto`` or ``torch`` backend, weights whole (not ZeRO-3 partitions) on x's device.
     The parameters are read from the ParameterDicts' own tables (``ParameterDict.__getitem__`` goes through
     ``Module.__getattr__``: microseconds per call, which a decode step pays 600 times)."""
-    if module.backend[name] not in ("auto", "torch") or get_layout(module.layout.get(name, "stacked")).shared_a:
+    if module.backend[name] not in ("auto", "torch") or not get_layout(module.layout.get(name, "stacked")).fast_paths:
         return None
     ops = (module.molora_A._parameters.get(name), module.molora_B._parameters.get(name),
            module.molora_router._parameters.get(name))

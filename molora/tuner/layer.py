@@ -102,8 +102,9 @@ class MoLoRALayer(BaseTunerLayer):
         er = num_experts * r
         self.layout[adapter_name] = layout
         # stacked: A_all [E·r, d_in]; shared_a (HydraLoRA): one A [r, d_in] for every expert head
-        self.molora_A[adapter_name] = nn.Parameter(torch.empty(get_layout(layout).a_rows(num_experts, r),
-                                                               self.in_features))
+        lay = get_layout(layout)
+        lay.resolve_op()  # imported now, not inside a torch.compile trace (as the router's functions above)
+        self.molora_A[adapter_name] = nn.Parameter(torch.empty(lay.a_rows(num_experts, r), self.in_features))
         self.molora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, er))
         self.molora_router[adapter_name] = nn.Parameter(torch.empty(num_experts, self.in_features))
         self.router_init[adapter_name] = router_init

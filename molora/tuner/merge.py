@@ -152,16 +152,12 @@ def merge_experts(model: nn.Module, max_experts: int, loads: dict[Any, list[floa
 
 def _merge_module(m: MoLoRALayer, adapter: str, groups: list[list[int]], load: list[float], top_k: int) -> None:
     r = m.r[adapter]
-    shared = get_layout(m.layout.get(adapter, "stacked")).shared_a
+    lay = get_layout(m.layout.get(adapter, "stacked"))
     a, b, w = m.molora_A[adapter], m.molora_B[adapter], m.molora_router[adapter]
-    new_a, new_b = [], []
-    for g in groups:
-        f = _weights(g, load)
-        if not shared:
-            new_a.append(sum(fi * a[e * r:(e + 1) * r].double() for fi, e in zip(f, g)).to(a.dtype))
-        new_b.append(sum(fi * b[:, e * r:(e + 1) * r].double() for fi, e in zip(f, g)).to(b.dtype))
-    m.molora_A[adapter] = nn.Parameter(a.detach().clone() if shared else torch.cat(new_a, 0),
-                                       requires_grad=a.requires_grad)
+    weights = [_weights(g, load) for g in groups]
+    new_b = [sum(fi * b[:, e * r:(e + 1) * r].double() for fi, e in zip(f, g, strict=True)).to(b.dtype)
+             for g, f in zip(groups, weights, strict=True)]
+    m.molora_A[adapter] = nn.Parameter(lay.merge_a(a, groups, weights, r), requires_grad=a.requires_grad)
     m.molora_B[adapter] = nn.Parameter(torch.cat(new_b, 1), requires_grad=b.requires_grad)
     m.molora_router[adapter] = nn.Parameter(w.detach()[[g[0] for g in groups]].clone(), requires_grad=w.requires_grad)
     m.num_experts[adapter] = len(groups)

@@ -63,7 +63,7 @@ class SiblingGroup:
         dropout = first.lora_dropout.get(name)
         for m in self.members:
             if (name not in m.molora_A or name not in m.active_adapters or m.merged or m.disable_adapters
-                    or m.lora_dropout[name] != dropout or get_layout(m.layout.get(name, "stacked")).shared_a):
+                    or m.lora_dropout[name] != dropout or not get_layout(m.layout.get(name, "stacked")).fast_paths):
                 return False
             params = (m.molora_A[name], m.molora_B[name], m.molora_router[name])
             if any(hasattr(p, "ds_id") or p.device != x2.device for p in params):  # ZeRO-3 partitions
