@@ -1,4 +1,7 @@
-"""Shared pytest setup: import paths and tiny random HF models built from configs (no downloads)."""
+"""Shared pytest setup: import paths and tiny random HF models built from configs (no downloads).
+
+The tests mirror the package: tests/kernels (molora_kernels), tests/tuner, tests/allocation, tests/run; the
+package-wide checks (layout, packaging, the README's code) stay here."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,6 +17,11 @@ if importlib.util.find_spec("molora_kernels") is None:
     sys.path.insert(0, str(ROOT / "kernels"))
 if importlib.util.find_spec("molora") is None:
     sys.path.append(str(ROOT))
+# The tests mirror the package (kernels/, tuner/, allocation/, run/); some share helpers and fixtures by module
+# name (``from test_layer import batch``), so every group's folder is importable whatever pytest collects first.
+for _group in ("kernels", "tuner", "allocation", "run"):
+    sys.path.insert(0, str(Path(__file__).resolve().parent / _group))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Tests use tiny tensors: one intra-op thread is several times faster than two on a shared 2-core machine
 # (thread oversubscription); MOLORA_TEST_THREADS overrides.
@@ -59,7 +67,7 @@ def tiny_model():
     return build_tiny_model
 
 
-# --- tiny tokenizer (used by tests/test_data_eval.py) ---------------------------------------------
+# --- tiny tokenizer (used by tests/run/test_data_eval.py) ---------------------------------------------
 
 TINY_TOKENIZER_CORPUS = [
     "the cat sat on the mat", "a dog and a bird", "Answer: cat dog bird fish",

@@ -15,7 +15,7 @@ How to add a backend:
    file: ``register_backend(Backend("name", run, available=..., why_unavailable=...))``.
 3. Teach the cost model (:mod:`.cost_model`) when ``auto`` should pick it, or leave ``auto`` alone.
 
-``tests/test_kernel_registries.py`` runs every registered backend that is available on the CPU through the same
+``tests/kernels/test_kernel_registries.py`` runs every registered backend that is available on the CPU through the same
 checks against the plain reference (outputs and gradients, fp32 and autocast).
 """
 from __future__ import annotations

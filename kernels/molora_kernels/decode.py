@@ -1,12 +1,12 @@
 """The inference path: dense-gated MoE-LoRA under ``torch.no_grad`` with no statistics, no autograd Function and
-no per-call checks (op + test + benchmark: ``tests/test_decode.py``, ``molora bench generate``).
+no per-call checks (op + test + benchmark: ``tests/tuner/test_decode.py``, ``molora bench generate``).
 
 Same math as :mod:`torch_fused` (and :mod:`torch_dense`, the reference), per module, ``R = E·r``::
 
     h        = x @ A_all.T                   [T, R]
     logits   = x @ W_router.T                [T, E]
     gates    = route(logits) at inference (``training=False``: every router routes each token alone; the router's
-               own function, so a float64 model keeps MoLA's exact gates: tests/test_convert.py)
+               own function, so a float64 model keeps MoLA's exact gates: tests/tuner/test_convert.py)
     out      = base + (h ⊙ (s · gates)[:, :, None]) @ B_all.T      one addmm
 
 The weights are read where they live (no concatenated copy: a copy kept between calls could go stale when a

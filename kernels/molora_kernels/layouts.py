@@ -15,7 +15,7 @@ stacked layout with ``r=1`` (e.g. ``num_experts=64, top_k=8, r=1``).
 How to add a layout: a :class:`Layout` with its shapes (``a_rows``, ``shape_problem``), how an expert reads A
 (``expert_a``) and merges (``merge_a``), the backends that compute it and, when its formula is not the stacked
 one, ``op`` (a function in molora_kernels with a backend's signature); one ``register_layout`` line.
-``tests/test_kernel_registries.py`` runs every layout on every backend it lists against a per-token reference
+``tests/kernels/test_kernel_registries.py`` runs every layout on every backend it lists against a per-token reference
 built from ``expert_a``.
 
 Pure Python (read by torch-free code like the routers registry).

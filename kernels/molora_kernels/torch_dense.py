@@ -1,7 +1,7 @@
 """The dense-gated MoE-LoRA formula in plain PyTorch ops: the reference (backend ``"reference"``).
 
 Kept deliberately plain (autograd does the backward): the other backends are tested against it and
-against the naive per-expert loop of tests/test_ops.py. The fast CPU path of the same formula is
+against the naive per-expert loop of tests/kernels/test_ops.py. The fast CPU path of the same formula is
 :mod:`torch_fused` (backend ``"torch"``).
 
 A mixture of E rank-r experts is one rank-(E·r) LoRA with a token-dependent diagonal gate::

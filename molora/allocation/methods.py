@@ -6,7 +6,7 @@ anywhere), which way a score points (more experts for higher scores, or for lowe
 data, and a default exponent ``beta``.
 
 How to add a method: a function ``fn(model, batches, *, target_modules=None, **_) -> LayerScores`` in a module of
-its own (or in :mod:`.signals`), and ``register_method(AllocationMethod(...))``; ``tests/test_allocate.py`` runs
+its own (or in :mod:`.signals`), and ``register_method(AllocationMethod(...))``; ``tests/allocation/test_allocate.py`` runs
 every registered method on a tiny model.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Used when the adapter computes with the stacked layout on the ``auto`` or ``torch`` backend and its weights are whole
 on the input's device (not ZeRO-3 partitions); everything else takes the training path, which gives the same outputs
-(tests in ``tests/test_decode.py``). The module keeps its resolved routing (:class:`DecodeMember`), rebuilt when a
+(tests in ``tests/tuner/test_decode.py``). The module keeps its resolved routing (:class:`DecodeMember`), rebuilt when a
 routing setting changes; the weights are always read as they are now.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ Arrow (``hf_dataset`` sources are read by :mod:`molora.run.hf_data` and validate
 How to add a row format: a module here with a :class:`RowFormat` subclass (``name``, ``detect``, ``check`` and
 either the prompt methods or ``tokenize``, plus an ``example`` row for the contract test), one
 ``register_format(...)`` line at its end, and its import in the list at the bottom of this file.
-``tests/test_data_formats.py`` runs every registered format and reader through the same checks.
+``tests/run/test_data_formats.py`` runs every registered format and reader through the same checks.
 """
 from __future__ import annotations
 

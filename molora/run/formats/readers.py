@@ -4,7 +4,7 @@ character) reads every suffix no other reader claims.
 
 How to add a reader: a function ``read(path) -> list[(location, row)]`` raising :class:`DataError` for an unreadable
 file, and a ``register_reader(Reader(name, suffixes, read))`` line; the contract test in
-``tests/test_data_formats.py`` writes the same rows in every registered format and reads them back.
+``tests/run/test_data_formats.py`` writes the same rows in every registered format and reads them back.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import molora
 from molora import AllocationError, MoLoRAConfig, MoLoRALinear, RoutedMergeError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # arch -> (layers, config kwargs, expected experts per layer, top_k per layer, ranks per layer, block name, modules per block)
 ARCHS = {

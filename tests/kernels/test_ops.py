@@ -19,7 +19,7 @@ from molora_kernels import cost_model, ops
 from molora_kernels.sparse import _GMM_BROKEN, grouped_mm, moe_lora_sparse
 from molora_kernels.torch_fused import moe_lora_fused
 
-CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]   # triton: tests/test_triton_kernels.py
+CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]   # triton: tests/kernels/test_triton_kernels.py
 CONFIGS = [(8, 2, 4), (4, 4, 3), (1, 1, 5), (6, 1, 8), (16, 3, 2)]        # (E, k, r): E == k, E == 1 included
 
 

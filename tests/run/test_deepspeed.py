@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from test_train import WORDS_A, WORDS_B, make_assets, write_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 pytest.importorskip("deepspeed")
 

@@ -12,7 +12,7 @@ import yaml
 
 from molora.run.recipe import Recipe, RecipeError, load_recipe, parse_overrides, recipe_from_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 
 

@@ -349,7 +349,7 @@ def test_allocate_through_the_light_command_entry_point(assets, tmp_path):
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     recipe = write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run", allocation={"top_k": 1})
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "kernels")]))
     code = "import sys, molora_cli; sys.argv = ['molora'] + sys.argv[1:]; sys.exit(molora_cli.main())"

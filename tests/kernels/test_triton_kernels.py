@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
+KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
 try:
     import molora_kernels  # noqa: F401
 except ImportError:  # not installed: use the checkout

@@ -13,7 +13,7 @@ from molora.run.sweep import (SweepError, parse_arm, parse_cells_spec, parse_sea
 
 from test_train import _isolated_env, assets, write_recipe  # noqa: F401 (fixtures)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _sweep(argv, env_extra=None, capsys=None):

@@ -293,7 +293,7 @@ def test_resume_latest_before_the_first_checkpoint_starts_cleanly(assets, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------ precision (items 1, 3)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "recipes").rglob("*.yaml"))
 PRECISION_KEYS = ("bf16", "fp16", "gradient_checkpointing", "use_reentrant")
 ALLOCATION_KEYS = ("lora_dropout", "backend", "router", "aux_loss_coef", "aux_loss_mode")

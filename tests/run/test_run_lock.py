@@ -15,7 +15,7 @@ from molora.run.run_lock import HOLDER_FILE, OutputDirBusy, output_dir_lock
 
 from test_train import _isolated_env, assets, write_recipe  # noqa: F401 (fixtures)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HOLD = """
 import sys, time
 sys.path[:0] = [{root!r}, {kernels!r}]

@@ -317,7 +317,7 @@ def test_eval_command_scores_saved_adapters_like_training_did(assets, tmp_path, 
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "kernels")]))
     code = f"import sys, molora_cli; sys.argv = ['molora', 'eval', {str(recipe)!r}, '--output', " \
            f"{str(tmp_path / 'cmd.json')!r}]; sys.exit(molora_cli.main())"
