@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from . import cost_model, torch_dense
-from .routers import ALL_BACKENDS, get_router
+from .routers import ALL_BACKENDS, Router, get_router
 from .routing import route
 from .sparse import moe_lora_sparse
 from .torch_fused import moe_lora_fused
@@ -88,12 +88,14 @@ def _unavailable(backend: Backend, device: torch.device) -> ValueError:
 
 
 def select_backend(backend: str, x2: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
-                   router_weight: torch.Tensor, top_k: int, router: str, needs_backward: bool = True) -> str:
+                   router_weight: torch.Tensor, top_k: int, router: "str | Router",
+                   needs_backward: bool = True) -> str:
     """The concrete backend the op runs for these inputs: ``backend`` itself when it implements ``router`` and can
     run on x's device (else ValueError naming why and what can), or for ``"auto"`` the cost model's choice among
     the router's backends."""
     device = x2.device
-    r = get_router(router)
+    r = router if isinstance(router, Router) else get_router(router)
+    router = r.name
     if backend == "auto":
         num_experts = router_weight.shape[0]
         triton = BACKEND_REGISTRY.get("triton")

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from .backends import BACKEND_REGISTRY, available_backends, get_backend, select_backend
 from .layouts import get_layout
-from .routers import ALL_BACKENDS, get_router
+from .routers import ALL_BACKENDS, Router, get_router
 from .routing import Routing, RouterStats, routing_stats
 
 #: every backend name a config accepts: "auto" (chosen per call) and the concrete ones (the one list lives in the
@@ -59,7 +59,8 @@ def resolve_backend(backend: str, x2: torch.Tensor, a_all: torch.Tensor, b_all: 
     return select_backend(backend, x2, a_all, b_all, router_weight, top_k, router, needs_backward)
 
 
-def _check(x, a_all, b_all, router_weight, top_k, router, backend, router_options=None, layout="stacked"):
+def _check(x, a_all, b_all, router_weight, top_k, router: Router, backend, router_options=None, layout="stacked",
+           options_resolved=False):
     num_experts, d_in = router_weight.shape
     lay = get_layout(layout)
     if x.shape[-1] != d_in:
@@ -70,7 +71,8 @@ def _check(x, a_all, b_all, router_weight, top_k, router, backend, router_option
     if backend != "auto" and backend in BACKENDS and backend not in lay.backends:
         raise ValueError(f"backend {backend!r} does not implement layout {layout!r}; backends for it: "
                          f"{', '.join(lay.backends)} (or 'auto')")
-    get_router(router).resolve_options(router_options)  # ValueError naming the routers / the option and its range
+    if not options_resolved:
+        router.resolve_options(router_options)  # ValueError naming the routers / the option and its range
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
     if backend not in BACKENDS:
@@ -87,7 +89,7 @@ def moe_lora(
     scaling: float,
     dropout: float = 0.0,
     training: bool = False,
-    router: str = "topk",
+    router: Union[str, Router] = "topk",
     token_mask: Optional[torch.Tensor] = None,
     compute_stats: bool = True,
     backend: str = "auto",
@@ -107,7 +109,9 @@ def moe_lora(
         top_k: experts per token (ignored by the soft router).
         scaling: alpha / r.
         dropout, training: LoRA dropout on the experts' input (the router always sees x).
-        router: a registered router (:mod:`molora_kernels.routers`): "topk" (MoLA), "soft", "topp", ...
+        router: a registered router (:mod:`molora_kernels.routers`): "topk" (MoLA), "soft", "topp", ..., or the
+            ``Router`` object itself -- then ``router_options`` must be what its ``resolve_options`` returned (a
+            layer resolves its router and options once, when the adapter is attached, not in every call)
         token_mask: [...] matching x's leading dims, True for real tokens; used only for the statistics.
         compute_stats: return RouterStats (needed for the aux loss and telemetry).
         backend: "auto", "torch", "reference", "sparse" or "triton" (see module docstring). A backend
@@ -124,7 +128,10 @@ def moe_lora(
     Returns:
         MoLoRAOutput(delta [..., d_out] in x.dtype (plus ``base`` if given), stats).
     """
-    _check(x, a_all, b_all, router_weight, top_k, router, backend, router_options, layout)
+    resolved = isinstance(router, Router)
+    r = router if resolved else get_router(router)
+    _check(x, a_all, b_all, router_weight, top_k, r, backend, router_options, layout, options_resolved=resolved)
+    router = r.name
     lead = x.shape[:-1]
     d_out = b_all.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
@@ -146,17 +153,17 @@ def moe_lora(
             base2 = base2.to(compute_dtype)
     op = get_layout(layout).resolve_op()  # a layout with a formula of its own runs it on any of its backends
     if op is None:
-        op = BACKEND_REGISTRY[resolve_backend(backend, x2, a_all, b_all, router_weight, top_k, router,
+        op = BACKEND_REGISTRY[resolve_backend(backend, x2, a_all, b_all, router_weight, top_k, r,
                                               needs_backward)].run
     kw = dict(top_k=top_k, scaling=scaling, dropout=dropout, training=training, router=router)
-    router_options = get_router(router).routing_options(router_options)  # loss weights are the tuner's business
+    router_options = r.routing_options(router_options)  # loss weights are the tuner's business
     if router_options:  # only routers with routing options take them, and those run on the torch/reference backends
         kw["router_options"] = router_options
     if token_ids is not None:  # likewise for routers that route by token id
         if token_ids.shape != lead:
             raise ValueError(f"token_ids {tuple(token_ids.shape)} must match x's leading dims {tuple(lead)}")
         kw["token_ids"] = token_ids.reshape(-1)
-    if routing_mask is not None and get_router(router).batch_dependent:
+    if routing_mask is not None and r.batch_dependent:
         if routing_mask.shape != lead:
             raise ValueError(f"routing_mask {tuple(routing_mask.shape)} must match x's leading dims {tuple(lead)}")
         kw["routing_mask"] = routing_mask.reshape(-1)

@@ -28,9 +28,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .routers import get_router
 from .routing import Routing, route, routing_stats
-from .torch_fused import _replay_dropout_scale, _rng_state, gate_and_expand
+from .torch_fused import _replay_dropout_scale, _rng_state, finish_forward, gate_and_expand
 
 
 @dataclass
@@ -112,10 +111,7 @@ class GatedExpand(torch.autograd.Function):
         routing = route(logits, top_k, router, router_options, token_ids, routing_mask, training)
         probs, gates, idx, gs, hgs, out = gate_and_expand(h, routing, b_all, scaling, base)
         ctx.save_for_backward(h, b_all, hgs, gs, probs, idx)
-        ctx.meta = (num_experts, rank, base is not None, get_router(router), top_k, scaling)
-        ctx.device_type = h.device.type
-        ctx.mark_non_differentiable(gates, idx)
-        return out, probs, gates, idx
+        return finish_forward(ctx, out, probs, gates, idx, rank, base is not None, router, top_k, scaling)
 
     @staticmethod
     def backward(ctx, dout, dprobs, _dgates, _didx):

@@ -85,6 +85,15 @@ def gate_and_expand(h: torch.Tensor, routing, b_all: torch.Tensor, scaling: floa
     return probs, gates, idx, gs, hgs, out
 
 
+def finish_forward(ctx, out, probs, gates, idx, rank: int, has_base: bool, router: str, top_k: int, scaling: float):
+    """What the fused forward and the sibling op keep for their backward besides the saved tensors (the router
+    object, sizes, device type); marks gates and indices non-differentiable. Returns their outputs."""
+    ctx.meta = (gates.shape[1], rank, has_base, get_router(router), top_k, scaling)
+    ctx.device_type = out.device.type
+    ctx.mark_non_differentiable(gates, idx)
+    return out, probs, gates, idx
+
+
 class DenseGatedMoLoRA(torch.autograd.Function):
     """out, probs, gates, topk_idx = f(x, xd, a_all, b_all, router_weight, base, ..., dropout).
 
@@ -121,11 +130,8 @@ class DenseGatedMoLoRA(torch.autograd.Function):
         replay = rng is not None
         ctx.save_for_backward(x, None if replay else xd, a_all, b_all, router_weight, wcat, hl, hgs, gs, probs, idx,
                               rng)
-        ctx.meta = (num_experts, rank, base is not None, get_router(router), top_k, scaling)
         ctx.dropout = dropout if replay else 0.0
-        ctx.device_type = x.device.type
-        ctx.mark_non_differentiable(gates, idx)
-        return out, probs, gates, idx
+        return finish_forward(ctx, out, probs, gates, idx, rank, base is not None, router, top_k, scaling)
 
     @staticmethod
     def backward(ctx, dout, dprobs, _dgates, _didx):

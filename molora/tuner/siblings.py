@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from molora_kernels import get_layout, get_router
+from molora_kernels import get_layout
 from molora_kernels.ops import MoLoRAOutput, autocast_dtype, resolve_backend
 from molora_kernels.routing import routing_stats
 from molora_kernels.siblings import SiblingOperands, moe_lora_siblings
@@ -70,7 +70,7 @@ class SiblingGroup:
                 return False
             needs_backward = torch.is_grad_enabled() and any(p.requires_grad for p in params)
             try:
-                if resolve_backend(m.backend[name], x2, *params, m.top_k[name], m.router_type[name],
+                if resolve_backend(m.backend[name], x2, *params, m.top_k[name], m.routers[name],
                                    needs_backward) != "torch":
                     return False
             except ValueError:
@@ -105,7 +105,7 @@ class SiblingGroup:
                                router_options=m.router_options[name] or None,
                                token_ids=None if token_ids is None else token_ids.reshape(-1),
                                routing_mask=(routing_mask.reshape(-1) if routing_mask is not None
-                                             and get_router(m.router_type[name]).batch_dependent else None))
+                                             and m.routers[name].batch_dependent else None))
                for m in self.members]
         with (torch.autocast(x2.device.type, enabled=False) if compute_dtype is not None else contextlib.nullcontext()):
             results = moe_lora_siblings(x2, ops, dropout=self.members[0].lora_dropout[name], training=member.training)

@@ -479,3 +479,27 @@ def test_aux_gradient_with_gradient_accumulation(tiny_model, checkpointing):
     loss.backward()
     for name, p in router_params(model).items():
         assert_close(p.grad, exp1[name] + exp2[name], 1e-4, name)
+
+
+@pytest.mark.parametrize("router,opts", [("topk", None), ("topp", {"top_p": 0.8, "entropy_coef": 1e-3})])
+def test_a_layer_resolves_its_router_and_options_once(tiny_model, monkeypatch, router, opts):
+    """Issue 22.4: the router object and its options are resolved when the adapter is attached; in a training
+    forward and backward (siblings sharing, aux loss, regulariser) neither the layer nor the op's dispatch looks the
+    router up by name again (the routing function itself still fills and range-checks its float options)."""
+    from molora_kernels import backends, ops, routers
+
+    model = get_peft_model(tiny_model("llama", num_layers=2),
+                           MoLoRAConfig(num_experts=4, top_k=2, r=4, router=router, router_options=opts))
+    model.train()
+    layer = next(m for m in model.modules() if isinstance(m, MoLoRALinear))
+    assert layer.routers["default"] is routers.get_router(router)
+
+    def refused(*a, **k):
+        raise AssertionError("looked up or checked again in a forward")
+
+    for mod in (ops, backends, molora.tuner.layer):
+        monkeypatch.setattr(mod, "get_router", refused)
+    ids, mask, labels = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and layer.molora_router["default"].grad is not None
