@@ -200,3 +200,25 @@ def test_every_command_help_is_plain_text_and_exits_0(command):
     assert out.returncode == 0, out.stderr[-1500:]
     text = out.stdout
     assert "usage" in text.lower() and "``" not in text and ":mod:`" not in text and ":func:`" not in text, text
+
+
+def test_design_doc_names_every_registered_extension_and_its_contract_test():
+    """Issue 22.8: docs/design.md is checked against the code -- every registered backend, layout, router, row
+    format and allocation method is named there, and every test file its extension table cites exists."""
+    import re
+
+    from molora.allocation.methods import METHODS
+    from molora.run.formats import format_names
+    from molora_kernels.backends import BACKEND_REGISTRY
+    from molora_kernels.layouts import LAYOUTS
+    from molora_kernels.routers import ROUTERS
+
+    doc = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    names = {"backend": list(BACKEND_REGISTRY), "layout": list(LAYOUTS), "router": list(ROUTERS),
+             "row format": [n for n in format_names() if n != "auto"]}
+    missing = [f"{kind} {n!r}" for kind, ns in names.items() for n in ns if f"`{n}`" not in doc]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing += [f"allocation method {m!r} (README)" for m in METHODS if m not in readme]
+    assert missing == [], f"not named in docs/design.md: {missing}"
+    cited = set(re.findall(r"`(tests/[\w/]+\.py)`", doc))
+    assert cited and all((ROOT / c).is_file() for c in cited), sorted(c for c in cited if not (ROOT / c).is_file())

@@ -46,8 +46,10 @@ class MoLoRAConfig(PeftConfig, AdapterFields):
             attention and MLP inside the model's numbered blocks.
         exclude_modules: names/regex never to adapt.
         router: a registered router (:mod:`molora_kernels.routers`): ``"topk"`` (MoLA: softmax, top-k,
-            renormalise; default), ``"soft"`` (LoRAMoE-style dense softmax over all experts) or ``"topp"``
-            (dynamic top-p: experts until their probability mass reaches ``top_p``, at most ``top_k``).
+            renormalise; default), ``"soft"`` (LoRAMoE-style dense softmax over all experts), ``"topp"`` (dynamic
+            top-p: experts until their probability mass reaches ``top_p``, at most ``top_k``), ``"switch"``
+            (top-1 with a capacity), ``"expert_choice"`` (experts pick tokens), ``"hash"`` (fixed expert per
+            token id), or one registered with ``register_router``.
             Per layer: comma-separated names for contiguous groups of layers (``"topk,topp"``, like block
             notation) or one name per layer.
         router_options: the routers' options, e.g. ``{"top_p": 0.8, "entropy_coef": 1e-4}`` for ``"topp"`` (each
@@ -57,7 +59,8 @@ class MoLoRAConfig(PeftConfig, AdapterFields):
             0 disables it).
         aux_loss_mode: ``"masked"`` (padding tokens excluded, using the attention mask; default) or
             ``"original"`` (exactly the original MoLA code: every position counts, padding included).
-        backend: MoE-LoRA op implementation (``"auto"``, ``"torch"``, ...; see ``molora_kernels``).
+        backend: MoE-LoRA op implementation: ``"auto"`` or a registered backend (``"torch"``, ``"reference"``,
+            ``"sparse"``, ``"triton"``; :mod:`molora_kernels.backends`).
         layout: expert layout (:mod:`molora_kernels.layouts`): ``"stacked"`` (an A and a B per expert, MoLA) or
             ``"shared_a"`` (HydraLoRA: one A shared by the experts, one B head each; fewer parameters and one shrink).
             Recorded in the allocation table; an adapter loads only into its own layout.
