@@ -222,3 +222,13 @@ def test_design_doc_names_every_registered_extension_and_its_contract_test():
     assert missing == [], f"not named in docs/design.md: {missing}"
     cited = set(re.findall(r"`(tests/[\w/]+\.py)`", doc))
     assert cited and all((ROOT / c).is_file() for c in cited), sorted(c for c in cited if not (ROOT / c).is_file())
+
+
+def test_readme_names_every_adapter_field():
+    """The README's allocation section keeps up with the adapter-field table (issue 22.3)."""
+    import re
+
+    from molora.allocation.adapter_fields import FIELD_NAMES
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert [f for f in FIELD_NAMES if not re.search(rf"\b{f}\b", readme)] == []

@@ -49,6 +49,7 @@ __all__ = ["main", "run", "parse_cli", "RunError"]
 
 USAGE = """usage: molora train RECIPE.yaml [--section.key VALUE ...] [--resume latest|PATH] [--resume-allow KEYS]
                     [--validate]
+       molora train --keys [SECTION]
 
   RECIPE.yaml           a recipe (see recipes/): model, data, allocation, train, eval, report
   --section.key VALUE   override a recipe value, e.g. --train.max_steps 20 --allocation.num_experts 2,4,6,8
@@ -57,6 +58,7 @@ USAGE = """usage: molora train RECIPE.yaml [--section.key VALUE ...] [--resume l
   --resume-allow KEYS   resume although these recipe keys or sections differ from the checkpoint's
                         (e.g. train.learning_rate,data; 'all' accepts every difference)
   --validate            check the recipe (and overrides), print it resolved, and exit
+  --keys [SECTION]      list every recipe key (of one section) with its default and, where known, what it does
 Under DeepSpeed: deepspeed --num_gpus N --module molora train RECIPE.yaml [...]"""
 
 
@@ -71,6 +73,7 @@ class CliOptions:
     resume_allow: Optional[str] = None
     validate: bool = False
     help: bool = False
+    keys: Optional[str] = None   # "" for every section
 
 
 #: flags of ``molora train`` that take a value -> what the value is (for the error when it is missing)
@@ -101,6 +104,10 @@ def parse_cli(argv: Sequence[str]) -> CliOptions:
             else:
                 raise RecipeError(f"{flag} needs a value: {_VALUE_FLAGS[flag]}")
             setattr(opts, flag[2:].replace("-", "_"), value)
+        elif a == "--keys":
+            has_section = i + 1 < len(args) and not args[i + 1].startswith("-")
+            opts.keys = args[i + 1] if has_section else ""
+            i += 2 if has_section else 1
         elif a in ("--validate", "--dry-run"):
             opts.validate = True
             i += 1
@@ -113,7 +120,7 @@ def parse_cli(argv: Sequence[str]) -> CliOptions:
     opts.overrides = parse_overrides(rest)
     if opts.resume_allow and not opts.resume:
         raise RecipeError("--resume-allow applies to a resume: add --resume latest (or a checkpoint path)")
-    if opts.recipe is None and not opts.help:
+    if opts.recipe is None and not opts.help and opts.keys is None:
         raise RecipeError("no recipe given (e.g. molora train recipes/quickstart_cpu.yaml)")
     return opts
 
@@ -126,6 +133,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         opts = parse_cli(argv)
         if opts.help:
             print(USAGE)
+            return 0
+        if opts.keys is not None:
+            from .recipe import recipe_keys
+
+            print(recipe_keys(opts.keys or None))
             return 0
         recipe = load_recipe(opts.recipe, opts.overrides)
         from .recipe import model_location_problem

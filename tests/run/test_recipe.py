@@ -422,3 +422,22 @@ def test_unknown_layout_and_backend_are_refused_by_the_recipe(alloc, message):
         recipe_from_dict({"data": {"packaged": "bbc-news"}, "allocation": alloc})
     assert message in str(e.value)
     recipe_from_dict({"data": {"packaged": "bbc-news"}, "allocation": {"layout": "shared_a", "backend": "torch"}})
+
+
+def test_train_keys_lists_every_key_with_the_adapter_fields_help(capsys):
+    """``molora train --keys [SECTION]``: every recipe key with its default; the allocation keys carry the adapter
+    field table's help (a new field is documented there by itself); an unknown section is one line, exit 2."""
+    from molora.allocation.adapter_fields import FIELD_NAMES, field_help
+    from molora.run.train import main
+
+    assert main(["--keys", "allocation"]) == 0
+    out = capsys.readouterr().out
+    for name in FIELD_NAMES:
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(f"allocation.{name} = "))
+        assert field_help(name) in line
+    assert "allocation.auto_calib_examples = 64" in out and "train." not in out
+    assert main(["--keys"]) == 0
+    everything = capsys.readouterr().out
+    assert "train.learning_rate = " in everything and "model.name_or_path = 'smollm2-135m'" in everything
+    assert main(["--keys", "optim"]) == 2
+    assert "not a recipe section; sections: model, data, allocation, train, eval, report" in capsys.readouterr().err
