@@ -22,6 +22,11 @@ if importlib.util.find_spec("molora") is None:
 for _group in ("kernels", "tuner", "allocation", "run"):
     sys.path.insert(0, str(Path(__file__).resolve().parent / _group))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# fault injection (crash after a checkpoint, a nan loss on one rank) lives here, not in molora: see faults/
+sys.path.insert(0, str(Path(__file__).resolve().parent / "faults"))
+import molora_faults  # noqa: E402
+
+molora_faults.install_on_import()
 
 # Tests use tiny tensors: one intra-op thread is several times faster than two on a shared 2-core machine
 # (thread oversubscription); MOLORA_TEST_THREADS overrides.

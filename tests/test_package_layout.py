@@ -232,3 +232,11 @@ def test_readme_names_every_adapter_field():
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert [f for f in FIELD_NAMES if not re.search(rf"\b{f}\b", readme)] == []
+
+
+def test_no_test_hooks_in_the_package():
+    """Fault injection lives in tests/faults (issue 22.7): molora and molora_kernels read no test-only environment
+    variable."""
+    hooks = [f"{p.relative_to(ROOT)}" for p in list((ROOT / "molora").rglob("*.py"))
+             + list((ROOT / "kernels" / "molora_kernels").rglob("*.py")) if "MOLORA_TEST" in p.read_text()]
+    assert hooks == []

@@ -11,34 +11,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .recipe import Recipe
 
-__all__ = ["plain_doc", "RunError", "SimulatedCrash", "RunContext", "is_user_error", "rank_info", "free_port", "dist",
-           "barrier", "timer", "load_recipe_rows", "load_base_model", "write_json_atomic", "TEST_NAN_LOSS_AT"]
+__all__ = ["plain_doc", "RunError", "RunContext", "is_user_error", "rank_info", "free_port", "dist",
+           "barrier", "timer", "load_recipe_rows", "load_base_model", "write_json_atomic"]
 
 
 class RunError(RuntimeError):
     """A run cannot start or finish (message says why and what to do)."""
-
-
-def test_nan_loss_at() -> Optional[tuple[int, int]]:
-    """Test hook ``MOLORA_TEST_NAN_LOSS_AT=STEP:RANK``: that rank reports a nan loss in that step (the multi-rank
-    agreement test). Never set it outside tests."""
-    raw = os.environ.get("MOLORA_TEST_NAN_LOSS_AT")
-    if not raw:
-        return None
-    step, rank = raw.split(":")
-    return int(step), int(rank)
-
-
-TEST_NAN_LOSS_AT = test_nan_loss_at()
-
-
-class SimulatedCrash(BaseException):
-    """Test hook: raised right after checkpoint N is committed when ``MOLORA_TEST_CRASH_AFTER_CHECKPOINT=N`` is set
-    (the process then dies as if killed: no final adapter, no cleanup). Never set it outside tests."""
 
 
 def plain_doc(text: str) -> str:

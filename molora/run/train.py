@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .common import RunError, SimulatedCrash, barrier, is_user_error, rank_info  # noqa: F401  (SimulatedCrash: tests)
+from .common import RunError, barrier, is_user_error, rank_info
 from .recipe import Recipe, RecipeError, load_recipe, parse_overrides
 from .trainer import build_trainer_class as _build_trainer_class  # a module global: tests patch it here
 

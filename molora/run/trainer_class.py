@@ -18,8 +18,7 @@ from .host_memory import peak_resident_bytes, resident_bytes
 from .label_logits import restrict_to_labels
 from .nonfinite import NonFiniteError, all_finite, local_tensor, nonfinite_entries
 from .telemetry import flat_router_scalars, router_headline
-from . import common
-from .common import RunContext, SimulatedCrash, barrier, dist
+from .common import RunContext, barrier, dist
 from .router_lr import split_router_groups
 
 
@@ -81,13 +80,16 @@ class MoLoRATrainer(Trainer):
             f"train.nonfinite: skip drops such steps instead")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if common.TEST_NAN_LOSS_AT == (self.state.global_step + 1, self.args.process_index):
-            loss = loss * float("nan")  # test hook: this rank alone reports a non-finite loss
+        loss = self.reported_loss(super().training_step(model, inputs, num_items_in_batch))
         if not bool(torch.isfinite(loss.detach()).all()):
             # acted on at the optimizer step, together with the other ranks (a rank that stopped alone here
             # would leave the others waiting in the gradient all-reduce)
             self._note_nonfinite(f"the training loss is {float(loss.detach().float().reshape(-1)[0]):g}")
+        return loss
+
+    def reported_loss(self, loss):
+        """The loss this rank reports for the step: the training step's, unchanged. (An overridable seam: the
+        fault-injection tests make one rank report a non-finite loss here, after a finite backward.)"""
         return loss
 
     def _check_grads(self) -> None:
@@ -314,5 +316,3 @@ class MoLoRATrainer(Trainer):
                                           best_model_checkpoint=self.state.best_model_checkpoint,
                                           use_mtime=False)
         barrier()
-        if os.environ.get("MOLORA_TEST_CRASH_AFTER_CHECKPOINT") == str(step):
-            raise SimulatedCrash(f"simulated crash after checkpoint {step}")

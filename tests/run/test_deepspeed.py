@@ -239,12 +239,16 @@ def test_non_finite_loss_on_one_rank_stops_every_rank(assets, tmp_path):
     recipe = write_recipe(tmp_path / "nan.yaml", assets, out, train={**TRAIN, "gradient_accumulation_steps": 1},
                           allocation=ALLOC, eval={"before": False, "after": False})
     log = tmp_path / "launch.log"
-    os.environ["MOLORA_TEST_NAN_LOSS_AT"] = "3:1"
+    from molora_faults import NAN, child_env
+
+    saved = dict(os.environ)
+    os.environ.update(child_env(**{NAN: "3:1"}))  # the ranks install the fault from faults/sitecustomize.py
     try:
         with pytest.raises(AssertionError, match="deepspeed run failed"):
             _launch(recipe, 2, ["--deepspeed", str(ROOT / "recipes" / "deepspeed" / "zero2.json")], log)
     finally:
-        del os.environ["MOLORA_TEST_NAN_LOSS_AT"]
+        os.environ.clear()
+        os.environ.update(saved)
     text = log.read_text()
     errors = [line for line in text.splitlines() if "molora train: error: step 3 of 4" in line]
     assert errors and all("checkpoint-2" in e for e in errors), text[-3000:]

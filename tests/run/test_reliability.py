@@ -153,12 +153,13 @@ def test_eval_refuses_non_finite_adapter(assets, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ resume (items 4-7, 10, 16)
 def _crash_after(monkeypatch, recipe, step, *extra):
-    from molora.run.train import SimulatedCrash, main
+    from molora.run.train import main
+    from molora_faults import CRASH, SimulatedCrash
 
-    monkeypatch.setenv("MOLORA_TEST_CRASH_AFTER_CHECKPOINT", str(step))
+    monkeypatch.setenv(CRASH, str(step))
     with pytest.raises(SimulatedCrash):
         main([str(recipe), *map(str, extra)])
-    monkeypatch.delenv("MOLORA_TEST_CRASH_AFTER_CHECKPOINT")
+    monkeypatch.delenv(CRASH)
 
 
 def test_resume_of_a_finished_run_never_trains_past_max_steps(assets, tmp_path, capsys):

@@ -44,15 +44,16 @@ def test_the_payload_really_runs_without_the_guard(tmp_path):
 @pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
 def test_resume_refuses_a_payload_in_every_trainer_file(assets, tmp_path, capsys, monkeypatch, name):
     from molora.run.checkpoint import MARKER, read_marker, write_marker
-    from molora.run.train import SimulatedCrash, main
+    from molora.run.train import main
+    from molora_faults import CRASH, SimulatedCrash
 
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", assets, out, eval={"before": False, "after": False},
                           train={"max_steps": 4, "save_steps": 2})
-    monkeypatch.setenv("MOLORA_TEST_CRASH_AFTER_CHECKPOINT", "2")
+    monkeypatch.setenv(CRASH, "2")
     with pytest.raises(SimulatedCrash):
         main([str(recipe)])
-    monkeypatch.delenv("MOLORA_TEST_CRASH_AFTER_CHECKPOINT")
+    monkeypatch.delenv(CRASH)
     ckpt = out / "checkpoint-2"
     sentinel = tmp_path / "ran"
     _poison(ckpt / name, sentinel)

@@ -69,7 +69,9 @@ def test_sweep_killed_mid_cell_resumes_to_the_same_table(assets, tmp_path, capsy
     assert _sweep([full, *args]) == 0
     part = write_recipe(tmp_path / "part.yaml", assets, tmp_path / "part", **common)
     # every cell dies right after its first checkpoint (as if killed), the sweep reports it and exits 1
-    assert _sweep([part, *args], env_extra={"MOLORA_TEST_CRASH_AFTER_CHECKPOINT": "1"}) == 1
+    from molora_faults import CRASH, child_env
+
+    assert _sweep([part, *args], env_extra=child_env(**{CRASH: "1"})) == 1
     err = capsys.readouterr().err
     assert "4 cell(s) failed" in err
     sweep_dir = tmp_path / "part" / "sweep"

@@ -173,7 +173,8 @@ def test_resume_after_crash_matches_uninterrupted(assets, tmp_path, capsys, monk
     """Killed right after checkpoint 4 of 6 (linear LR schedule, dropout on, so RNG, optimizer, scheduler and
     data position all matter), a half-written checkpoint-5 left behind: --resume latest skips checkpoint-5,
     continues from 4 and ends with the same adapter as an uninterrupted run."""
-    from molora.run.train import SimulatedCrash, main
+    from molora.run.train import main
+    from molora_faults import CRASH, SimulatedCrash
 
     common = {"max_steps": 6, "save_steps": 2, "logging_steps": 1}
     alloc = {"lora_dropout": 0.1}
@@ -184,10 +185,10 @@ def test_resume_after_crash_matches_uninterrupted(assets, tmp_path, capsys, monk
 
     part = tmp_path / "part"
     r_part = write_recipe(tmp_path / "part.yaml", assets, part, train=common, allocation=alloc, eval=evals)
-    monkeypatch.setenv("MOLORA_TEST_CRASH_AFTER_CHECKPOINT", "4")
+    monkeypatch.setenv(CRASH, "4")
     with pytest.raises(SimulatedCrash):
         main([str(r_part)])
-    monkeypatch.delenv("MOLORA_TEST_CRASH_AFTER_CHECKPOINT")
+    monkeypatch.delenv(CRASH)
     assert not (part / "adapter").exists() and (part / "checkpoint-4").is_dir()
     # a checkpoint that was being written when the machine died: everything but the marker
     half = part / "checkpoint-5"
