@@ -24,6 +24,9 @@ from test_train import WORDS_A, WORDS_B, make_assets, write_recipe
 ROOT = Path(__file__).resolve().parents[2]
 
 pytest.importorskip("deepspeed")
+#: every test here launches (or compares with) two-process DeepSpeed runs: deselected by a plain `pytest`, run by
+#: the README's test command and CI as `pytest -m "deepspeed and not slow"`
+pytestmark = pytest.mark.deepspeed
 
 
 def _free_port() -> int:
