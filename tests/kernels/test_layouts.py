@@ -8,6 +8,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
+from conftest import assert_save_load_same_logits
 from molora import AllocationError, MoLoRAConfig, allocation_table
 from molora_kernels import LAYOUTS, get_layout, moe_lora
 
@@ -121,13 +122,7 @@ def test_shared_a_model_counts_saves_loads_and_refuses_another_layout(tiny_model
     ids = torch.randint(0, 64, (2, 7))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "molora_" in n)
-    model.eval()
-    with torch.no_grad():
-        want_logits = model(input_ids=ids).logits
-    model.save_pretrained(tmp_path / "a")
-    loaded = PeftModel.from_pretrained(tiny_model("llama", num_layers=2), tmp_path / "a")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, want_logits)
+    assert_save_load_same_logits(model, tiny_model("llama", num_layers=2), tmp_path / "a", ids)
     conf = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert conf["layout"] == "shared_a" and conf["allocation"][0]["layout"] == "shared_a"
     conf["layout"] = "stacked"  # the same weights claimed for the other layout

@@ -563,18 +563,12 @@ def test_hash_in_a_model_trains_generates_and_refuses_inputs_embeds(tiny_model):
 @pytest.mark.parametrize("router,k,opts", [("switch", 1, {"capacity_factor": 1.0}),
                                            ("expert_choice", 1, {"capacity_factor": 1.5}), ("hash", 1, None)])
 def test_new_routers_save_and_load(tiny_model, tmp_path, router, k, opts):
-    from peft import PeftModel
+    from conftest import assert_save_load_same_logits
 
     model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(
         num_experts=4, top_k=k, r=2, router=router, router_options=opts, init_weights=False))
-    model.eval()
     ids = torch.randint(0, 64, (2, 7))
-    with torch.no_grad():
-        want = model(input_ids=ids).logits
-    model.save_pretrained(tmp_path / "a")
-    loaded = PeftModel.from_pretrained(tiny_model("llama", num_layers=2), tmp_path / "a")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+    loaded = assert_save_load_same_logits(model, tiny_model("llama", num_layers=2), tmp_path / "a", ids)
     assert loaded.peft_config["default"].router == router
 
 

@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 
+from conftest import assert_save_load_same_logits
 from molora import MoLoRAConfig
 from molora.tuner.merge import MergeError, expert_loads, merge_experts, plan_groups
 
@@ -139,14 +140,8 @@ def test_lossy_merge_saves_loads_and_is_reported(tiny_model, tmp_path):
     loads = expert_loads(model, batches)
     report = merge_experts(model, 1, loads)
     assert all(r.after == 1 and not r.exact for r in report)  # every used expert folded into one: an approximation
-    model.eval()
     ids = torch.randint(0, 64, (2, 7))
-    with torch.no_grad():
-        want = model(input_ids=ids).logits
-    model.save_pretrained(tmp_path / "m")
-    loaded = PeftModel.from_pretrained(tiny_model("llama", num_layers=2), tmp_path / "m")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+    assert_save_load_same_logits(model, tiny_model("llama", num_layers=2), tmp_path / "m", ids)
     assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["num_experts"] == [1, 1]
 
 
