@@ -135,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(USAGE)
             return 0
         if opts.keys is not None:
-            from .recipe import recipe_keys
+            from .recipe_keys import recipe_keys
 
             print(recipe_keys(opts.keys or None))
             return 0
