@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-__all__ = ["OPERATIONAL_KEYS", "NOT_FINGERPRINTED", "ResumeError", "fingerprint", "setup_of", "checkpoint_setup", "check_setup", "check_fingerprint",
+__all__ = ["OPERATIONAL_KEYS", "NOT_FINGERPRINTED", "ResumeError", "added_at_default", "fingerprint", "setup_of", "checkpoint_setup", "check_setup", "check_fingerprint",
            "training_finished", "parse_allow"]
 
 #: recipe keys that say how a run is carried out, not what it computes: where it writes, how often it logs and
@@ -148,6 +148,14 @@ def _schema_default(key: str) -> Any:
 _NO_DEFAULT = object()
 
 
+def added_at_default(key: str, recorded: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether ``key`` is missing from a record made by an older molora and is now at the schema's default: a
+    key a newer version added, whose default keeps the behaviour the record was made with (every new recipe
+    field must default to what molora did before it existed). Resume and the sweep's finished cells both accept
+    such keys."""
+    return key not in recorded and key in now and now[key] == _schema_default(key)
+
+
 def _short(v: Any) -> str:
     s = json.dumps(v, default=str)
     return s if len(s) <= 40 else s[:16] + "…" + s[-8:]
@@ -175,8 +183,8 @@ def check_fingerprint(ckpt: Path, saved: Optional[dict[str, Any]], now: dict[str
         a, b = saved.get(key, "<unset>"), now.get(key, "<unset>")
         if a == b:
             continue
-        if key not in saved and b == _schema_default(key):
-            continue  # a key this version added, at its default: the checkpoint was made with that behaviour
+        if added_at_default(key, saved, now):
+            continue
         line = f"{key}: {_short(a)} (checkpoint) -> {_short(b)} (now)"
         (accepted if _allowed(key, allow) else diffs).append(line)
     if diffs:

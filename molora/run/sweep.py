@@ -126,12 +126,13 @@ def _check_settings(cell: Cell, cell_dir: Path, settings: dict[str, Any], restar
             print(f"molora sweep: warning: cell {cell.name} has no record of its settings (made by molora < 0.3); "
                   f"taken as it is", file=sys.stderr, flush=True)
         return None
-    from .resume import OPERATIONAL_KEYS
+    from .resume import OPERATIONAL_KEYS, added_at_default
 
     old = {k: v for k, v in old.items() if k not in OPERATIONAL_KEYS}  # records made before these keys were left out
-    if old == settings:
+    keys = sorted(k for k in set(settings) | set(old) if old.get(k, "<absent>") != settings.get(k, "<absent>")
+                  and not added_at_default(k, old, settings))
+    if not keys:
         return None
-    keys = sorted(k for k in set(settings) | set(old) if old.get(k, "<absent>") != settings.get(k, "<absent>"))
     if restart:
         shutil.rmtree(cell_dir)
         return f"started over ({', '.join(keys[:5])} changed)"

@@ -244,6 +244,20 @@ def test_an_edited_recipe_is_refused_naming_the_keys_or_started_over(assets, tmp
     rec_path.write_text(json.dumps({"settings": {**rec, "train.save_steps": 50, "train.threads": None}}))
     assert _sweep([recipe, *args, "--train.threads", "1", "--train.save_steps", "1", "--train.logging_steps", "2"]) == 0
     assert (cell / "results.json").read_bytes() == before, "a finished cell is reused"
+    # a key a newer molora added, at its default, is how the cell ran (a field's default keeps the old behaviour):
+    # cells recorded before `allocation.share_sibling_shrink` / `modules_to_save` existed are reused, while a
+    # new key set away from its default is a change
+    old_rec = {k: v for k, v in rec.items()
+               if k not in ("allocation.share_sibling_shrink", "allocation.modules_to_save")}
+    assert len(old_rec) == len(rec) - 2
+    rec_path.write_text(json.dumps({"settings": old_rec}))
+    capsys.readouterr()
+    assert _sweep([recipe, *args]) == 0, capsys.readouterr().err
+    assert (cell / "results.json").read_bytes() == before, "a finished cell is reused"
+    assert json.loads(rec_path.read_text())["settings"] == rec, "the reused cell's record names the new keys"
+    assert _sweep([recipe, *args, "--allocation.share_sibling_shrink", "false"]) == 2
+    assert "allocation.share_sibling_shrink: True there, False now" in capsys.readouterr().err
+    rec_path.write_text(json.dumps({"settings": rec}))
     capsys.readouterr()
     write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run", **edited)
     assert _sweep([recipe, *args, "--restart-changed"]) == 0
