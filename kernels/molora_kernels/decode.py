@@ -45,7 +45,9 @@ class DecodeMember:
         r = get_router(router)
         kw = r.resolve_options(router_options)
         if r.batch_dependent:
-            kw.update(token_mask=None, training=False)
+            kw.update(token_mask=None)
+        if r.batch_dependent or r.stochastic:
+            kw.update(training=False)
         return cls(num_experts, top_k, float(scaling), r._resolve(r.route_fn), kw, r.needs_token_ids)
 
 

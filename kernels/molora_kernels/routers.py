@@ -1,6 +1,7 @@
 """The router registry: name -> one :class:`Router` that says how to route and what the rest of molora may assume.
 
-Registered here: ``topk`` (MoLA), ``soft`` (LoRAMoE), ``topp`` (dynamic top-p), ``switch`` (Switch Transformers),
+Registered here: ``topk`` (MoLA), ``noisy_topk`` (top-k with noise and expert dropout in training), ``soft``
+(LoRAMoE), ``topp`` (dynamic top-p), ``switch`` (Switch Transformers),
 ``expert_choice`` (Zhou et al. 2022), ``hash`` (Roller et al. 2021; needs the token ids).
 Every place that used to compare router names as strings asks the router instead:
 
@@ -89,6 +90,9 @@ class Router:
     #: ``token_mask`` ([T] bool or None, True = real token; padding takes no capacity) and ``training`` (at
     #: inference it routes every token on its own, so outputs do not depend on batch size, order or padding)
     batch_dependent: bool = False
+    #: draws random numbers in training (``route_fn`` also gets ``training``; at inference it must be
+    #: deterministic, so decoding, merging and evaluation see the router's expected routing)
+    stochastic: bool = False
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def _resolve(self, spec) -> Callable:
@@ -134,6 +138,7 @@ class Router:
         kw = self.resolve_options(options)
         if self.batch_dependent:
             kw["token_mask"] = token_mask
+        if self.batch_dependent or self.stochastic:
             kw["training"] = training
         if self.needs_token_ids:
             if token_ids is None:
@@ -200,6 +205,13 @@ EC_CAPACITY = RouterOption("capacity_factor", 2.0, 0.0, 1e6, low_open=True, high
 #: "Harder Tasks Need More Experts" (Huang et al., 2024) / MoE-PEFT's dynamic MixLoRA
 TOP_P = RouterOption("top_p", 0.75, 0.0, 1.0, low_open=True, high_open=False,
                      doc="probability mass the selected experts must reach")
+#: Noisy top-k (Shazeer et al. 2017, a fixed noise scale) and expert dropout (gating dropout, Liu et al. 2022)
+NOISE_STD = RouterOption("noise_std", 0.5, 0.0, 1e3, low_open=False, high_open=False,
+                         doc="standard deviation of the Gaussian noise added to the router logits in training "
+                             "(logit units; 0 disables it)")
+EXPERT_DROPOUT = RouterOption("expert_dropout", 0.0, 0.0, 1.0, low_open=False, high_open=True,
+                              doc="probability that an expert is hidden from a token's routing in training (the "
+                                  "token always keeps top_k experts; 0 disables it)")
 ENTROPY_COEF = RouterOption("entropy_coef", 0.0, 0.0, 1e6, low_open=False, high_open=False,
                             doc="weight of the mean router entropy added to the loss (the dynamic-routing "
                                 "regulariser; 0 disables it)", routing=False)
@@ -265,4 +277,10 @@ register_router(Router(
             "mod E), weight 1; the router weights are not used (their gradient is zero); top_k must be 1",
     route_fn="routing:route_hash", logits_grad_fn="routing:hash_logits_grad", selects_top_k=True, aux_loss=None,
     backends=("torch", "reference"), required_top_k=1, needs_token_ids=True))
-
+register_router(Router(
+    "noisy_topk", "MoLA's top-k with exploration in training: Gaussian noise of noise_std on the logits and each "
+                  "expert hidden from a token with probability expert_dropout (top_k always remain); exactly topk "
+                  "at inference",
+    route_fn="routing:route_noisy_topk", logits_grad_fn="routing:topk_logits_grad", selects_top_k=True,
+    aux_loss="mola", backends=("torch", "reference"), options=(NOISE_STD, EXPERT_DROPOUT, Z_LOSS_COEF),
+    stochastic=True))

@@ -11,7 +11,11 @@ MoLA router ("topk", the default)::
     g      = v / v.sum(-1, keepdim=True)        # renormalised weights of the chosen experts
     gates  = scatter(zeros[T, E], idx, g)       # dense gate matrix, zero outside the top-k
 
-Soft router ("soft", LoRAMoE style): ``gates = p`` (every expert, softmax weights).
+Soft router ("soft", LoRAMoE style): ``gates = p`` (every expert, softmax weights). Noisy top-k ("noisy_topk"):
+MoLA's on logits perturbed in training (:func:`route_noisy_topk`).
+
+Over 400 lines: every router's forward and its hand-written backward live side by side, with the statistics the
+load loss reads from them; splitting them would separate each forward from the backward that must match it.
 
 Everything here is float32 regardless of the input dtype.
 """
@@ -113,6 +117,33 @@ def route_topk(logits: torch.Tensor, top_k: int, **_: float) -> Routing:
     weights = vals / vals.sum(dim=-1, keepdim=True)
     gates = torch.zeros_like(probs).scatter(-1, idx, weights)
     return Routing(gates=gates, probs=probs, topk_idx=idx)
+
+
+def route_noisy_topk(logits: torch.Tensor, top_k: int, noise_std: float = 0.5, expert_dropout: float = 0.0,
+                     training: bool = False, **_: float) -> Routing:
+    """Noisy top-k with expert dropout: MoLA's router with exploration in training (noisy top-k gating, Shazeer et
+    al. 2017, with a fixed noise scale; expert dropout as in gating dropout, Liu et al. 2022)::
+
+        z          = float32(logits) + noise_std * N(0, 1)           # [T, E], logit units; a draw per token, expert
+        u          ~ U[0, 1)                                          # [T, E]
+        dropped    = u < expert_dropout, except each token's k experts of largest u (k always remain)
+        z[dropped] = -inf                                             # probability 0: never chosen, no gradient
+        Routing    = route_topk(z)                                    # softmax, top-k, renormalise
+
+    In training only (``training=True``); at inference it is exactly :func:`route_topk` of the logits, so merged
+    and decoded models route as the plain ``topk`` router would. The probabilities it returns (what the load
+    loss and the statistics see) are those of the perturbed logits. The backward is :func:`topk_logits_grad`:
+    the noise is additive, so d loss / d logits = d loss / d z (0 for dropped experts)."""
+    if not training or (noise_std == 0 and expert_dropout == 0):
+        return route_topk(logits, top_k)
+    z = logits.float()
+    if noise_std:
+        z = z + noise_std * torch.randn_like(z)
+    if expert_dropout:
+        u = torch.rand_like(z)
+        kth = torch.topk(u, top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill((u < expert_dropout) & (u < kth), float("-inf"))
+    return route_topk(z, top_k)
 
 
 def route_topp(logits: torch.Tensor, top_k: int, top_p: float = 0.75, **_: float) -> Routing:

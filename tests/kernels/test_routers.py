@@ -47,7 +47,7 @@ def test_builtin_routers_state_what_the_rest_may_assume():
     assert not soft.selects_top_k and soft.aux_loss is None
     assert soft.gates_are_probs(1, 4) and topk.gates_are_probs(4, 4) and not topk.gates_are_probs(2, 4)
     assert soft.effective_top_k(1, 6) == 6 and topk.effective_top_k(2, 6) == 2
-    with pytest.raises(ValueError, match=r"router='nope' is not a known router; allowed: topk, soft, topp, switch, expert_choice, hash"):
+    with pytest.raises(ValueError, match=r"router='nope' is not a known router; allowed: topk, soft, topp, switch, expert_choice, hash, noisy_topk"):
         get_router("nope")
 
 
@@ -129,7 +129,7 @@ def test_a_registered_router_trains_a_model_with_its_properties(tiny_model, temp
     with pytest.raises(AllocationError, match=r"backend='sparse' does not implement router='tempered'; backends "
                                               r"for it: torch, reference"):
         MoLoRAConfig(router="tempered", backend="sparse")
-    with pytest.raises(AllocationError, match=r"router='nope' is not a known router; allowed: topk, soft, topp, switch, expert_choice, hash, tempered"):
+    with pytest.raises(AllocationError, match=r"router='nope' is not a known router; allowed: topk, soft, topp, switch, expert_choice, hash, noisy_topk, tempered"):
         MoLoRAConfig(router="nope")
 
 
@@ -327,7 +327,7 @@ def test_routers_per_layer_groups_and_lists(tiny_model):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(router=["topk", "nope", "topk", "topk"]), r"router='nope' is not a known router; allowed: topk, soft, topp, switch, expert_choice, hash"),
+    (dict(router=["topk", "nope", "topk", "topk"]), r"router='nope' is not a known router; allowed: topk, soft, topp, switch, expert_choice, hash, noisy_topk"),
     (dict(router=["topk", "topp"]), r"router=\['topk', 'topp'\] has 2 entries but the model has 4 layers"),
     (dict(router="topk,topp,soft,topk,topp"), r"has 5 groups but the model has 4 layers"),
     (dict(router="topk,soft", router_options={"top_p": 0.5}), r"router 'topk', 'soft' has no option 'top_p'; "
@@ -725,7 +725,7 @@ def _prompt_logits(model, ids, placement):
 
 ALL_ROUTERS = [("topk", 2, None), ("soft", 2, None), ("topp", 3, {"top_p": 0.6}),
                ("switch", 1, {"capacity_factor": 0.5}), ("expert_choice", 1, {"capacity_factor": 0.75}),
-               ("hash", 1, None)]
+               ("hash", 1, None), ("noisy_topk", 2, {"noise_std": 3.0, "expert_dropout": 0.5})]
 
 
 @pytest.mark.parametrize("router,k,opts", ALL_ROUTERS, ids=[r[0] for r in ALL_ROUTERS])

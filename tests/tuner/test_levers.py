@@ -208,3 +208,103 @@ def test_shared_expert_under_bf16_autocast_matches_fp32_with_gradients(tiny_mode
     torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
     got.float().sum().backward()
     assert mod.molora_shared_B["default"].grad is not None and torch.isfinite(x.grad).all()
+
+
+# ------------------------------------------------------------------------------------------ noisy top-k, expert dropout
+def _noisy_by_hand(logits, k, std, p, seed):
+    """The noisy_topk routing of the module doc, drawn from the same seed in the same order."""
+    torch.manual_seed(seed)
+    z = logits.float() + std * torch.randn_like(logits.float()) if std else logits.float()
+    if p:
+        u = torch.rand_like(z)
+        kth = torch.sort(u, dim=-1, descending=True).values[:, k - 1:k]
+        z = torch.where((u < p) & (u < kth), torch.full_like(z, -math.inf), z)
+    probs = torch.softmax(z, -1)
+    vals, idx = torch.topk(probs, k, -1)
+    return torch.zeros_like(probs).scatter(-1, idx, vals / vals.sum(-1, keepdim=True)), probs
+
+
+@pytest.mark.parametrize("std,p", [(0.7, 0.0), (0.0, 0.5), (1.0, 0.9)])
+def test_noisy_topk_routes_like_its_formula_and_like_topk_at_inference(std, p):
+    from molora_kernels import get_router
+
+    logits = torch.randn(400, 6, generator=torch.Generator().manual_seed(3))
+    r, opts = get_router("noisy_topk"), {"noise_std": std, "expert_dropout": p}
+    torch.manual_seed(11)
+    got = r.route(logits, 2, opts, training=True)
+    want_gates, want_probs = _noisy_by_hand(logits, 2, std, p, 11)
+    torch.testing.assert_close(got.gates, want_gates)
+    torch.testing.assert_close(got.probs, want_probs)
+    assert not torch.equal(got.gates, r.route(logits, 2, opts, training=True).gates), "a fresh draw per call"
+    if p:
+        hidden = got.probs == 0
+        assert (hidden.sum(-1) <= 6 - 2).all(), "every token keeps top_k experts"
+        assert 0.6 * p * 4 / 6 < hidden.float().mean() <= p, "about expert_dropout of the droppable ones"
+        assert not got.gates[hidden].any(), "a hidden expert is never chosen"
+    # inference, and training with both off, are exactly MoLA's top-k
+    plain = get_router("topk").route(logits, 2)
+    assert torch.equal(r.route(logits, 2, opts, training=False).gates, plain.gates)
+    assert torch.equal(r.route(logits, 2, {"noise_std": 0.0}, training=True).gates, plain.gates)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_noisy_topk_hand_written_backward_equals_autograd_on_the_same_draw(autocast):
+    from molora_kernels import moe_lora
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 10, generator=g).requires_grad_()
+    a = (torch.randn(5 * 3, 10, generator=g) / 3).requires_grad_()
+    b = torch.randn(9, 5 * 3, generator=g).requires_grad_()
+    w = torch.randn(5, 10, generator=g).requires_grad_()
+    dy, c = torch.randn(24, 9, generator=g), torch.randn(5, generator=g)
+    opts = {"noise_std": 1.0, "expert_dropout": 0.4}
+    res = {}
+    for backend in ("torch", "reference"):
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = moe_lora(x, a, b, w, top_k=2, scaling=0.5, router="noisy_topk", router_options=opts,
+                           backend=backend, training=True)
+        loss = (out.delta.float() * dy).sum() + (out.stats.prob_sum * c).sum()
+        res[backend] = (out.delta.detach().float(), out.routing.probs, torch.autograd.grad(loss, (x, a, b, w)))
+    tol = dict(rtol=3e-2, atol=3e-2) if autocast else dict(rtol=1e-4, atol=1e-5)
+    assert (res["torch"][1] == 0).any(), "some experts were hidden"
+    torch.testing.assert_close(res["torch"][1], res["reference"][1])
+    torch.testing.assert_close(res["torch"][0], res["reference"][0], **tol)
+    for n, got, ref in zip("xabw", res["torch"][2], res["reference"][2], strict=True):
+        torch.testing.assert_close(got.float(), ref.float(), **tol, msg=f"d{n}")
+
+
+def test_noisy_topk_in_a_model_trains_with_noise_and_evaluates_as_topk(tiny_model, tmp_path):
+    """In train mode the forward is random (two calls differ) and every gradient is finite; in eval mode the model
+    equals the same weights routed by plain topk, before and after a save/load."""
+    torch.manual_seed(0)
+    cfg = dict(num_experts=4, top_k=2, r=2, init_weights=False, lora_dropout=0.0)
+    model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(
+        router="noisy_topk", router_options={"noise_std": 2.0, "expert_dropout": 0.3}, **cfg))
+    plain = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(**cfg))
+    plain.load_state_dict(model.state_dict())
+    ids, mask, labels = batch()
+    model.train()
+    one = model(input_ids=ids, attention_mask=mask, labels=labels)
+    two = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert not torch.equal(one.logits, two.logits), "training routes with fresh noise"
+    one.loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "molora_router" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(torch.count_nonzero(g) for g in grads)
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                   plain(input_ids=ids, attention_mask=mask).logits)
+    assert_save_load_same_logits(model, tiny_model("llama", num_layers=2), tmp_path / "a", ids)
+
+
+@pytest.mark.parametrize("opts,match", [
+    ({"noise_std": -0.1}, r"noise_std=-0.1 must be a number in \[0, 1000\]"),
+    ({"expert_dropout": 1.0}, r"expert_dropout=1.0 must be a number in \[0, 1\)"),
+    ({"top_p": 0.5}, r"router 'noisy_topk' has no option 'top_p'"),
+])
+def test_noisy_topk_bad_options_are_refused_naming_the_allowed_values(opts, match):
+    with pytest.raises(AllocationError, match=match):
+        MoLoRAConfig(num_experts=4, top_k=2, r=2, router="noisy_topk", router_options=opts)
