@@ -146,9 +146,10 @@ def build_point(tokens: int, d: int, num_experts: int, top_k: int, rank: int, dt
             if rname != "topk" and "torch" in router.backends:
                 k = router.required_top_k or top_k
                 tid = ids if router.needs_token_ids else None
-                variants[f"molora/torch[{rname}]"] = (lambda rn, k, tid: lambda: base(x) + moe_lora(
+                # a router that draws noise in training (noisy_topk) is timed drawing it
+                variants[f"molora/torch[{rname}]"] = (lambda rn, k, tid, tr: lambda: base(x) + moe_lora(
                     x, a_all, b_all, w_router, top_k=k, scaling=scaling, backend="torch", router=rn,
-                    token_ids=tid).delta)(rname, k, tid)
+                    token_ids=tid, training=tr).delta)(rname, k, tid, router.stochastic)
         # one row per other layout (its own A: shared_a has one [r, d_in])
         a_shared = nn.Parameter(a_all.detach()[:rank].clone())
         params.append(a_shared)
