@@ -59,7 +59,7 @@ __all__ = ["main", "plan_cells", "plan_search_cells", "parse_arm", "parse_search
 
 USAGE = """usage: molora sweep RECIPE.yaml --allocations A,B,... [--seeds 0,1,2] [--search KEY=V1,V2 ...]
                     [--search-seeds 0] [--phase search|final|all] [--cells i/N] [--eval-file FILE ...]
-                    [--restart-changed] [--report] [--section.key VALUE ...]
+                    [--compare A,B] [--restart-changed] [--report] [--section.key VALUE ...]
 
   --allocations   presets (▽ □ △ ⋈ ◇ or their names), block strings ("2|4|6|8" with | between values, or
                   run-together digits 2468), auto:METHOD, lora (matched parameters), lora-active (matched
@@ -71,6 +71,8 @@ USAGE = """usage: molora sweep RECIPE.yaml --allocations A,B,... [--seeds 0,1,2]
   --phase         search, final or all (default): with --cells, run the search in every process first
   --cells i/N     run only cells i, i+N, i+2N, ... (1-based) of the phase
   --eval-file F   also score every final cell (and base) on this choices-format JSONL (repeatable): held-out data
+  --compare A,..  also pair every arm with these arms (as written in --allocations); ▽, both LoRAs, the untuned
+                  model and the best arm on validation are always references
   --restart-changed  train again the cells whose recorded settings differ from the current ones (an edited
                   recipe or other overrides; without it such a sweep is refused naming the keys)
   --report        only merge the results that exist into sweep/summary.{json,md,png}"""
@@ -259,7 +261,7 @@ def select_settings(out: Path, search_cells: Sequence[Cell], grid: Sequence[dict
 def _parse(argv: Sequence[str]) -> dict[str, Any]:
     opts: dict[str, Any] = {"recipe": None, "allocations": None, "seeds": "0", "cells": None, "eval_files": [],
                             "report": False, "rest": [], "search": [], "search-seeds": None, "phase": "all",
-                            "restart-changed": False}
+                            "restart-changed": False, "compare": None}
     args, i = list(argv), 0
     while i < len(args):
         a = args[i]
@@ -272,7 +274,8 @@ def _parse(argv: Sequence[str]) -> dict[str, Any]:
         elif a == "--restart-changed":
             opts["restart-changed"] = True
             i += 1
-        elif a in ("--allocations", "--seeds", "--cells", "--eval-file", "--search", "--search-seeds", "--phase"):
+        elif a in ("--allocations", "--seeds", "--cells", "--eval-file", "--search", "--search-seeds", "--phase",
+                   "--compare"):
             if i + 1 >= len(args):
                 raise SweepError(f"{a} needs a value")
             if a == "--eval-file":
@@ -318,6 +321,7 @@ class _Sweep:
     recipe: Any
     active: Optional[int]
     out: Path = Path(".")
+    compare: tuple[str, ...] = ()     # slugs of the --compare arms
 
     def final_cells(self, selection: Optional[dict]) -> list[Cell]:
         return plan_cells(self.allocations, self.seeds,
@@ -362,7 +366,23 @@ def _prepare(opts: dict[str, Any]) -> _Sweep:
                          "from train, never the held-out one)")
     active = active_rank(recipe) if any(c.allocation == "lora-active" for c in cells) else None
     return _Sweep(opts, overrides, seeds, search_seeds, grid, allocations, cells, search_cells, part, parts, recipe,
-                  active, Path(recipe.train.output_dir) / "sweep")
+                  active, Path(recipe.train.output_dir) / "sweep", _compare_slugs(opts["compare"], cells))
+
+
+def _compare_slugs(text: Optional[str], cells: Sequence[Cell]) -> tuple[str, ...]:
+    """``--compare A,B``: the slugs of these arms, each of which must be one of ``--allocations``."""
+    if text is None:
+        return ()
+    slugs = {c.slug: c.arm.spec if c.arm is not None else c.allocation for c in cells}
+    out = []
+    for spec in (t.strip() for t in text.split(",")):
+        if not spec:
+            raise SweepError(f"--compare {text!r}: an empty arm; give arms of --allocations separated by commas")
+        slug = parse_arm(spec).slug
+        if slug not in slugs:
+            raise SweepError(f"--compare {spec!r} is not an arm of this sweep; allowed: {', '.join(slugs.values())}")
+        out.append(slug)
+    return tuple(out)
 
 
 def _write_plan(sw: _Sweep, budget: int, lora_rank: int, mix_params: int, lora_params: int) -> None:
@@ -474,7 +494,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             selection = select_settings(sw.out, sw.search_cells, sw.grid, primary, require_all=False) \
                 if sw.grid else None
             print(summary_markdown(summarise(sw.out, sw.final_cells(selection), primary=primary,
-                                             selection=selection)))
+                                             selection=selection, compare=sw.compare)))
         except SweepError as e:
             return _error(e)
         return 0
@@ -504,7 +524,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if opts["phase"] in ("final", "all") and not (sw.grid and failed):
         _run_cells(sw, final, "final", opts["eval_files"], budget, lora_rank, selection, failed)
     try:
-        summary = summarise(sw.out, final, primary=primary, selection=selection)
+        summary = summarise(sw.out, final, primary=primary, selection=selection, compare=sw.compare)
     except SweepError as e:
         return _error(e)
     print(summary_markdown(summary))

@@ -14,9 +14,11 @@ from typing import Any, Optional, Sequence
 
 from .paired_stats import correct_by_question, paired_bootstrap, t_interval
 
-__all__ = ["SweepError", "cell_metrics", "cell_predictions", "summarise", "summary_markdown", "REFERENCES"]
+__all__ = ["SweepError", "cell_metrics", "cell_predictions", "summarise", "summary_markdown", "REFERENCES",
+           "best_on_validation", "reference_arms"]
 
-#: arms every other arm is compared with, when present (▽, the two matched LoRAs, the untuned model)
+#: arms every other arm is compared with, when present (▽, the two matched LoRAs, the untuned model); ``--compare``
+#: adds more and the best arm on validation is always added (:func:`reference_arms`)
 REFERENCES = ("inverted_triangle", "lora", "lora-active", "base")
 _SIDE = ("trainable params", "experts", "active rank", "train seconds", "router entropy", "near-uniform layers",
          "expert cosine")
@@ -127,12 +129,35 @@ def cell_predictions(cell_dir: Path) -> dict[str, list]:
     return out
 
 
-def summarise(out: Path, cells: Sequence, primary: str = "accuracy", selection: Optional[dict] = None
-              ) -> dict[str, Any]:
+def best_on_validation(selection: Optional[dict]) -> Optional[str]:
+    """The trained arm whose selected search setting scored highest on validation (ties: the earlier arm), or None
+    without a search. Chosen on validation only, so comparing every arm with it on held-out splits is fair."""
+    arms = (selection or {}).get("arms") or {}
+    scored = [(s["scores"][s["selected"]], -i, slug) for i, (slug, s) in enumerate(arms.items())
+              if s["scores"][s["selected"]] is not None]
+    return max(scored)[2] if scored else None
+
+
+def reference_arms(selection: Optional[dict], compare: Sequence[str] = ()) -> dict[str, str]:
+    """The arms every other arm is compared with, in order, each with why: :data:`REFERENCES`, the ``--compare``
+    arms, and the best arm on validation."""
+    refs = {r: "reference" for r in REFERENCES}
+    for r in compare:
+        refs.setdefault(r, "--compare")
+    best = best_on_validation(selection)
+    if best is not None:
+        refs[best] = refs[best] + ", best on validation" if best in refs else "best on validation"
+    return refs
+
+
+def summarise(out: Path, cells: Sequence, primary: str = "accuracy", selection: Optional[dict] = None,
+              compare: Sequence[str] = ()) -> dict[str, Any]:
     """Merge the finished cells' results and write summary.{json,md,png}.
 
     ``cells``: the final cells (:class:`molora.run.sweep.Cell`); ``primary``: the recipe's ``eval.primary_metric``
-    (listed first); ``selection``: the search's result (:func:`molora.run.sweep.select_settings`), reported."""
+    (listed first); ``selection``: the search's result (:func:`molora.run.sweep.select_settings`), reported;
+    ``compare``: slugs of further arms every arm is paired with (besides :data:`REFERENCES` and the best arm on
+    validation, :func:`reference_arms`)."""
     by_arm: dict[str, dict[Any, dict[str, float]]] = {}
     preds: dict[str, dict[Any, dict[str, list]]] = {}
     for c in cells:
@@ -161,7 +186,8 @@ def summarise(out: Path, cells: Sequence, primary: str = "accuracy", selection: 
             row["selected"] = selection["arms"][slug]["setting"]
         rows.append(row)
     paired: dict[str, list] = {}
-    for ref in REFERENCES:
+    references = reference_arms(selection, compare)
+    for ref in references:
         if ref not in by_arm:
             continue
         for slug, runs in by_arm.items():
@@ -189,7 +215,8 @@ def summarise(out: Path, cells: Sequence, primary: str = "accuracy", selection: 
                         item["bootstrap"] = boot
                 paired.setdefault(f"vs {ref}", []).append(item)
     summary = {"cells_done": sum(len(r) for r in by_arm.values()), "cells_planned": len(cells), "primary": primary,
-               "metrics": metrics, "rows": rows, "paired": paired, "selection": selection}
+               "metrics": metrics, "rows": rows, "paired": paired, "selection": selection,
+               "references": {r: why for r, why in references.items() if f"vs {r}" in paired}}
     from .common import write_json_atomic
 
     write_json_atomic(out / "summary.json", summary)
@@ -235,8 +262,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             scores = ", ".join("-" if v is None else f"{v:.3f}" for v in s["scores"])
             lines.append(f"- {slug}: {s['setting']} (grid scores {scores})")
     heldout = any(not m.startswith("val ") for m in metrics)
+    why = summary.get("references") or {}
     for ref, items in summary["paired"].items():
-        lines += ["", f"Paired {ref}: A − ref; over seeds (mean [95 % t half-width], wins/losses) and, for "
+        note = why.get(ref[3:], "reference")
+        lines += ["", f"Paired {ref}{f' ({note})' if note != 'reference' else ''}: A − ref; over seeds (mean [95 % t half-width], wins/losses) and, for "
                       f"log-likelihood, over questions × seeds (bootstrap 95 % interval, smallest resolvable "
                       f"difference){'; held-out splits only (summary.json has all)' if heldout else ''}:", ""]
         for it in items:

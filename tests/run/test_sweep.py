@@ -52,6 +52,8 @@ def test_plan_and_cells_spec():
     (["--allocations", "▽", "--seeds", "a"], "--seeds 'a'"),
     (["--allocations", "▽", "--eval-file", "/nonexistent.jsonl"], "no such file"),
     ([], "--allocations is required"),
+    (["--allocations", "▽,lora", "--compare", "□"], "--compare '□' is not an arm of this sweep; allowed: ▽, lora"),
+    (["--allocations", "▽,lora", "--compare", "lora,"], "--compare 'lora,': an empty arm"),
 ])
 def test_bad_input_fails_before_any_training(assets, tmp_path, capsys, argv, match):
     recipe = write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run")
@@ -282,3 +284,53 @@ def test_an_edited_recipe_is_refused_naming_the_keys_or_started_over(assets, tmp
     assert f"{cell / 'results.json'} is unreadable (not JSON" in err and "delete it" in err, err
     assert _sweep([recipe, *args, "--report"]) == 2
     assert f"{cell / 'results.json'} is unreadable" in capsys.readouterr().err
+
+
+def _fake_cell(folder: Path, correct: list[int], val: float) -> None:
+    """A finished final cell: validation accuracy ``val`` and held-out predictions right where ``correct`` is 1."""
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"accuracy": {"after": {"loglik": {"accuracy": val}}}}))
+    preds = [{"id": f"q{i}", "label": 0, "pred": 0 if c else 1, "pred_norm": 0 if c else 1}
+             for i, c in enumerate(correct)]
+    (folder / "eval-test.json").write_text(json.dumps({"accuracy": {"loglik": {
+        "accuracy": sum(correct) / len(correct), "accuracy_norm": sum(correct) / len(correct),
+        "predictions": preds}}}))
+
+
+def test_compare_and_the_best_arm_on_validation_are_references(tmp_path):
+    """Every arm is paired with the ``--compare`` arms and with the best arm on validation (issue 18: ▽ + levers
+    against □ + levers was not a comparison the tables made); the pairs are the per-question differences."""
+    import random
+
+    from molora.run.sweep_report import best_on_validation, reference_arms, summarise
+
+    arms = ["▽@train.router_lr_multiplier=10", "□@train.router_lr_multiplier=10", "□"]
+    cells = plan_cells(arms, [0, 1])
+    slugs = list(dict.fromkeys(c.slug for c in cells))
+    rng = random.Random(0)
+    right = {slug: {s: [int(rng.random() < p) for _ in range(60)] for s in (0, 1)}
+             for slug, p in zip(slugs, (0.7, 0.4, 0.5), strict=True)}
+    for c in cells:
+        _fake_cell(tmp_path / c.folder, right[c.slug][c.seed], 0.3)
+    # the search chose per arm; □ + levers had the best selected validation score, ▽'s other grid point is higher
+    # but not selected (a best arm is judged by its selected point), □'s is None (a missing search cell)
+    selection = {"primary": "val loglik accuracy", "grid": [{}, {}], "arms": {
+        slugs[0]: {"scores": [0.50, 0.60], "selected": 0, "setting": {}},
+        slugs[1]: {"scores": [0.55, 0.52], "selected": 0, "setting": {}},
+        slugs[2]: {"scores": [None, 0.55], "selected": 1, "setting": {}}}}
+    assert best_on_validation(selection) == slugs[1], "ties go to the earlier arm"
+    assert best_on_validation(None) is None and best_on_validation({"arms": {}}) is None
+    refs = reference_arms(selection, [slugs[2]])
+    assert list(refs)[-2:] == [slugs[2], slugs[1]] and refs[slugs[1]] == "best on validation"
+    assert reference_arms(selection, [slugs[1]])[slugs[1]] == "--compare, best on validation"
+
+    summary = summarise(tmp_path, plan_cells(arms, [0, 1]), selection=selection, compare=[slugs[2]])
+    assert set(summary["references"]) == {slugs[1], slugs[2]}
+    item = next(i for i in summary["paired"][f"vs {slugs[1]}"]
+                if i["allocation"] == slugs[0] and i["metric"] == "test loglik accuracy")
+    diff = sum(sum(right[slugs[0]][s]) - sum(right[slugs[1]][s]) for s in (0, 1)) / 120
+    b = item["bootstrap"]
+    assert b["diff"] == pytest.approx(diff) and b["lo"] < diff < b["hi"] and b["n_questions"] == 60
+    assert item["wins"] == 2 and item["seeds"] == [0, 1]
+    md = (tmp_path / "summary.md").read_text()
+    assert f"Paired vs {slugs[1]} (best on validation)" in md and f"Paired vs {slugs[2]} (--compare)" in md
