@@ -57,13 +57,16 @@ from .sweep_report import SweepError, summarise, summary_markdown
 __all__ = ["main", "plan_cells", "plan_search_cells", "parse_arm", "parse_search", "summarise", "summary_markdown",
            "parse_cells_spec", "SweepError", "Arm", "Cell"]
 
-USAGE = """usage: molora sweep RECIPE.yaml --allocations A,B,... [--seeds 0,1,2] [--search KEY=V1,V2 ...]
+USAGE = """usage: molora sweep RECIPE.yaml [--allocations A,B,...] [--seeds 0,1,2] [--search KEY=V1,V2 ...]
                     [--search-seeds 0] [--phase search|final|all] [--cells i/N] [--eval-file FILE ...]
                     [--compare A,B] [--restart-changed] [--report] [--section.key VALUE ...]
 
   --allocations   presets (▽ □ △ ⋈ ◇ or their names), block strings ("2|4|6|8" with | between values, or
                   run-together digits 2468), auto:METHOD, lora (matched parameters), lora-active (matched
-                  active rank top_k x r), base (the untuned model); ARM@section.key=value adds overrides to one arm
+                  active rank top_k x r), base (the untuned model); ARM@section.key=value adds overrides to one
+                  arm. Default: the study's winner ▽ + levers (@train.router_lr_multiplier=10
+                  @allocation.expert_init=orthogonal), ▽, lora, lora-active and base, and then, unless --search
+                  is given, --search train.learning_rate at 0.5, 1 and 2 x the recipe's
   --seeds         comma-separated seeds of the final cells (default: 0)
   --search K=V,.. tune every arm over these values of recipe key K (repeatable: the grid is the product), chosen
                   on the recipe's eval_file by eval.primary_metric, with the same budget for every arm
@@ -77,7 +80,25 @@ USAGE = """usage: molora sweep RECIPE.yaml --allocations A,B,... [--seeds 0,1,2]
                   recipe or other overrides; without it such a sweep is refused naming the keys)
   --report        only merge the results that exist into sweep/summary.{json,md,png}"""
 
-#: arms that are not mixtures of the sweep's budget
+#: the arms of a sweep without --allocations: the study's winner (▽ with router lr × 10 and orthogonal experts,
+#: README "The study", issue 18), MoLA's plain ▽, LoRA matched in parameters and in active rank, the untuned model
+DEFAULT_ARMS = "▽@train.router_lr_multiplier=10@allocation.expert_init=orthogonal,▽,lora,lora-active,base"
+#: the default search (without --allocations and --search): these multiples of the recipe's learning rate
+DEFAULT_LR_FACTORS = (0.5, 1.0, 2.0)
+
+
+def default_search(recipe_path: str, overrides: Sequence[str]) -> list[str]:
+    """``--search`` of a sweep without ``--allocations`` and ``--search``: the recipe's learning rate × 0.5, 1, 2,
+    chosen on its ``data.eval_file`` (SweepError when it has none: an untuned LoRA is not a baseline)."""
+    recipe = load_recipe(recipe_path, parse_overrides(list(overrides)))
+    if not recipe.data.eval_file:
+        raise SweepError("the default sweep tunes every arm's learning rate on the recipe's data.eval_file, and the "
+                         "recipe has none: give data.eval_file (a validation split, e.g. carved with molora split) "
+                         "or name the arms with --allocations (and the grid with --search)")
+    lr = recipe.train.learning_rate
+    return ["train.learning_rate=" + ",".join(f"{lr * f:.3g}" for f in DEFAULT_LR_FACTORS)]
+
+
 def _run(cmd: list[str], log: Path) -> int:
     env = dict(os.environ)
     root = Path(__file__).resolve().parents[2]
@@ -333,8 +354,13 @@ def _prepare(opts: dict[str, Any]) -> _Sweep:
     naming what is wrong, before any work)."""
     if opts["recipe"] is None:
         raise SweepError("no recipe given (e.g. molora sweep recipes/csqa_smollm2_cpu.yaml --allocations ▽,□,lora)")
-    if not opts["allocations"]:
-        raise SweepError("--allocations is required, e.g. --allocations ▽,□,auto:block-influence,lora")
+    if opts["allocations"] is not None and not opts["allocations"].strip():
+        raise SweepError("--allocations is empty; give arms, e.g. --allocations ▽,□,auto:block-influence,lora, or "
+                         "leave it out for the default arms (" + DEFAULT_ARMS + ")")
+    if opts["allocations"] is None:
+        opts["allocations"] = DEFAULT_ARMS
+        if not opts["search"]:
+            opts["search"] = default_search(opts["recipe"], opts["rest"])
     if opts["phase"] not in ("search", "final", "all"):
         raise SweepError(f"--phase {opts['phase']!r}; allowed: search, final, all")
     seeds = _seeds(opts["seeds"], "--seeds")

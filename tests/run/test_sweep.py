@@ -51,7 +51,7 @@ def test_plan_and_cells_spec():
     (["--allocations", "▽,lora", "--cells", "1/9"], "N=9 is more than the 2 cells"),
     (["--allocations", "▽", "--seeds", "a"], "--seeds 'a'"),
     (["--allocations", "▽", "--eval-file", "/nonexistent.jsonl"], "no such file"),
-    ([], "--allocations is required"),
+    (["--allocations", " "], "--allocations is empty"),
     (["--allocations", "▽,lora", "--compare", "□"], "--compare '□' is not an arm of this sweep; allowed: ▽, lora"),
     (["--allocations", "▽,lora", "--compare", "lora,"], "--compare 'lora,': an empty arm"),
 ])
@@ -334,3 +334,29 @@ def test_compare_and_the_best_arm_on_validation_are_references(tmp_path):
     assert item["wins"] == 2 and item["seeds"] == [0, 1]
     md = (tmp_path / "summary.md").read_text()
     assert f"Paired vs {slugs[1]} (best on validation)" in md and f"Paired vs {slugs[2]} (--compare)" in md
+
+
+def test_without_allocations_the_sweep_runs_the_studys_winner_against_tuned_baselines(assets, tmp_path, capsys):
+    """Issue 18.6: the study's winning settings are molora sweep's default arms, every arm tuned alike (the
+    recipe's learning rate × 0.5, 1, 2 chosen on validation); a recipe without validation rows is refused before
+    any work, since an untuned LoRA is not a baseline."""
+    from molora.run.sweep import DEFAULT_ARMS, _parse, _prepare
+
+    recipe = write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run", train={"learning_rate": 4e-4})
+    sw = _prepare(_parse([str(recipe), "--seeds", "0,1"]))
+    assert sw.allocations == DEFAULT_ARMS.split(",")
+    assert {c.slug for c in sw.cells} == {"inverted_triangle-router_lr_multiplier10-expert_initorthogonal",
+                                          "inverted_triangle", "lora", "lora-active", "base"}
+    assert [float(g["train.learning_rate"]) for g in sw.grid] == pytest.approx([2e-4, 4e-4, 8e-4])
+    assert len(sw.search_cells) == 4 * 3, "every trained arm, every point, on the first seed"
+    sw = _prepare(_parse([str(recipe), "--search", "train.learning_rate=1e-3"]))
+    assert sw.grid == [{"train.learning_rate": "1e-3"}], "--search replaces the default grid"
+    assert _prepare(_parse([str(recipe), "--allocations", "▽,lora"])).grid == [], "named arms: no implicit search"
+    sw = _prepare(_parse([str(recipe), "--train.learning_rate", "1e-3"]))
+    assert [float(g["train.learning_rate"]) for g in sw.grid] == pytest.approx([5e-4, 1e-3, 2e-3])
+
+    no_val = write_recipe(tmp_path / "n.yaml", assets, tmp_path / "run2", data={"eval_file": None})
+    assert _sweep([no_val]) == 2
+    err = capsys.readouterr().err
+    assert "data.eval_file" in err and "--allocations" in err
+    assert not (tmp_path / "run2").exists()
