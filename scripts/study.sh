@@ -16,7 +16,8 @@ cd "$(dirname "$0")/.."
 W=${1:-1}
 DATA=${DATA:-../shared/data}
 MOLORA=${MOLORA:-molora}
-ARMS=${ARMS:-"▽,□,▽@train.router_lr_multiplier=10@allocation.expert_init=orthogonal,lora,lora-active,base"}
+LEV="@train.router_lr_multiplier=10@allocation.expert_init=orthogonal"   # the two router levers of the README
+ARMS=${ARMS:-"▽$LEV,lora,lora-active,▽,□$LEV,auto:block-influence@allocation.auto_max=16$LEV,base"}
 SEARCH=${SEARCH:-"train.learning_rate=2e-4,5e-4,1e-3"}
 SEEDS=${SEEDS:-0,1,2}
 EXTRA=${EXTRA:-}
