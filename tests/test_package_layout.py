@@ -16,6 +16,7 @@ WINGS = ("tuner", "allocation", "run")
 #: the allocation wing's pure core: no torch, nothing of molora outside it but the (pure) router registry; recipes
 #: validate with it before torch is imported (test_recipe.test_recipe_module_needs_no_torch)
 PURE_ALLOCATION = ("molora.allocation.adapter_fields", "molora.allocation.specs", "molora.allocation.methods",
+                   "molora.allocation.expert_inits",
                    "molora.allocation.mapping", "molora_kernels.routers", "molora_kernels.layouts")
 MAX_LINES = 400
 

@@ -17,16 +17,16 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional, Union
 
+from .expert_inits import expert_init_names
 from .mapping import is_auto
 from .specs import AllocationError, auto_method, router_names_of, router_registry, validate_spec
 
-__all__ = ["AdapterFields", "AUX_LOSS_MODES", "ROUTER_INITS", "EXPERT_INITS", "check_field", "check_together",
+__all__ = ["AdapterFields", "AUX_LOSS_MODES", "ROUTER_INITS", "expert_init_names", "check_field", "check_together",
            "check_all", "recipe_fields", "field_help"]
 
 Spec = Union[int, list[int], str]
 AUX_LOSS_MODES = ("masked", "original")
 ROUTER_INITS = ("kaiming", "zeros")
-EXPERT_INITS = ("kaiming", "orthogonal")
 
 
 def _f(default: Any, help: str, recipe: Any = ..., **checks: Any) -> Any:
@@ -64,8 +64,9 @@ class AdapterFields:
     share_sibling_shrink: bool = _f(True, "q/k/v and gate/up compute one shrink + router GEMM (one dropout mask)")
     init_weights: bool = _f(True, "MoLA init (B = 0); False: random B (tests)")
     router_init: str = _f("kaiming", "kaiming (MoLA) or zeros (every token starts uniform)", choices=ROUTER_INITS)
-    expert_init: str = _f("kaiming", "kaiming (MoLA) or orthogonal (experts start on disjoint input directions)",
-                          choices=EXPERT_INITS)
+    expert_init: str = _f("kaiming", "kaiming (MoLA), orthogonal (experts start on disjoint input directions) or svd "
+                                     "(on the base weight's top singular directions); molora.allocation.expert_inits",
+                          choices=expert_init_names)
     shared_expert_r: int = _f(0, "rank of an always-on shared expert beside the routed ones (0: none)")
     modules_to_save: Optional[list[str]] = _f(None, "extra modules trained and saved in full (e.g. a "
                                                     "classification head)")
@@ -108,8 +109,9 @@ def check_field(name: str, v: Any) -> None:
     """Check one field's value on its own (AllocationError naming the value and what is allowed)."""
     meta = AdapterFields.__dataclass_fields__[name].metadata
     if "choices" in meta:
-        if v not in meta["choices"]:
-            raise AllocationError(f"{name}={v!r}; allowed: {', '.join(meta['choices'])}")
+        choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]  # a registry: read now
+        if v not in choices:
+            raise AllocationError(f"{name}={v!r}; allowed: {', '.join(choices)}")
     elif name in ("num_experts", "num_experts_mlp", "top_k", "r"):
         if v is None and name == "num_experts_mlp":
             return

@@ -7,7 +7,7 @@ from typing import Any, Optional
 from peft.config import PeftConfig
 
 from ..allocation import AllocationError
-from ..allocation.adapter_fields import AUX_LOSS_MODES, EXPERT_INITS, ROUTER_INITS, AdapterFields, check_all
+from ..allocation.adapter_fields import AUX_LOSS_MODES, ROUTER_INITS, AdapterFields, check_all
 from .peft_type import PEFT_TYPE
 
 #: the fields that shape an adapter's outputs (what :attr:`MoLoRAConfig.output_fingerprint` covers); training-only
@@ -15,7 +15,7 @@ from .peft_type import PEFT_TYPE
 OUTPUT_FIELDS = ("num_experts", "top_k", "r", "expert_budget", "num_experts_mlp", "lora_alpha", "target_modules",
                  "exclude_modules", "router", "router_options", "layout", "shared_expert_r", "modules_to_save",
                  "allocation", "num_layers")
-__all__ = ["MoLoRAConfig", "OUTPUT_FIELDS", "AUX_LOSS_MODES", "ROUTER_INITS", "EXPERT_INITS"]
+__all__ = ["MoLoRAConfig", "OUTPUT_FIELDS", "AUX_LOSS_MODES", "ROUTER_INITS"]
 
 
 @dataclass
@@ -71,9 +71,11 @@ class MoLoRAConfig(PeftConfig, AdapterFields):
         router_init: ``"kaiming"`` (MoLA: kaiming-uniform router weights, so each token starts with its own random
             preference) or ``"zeros"`` (every token starts uniform over the experts; the router learns from the
             experts' differences only).
-        expert_init: ``"kaiming"`` (MoLA: every expert's A drawn independently) or ``"orthogonal"`` (the stacked
-            A_all = [E·r, d_in] has orthogonal rows of the same norm: the experts start reading disjoint input
-            directions -- diversified initial experts; needs E·r <= d_in to be exact).
+        expert_init: a registered init (:mod:`molora.allocation.expert_inits`): ``"kaiming"`` (MoLA: every expert's
+            A drawn independently), ``"orthogonal"`` (the stacked A_all = [E·r, d_in] has orthogonal rows of the
+            same norm: the experts start reading disjoint input directions -- diversified initial experts; needs
+            E·r <= d_in to be exact) or ``"svd"`` (the rows are the base weight's top right singular vectors, dealt
+            round-robin to the experts, PiSSA-style without changing the base). B = 0 under every init.
         shared_expert_r: rank of an always-on shared expert beside the routed ones (DeepSeekMoE / MixLoRA style):
             a plain LoRA of this rank with the same alpha/r scaling rule, added to every token's output whatever
             the router does; 0 (default): none. Its parameters count toward the sweep's matched-LoRA rank.

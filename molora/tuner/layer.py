@@ -20,6 +20,7 @@ from molora_kernels import Router, get_layout, get_router, moe_lora
 
 from .base_layers import base_layer_type
 from .decode import decode_module
+from .expert_init import resolve as resolve_expert_init
 from .router_state import AuxLossGrad, RegularizerGrad, RouterCollector, in_backward, mean_entropy, mean_z
 
 #: router options that weight a regulariser computed from the routing (option -> the term it weights)
@@ -126,16 +127,14 @@ class MoLoRALayer(BaseTunerLayer):
     def reset_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
         """MoLA init: router and every expert's A ~ kaiming_uniform(a=sqrt(5)) (fan_in = d_in), B = 0.
 
-        ``router_init="zeros"``: router weights 0 (uniform routing at the start). ``expert_init="orthogonal"``: the
-        stacked A has orthogonal rows, each of kaiming-uniform's expected norm sqrt(1/3) (experts start on disjoint
-        input directions). The shared expert (if any) is initialised as one more expert: kaiming A, B = 0.
+        ``router_init="zeros"``: router weights 0 (uniform routing at the start). ``expert_init``: how A starts, a
+        registered init (:mod:`.expert_init`: ``kaiming``, ``orthogonal`` -- orthogonal rows of kaiming-uniform's
+        expected norm sqrt(1/3) --, ``svd`` -- the base weight's top right singular vectors at that norm). The shared expert (if any) is initialised as one more expert: kaiming A, B = 0.
         ``init_weights=False`` draws B like A as well (non-zero experts, for tests).
         """
         a = self.molora_A[adapter_name]
-        if self.expert_init.get(adapter_name, "kaiming") == "orthogonal":
-            nn.init.orthogonal_(a, gain=math.sqrt(1.0 / 3.0))  # row norm of kaiming_uniform(a=sqrt(5)) on average
-        else:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        resolve_expert_init(self.expert_init.get(adapter_name, "kaiming"))(
+            a, rank=self.r[adapter_name], base_weight=self._oriented_base_weight, module_name=self.module_name)
         if self.router_init.get(adapter_name, "kaiming") == "zeros":
             nn.init.zeros_(self.molora_router[adapter_name])
         else:
@@ -149,6 +148,11 @@ class MoLoRALayer(BaseTunerLayer):
                 nn.init.zeros_(b)
             else:
                 nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+
+    def _oriented_base_weight(self) -> torch.Tensor:
+        """The frozen base weight as float ``[d_out, d_in]`` (dequantized; Conv1D's ``[d_in, d_out]`` transposed)."""
+        w = self.base_type.dequantize(self.get_base_layer())
+        return w.t() if self.fan_in_fan_out else w
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self, adapter_name: str) -> torch.Tensor:

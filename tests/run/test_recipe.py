@@ -392,7 +392,7 @@ def test_every_adapter_field_has_a_check_that_accepts_its_defaults():
 @pytest.mark.parametrize("bad", [
     {"num_experts": 0}, {"top_k": "x"}, {"expert_budget": 0}, {"lora_alpha": 0.0}, {"lora_dropout": 1.0},
     {"aux_loss_coef": -1.0}, {"aux_loss_mode": "sum"}, {"router": "nope"}, {"backend": "nope"}, {"layout": "nope"},
-    {"router_init": "ones"}, {"expert_init": "svd"}, {"shared_expert_r": -1}, {"target_modules": []},
+    {"router_init": "ones"}, {"expert_init": "pissa"}, {"shared_expert_r": -1}, {"target_modules": []},
     {"num_experts": 2, "top_k": 3}, {"router": "topk", "router_options": {"top_p": 0.5}},
     {"layout": "shared_a", "backend": "sparse"}, {"num_experts": "auto:block-influence", "num_experts_mlp": 4},
 ])

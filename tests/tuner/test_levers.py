@@ -79,9 +79,126 @@ def test_orthogonal_expert_init_gives_orthogonal_rows_of_kaiming_norm(tiny_model
         assert torch.count_nonzero(m.molora_B["default"]) == 0  # still starts as the base model
 
 
+def _svd_directions(w: torch.Tensor) -> torch.Tensor:
+    """The right singular vectors of ``w`` [d_out, d_in], by falling singular value, in float64."""
+    return torch.linalg.svd(w.detach().double(), full_matrices=False)[2]
+
+
+@pytest.mark.parametrize("arch,targets,num_experts,r", [
+    ("llama", ["q_proj", "down_proj"], 4, 4),     # E·r = 16 < rank: only singular directions
+    ("llama", ["k_proj"], 4, 12),                 # k_proj W is [32, 64]: 48 rows > its rank 32
+    ("gpt2", ["c_attn", "c_proj"], 3, 4),         # Conv1D stores W as [d_in, d_out]
+])
+def test_svd_expert_init_deals_the_top_singular_directions_round_robin(tiny_model, arch, targets, num_experts, r):
+    """Expert e's row j = ±(j·E + e)-th right singular vector of the base weight, norm sqrt(1/3); past the weight's
+    rank, random directions orthogonal to those and each other; B = 0."""
+    torch.manual_seed(0)
+    base = tiny_model(arch, num_layers=2, hidden_size=64)
+    model = get_peft_model(base, MoLoRAConfig(num_experts=num_experts, top_k=2, r=r, expert_init="svd",
+                                              target_modules=targets))
+    mods = _modules(model)
+    assert mods
+    for m in mods:
+        w = m.get_base_layer().weight
+        w = w.t() if m.fan_in_fan_out else w                      # [d_out, d_in]
+        vh = _svd_directions(w)
+        a = m.molora_A["default"].detach().double()               # [E·r, d_in]
+        assert a.shape == (num_experts * r, w.shape[1])
+        n = min(a.shape[0], vh.shape[0])
+        for e in range(num_experts):
+            for j in range(r):
+                k = j * num_experts + e
+                if k < n:
+                    assert abs(float(a[e * r + j] @ vh[k])) == pytest.approx(math.sqrt(1 / 3), abs=1e-5), (m, e, j)
+        torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0], dtype=torch.float64) / 3, atol=1e-5, rtol=0)
+        assert torch.count_nonzero(m.molora_B["default"]) == 0
+
+
+def test_svd_expert_init_with_more_rows_than_inputs_keeps_the_norm_and_the_principal_rows(tiny_model):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama", num_layers=1, hidden_size=32), MoLoRAConfig(
+        num_experts=5, top_k=2, r=8, expert_init="svd", target_modules=["q_proj"]))   # 40 rows > d_in 32
+    (m,) = _modules(model)
+    a = m.molora_A["default"].detach().double()
+    torch.testing.assert_close(a.norm(dim=1), torch.full((40,), math.sqrt(1 / 3), dtype=torch.float64), atol=1e-6,
+                               rtol=0)
+    vh = _svd_directions(m.get_base_layer().weight)
+    rows = [e * 8 + j for j in range(8) for e in range(5) if j * 5 + e < 32]   # the rows that got a direction
+    got = torch.stack([a[i] for i in rows])
+    want = torch.stack([vh[(i % 8) * 5 + i // 8] for i in rows])
+    torch.testing.assert_close((got * want).sum(1).abs(), torch.full((len(rows),), math.sqrt(1 / 3),
+                                                                         dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_svd_expert_init_reads_a_bf16_base_in_fp32_and_starts_as_the_base_model(tiny_model):
+    torch.manual_seed(0)
+    base = tiny_model("llama", num_layers=2, hidden_size=64).to(torch.bfloat16)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    model = get_peft_model(base, MoLoRAConfig(num_experts=4, top_k=2, r=4, expert_init="svd"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want)   # B = 0: exactly the base model
+    m = _modules(model)[0]
+    vh = _svd_directions(m.get_base_layer().weight.float())
+    a = m.molora_A["default"].detach().double()
+    assert abs(float(a[0] @ vh[0])) == pytest.approx(math.sqrt(1 / 3), abs=1e-2)   # bf16 A: 3 digits
+
+
+def test_svd_expert_init_refuses_a_weight_it_cannot_read_naming_the_module(tiny_model):
+    """Under ZeRO-3 a parameter is an empty 1-d shard until gathered: the init must not factor it."""
+    base = tiny_model("llama", num_layers=1)
+    q = base.model.layers[0].self_attn.q_proj
+    q.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    with pytest.raises(ValueError, match=r"expert_init='svd' reads the base weight of model\.layers\.0\.self_attn"
+                                         r"\.q_proj.*ZeRO-3.*expert_init='orthogonal'"):
+        get_peft_model(base, MoLoRAConfig(num_experts=4, top_k=2, r=2, expert_init="svd", target_modules=["q_proj"]))
+
+
+def test_svd_expert_init_trains_saves_and_loads(tiny_model, tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(num_experts=4, top_k=2, r=2,
+                                                                           expert_init="svd"))
+    ids, mask, labels = batch()
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+    assert any(torch.count_nonzero(m.molora_B["default"]) for m in _modules(model))
+    assert_save_load_same_logits(model, tiny_model("llama", num_layers=2), tmp_path / "a", ids)
+
+
+def _rows_ones(a, **_):
+    a.fill_(0.25)
+
+
+def test_every_registered_expert_init_starts_as_the_base_model_and_a_new_one_registers(tiny_model):
+    from molora.allocation.expert_inits import (EXPERT_INIT_REGISTRY, ExpertInit, expert_init_names,
+                                                register_expert_init)
+
+    ids = torch.randint(0, 64, (2, 7))
+    register_expert_init(ExpertInit("test_const", f"{__name__}:_rows_ones", "every entry 1/4 (test)"))
+    try:
+        assert "test_const" in expert_init_names()
+        for name in expert_init_names():
+            base = tiny_model("llama", num_layers=2)
+            with torch.no_grad():
+                want = base(input_ids=ids).logits
+            model = get_peft_model(base, MoLoRAConfig(num_experts=4, top_k=2, r=2, expert_init=name))
+            with torch.no_grad():
+                torch.testing.assert_close(model(input_ids=ids).logits, want, msg=name)
+            if name == "test_const":
+                assert all(bool((m.molora_A["default"] == 0.25).all()) for m in _modules(model))
+        with pytest.raises(ValueError, match="already registered"):
+            register_expert_init(ExpertInit("svd", "svd", "twice"))
+    finally:
+        EXPERT_INIT_REGISTRY.pop("test_const", None)
+    with pytest.raises(AllocationError, match="expert_init='test_const'; allowed: kaiming, orthogonal, svd"):
+        MoLoRAConfig(num_experts=4, top_k=2, r=2, expert_init="test_const")
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(router_init="normal"), r"router_init='normal'; allowed: kaiming, zeros"),
-    (dict(expert_init="svd"), r"expert_init='svd'; allowed: kaiming, orthogonal"),
+    (dict(expert_init="pissa"), r"expert_init='pissa'; allowed: kaiming, orthogonal, svd"),
     (dict(shared_expert_r=-1), r"shared_expert_r=-1 must be an int >= 0"),
     (dict(router_options={"z_loss_coef": -1}), r"z_loss_coef=-1 must be a number in \[0, 1e\+06\]"),
 ])
