@@ -153,6 +153,13 @@ def deepspeed_config(run: TrainRun) -> None:
         raise RunError("train.nonfinite: skip is not available under DeepSpeed (its engine applies the step inside "
                        "backward, before the step can be dropped; its fp16 loss scaler skips overflow steps "
                        "itself); use train.nonfinite: error")
+    if run.zero_stage == 3:
+        from ..allocation.expert_inits import get_expert_init
+
+        if get_expert_init(recipe.allocation.expert_init).reads_base_weight:
+            raise RunError(f"allocation.expert_init={recipe.allocation.expert_init!r} reads each base weight when the "
+                           f"adapter is created, but {recipe.train.deepspeed} is ZeRO stage 3, which loads the model "
+                           f"partitioned; use expert_init orthogonal or kaiming, or ZeRO stage 2")
     if recipe.train.router_lr_multiplier != 1.0 and "optimizer" in run.ds_config:
         raise RunError(f"train.router_lr_multiplier={recipe.train.router_lr_multiplier:g} needs the Trainer's "
                        f"optimizer (its parameter groups), but {recipe.train.deepspeed} defines an \"optimizer\" "

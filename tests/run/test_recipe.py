@@ -214,6 +214,28 @@ def test_deepspeed_configs_are_valid_json():
         assert cfg["train_micro_batch_size_per_gpu"] == "auto"  # resolved from the recipe by the HF integration
 
 
+@pytest.mark.parametrize("stage,init,refused", [(3, "svd", True), (3, "orthogonal", False), (2, "svd", False)])
+def test_an_expert_init_that_reads_the_base_weight_is_refused_under_zero3_before_the_model_loads(
+        monkeypatch, stage, init, refused):
+    """ZeRO-3 loads the model partitioned: an init that factors each base weight (svd) cannot run; refused at the
+    DeepSpeed step, before any model is loaded, naming the key and the config."""
+    from molora.run.common import RunError
+    from molora.run.train_steps import TrainRun, deepspeed_config
+
+    monkeypatch.chdir(ROOT)
+    ds = f"recipes/deepspeed/zero{stage}.json"
+    recipe = load_recipe(ROOT / "recipes" / "quickstart_cpu.yaml",
+                         parse_overrides(["--train.deepspeed", ds, "--allocation.expert_init", init,
+                                          "--train.router_lr_multiplier", "1"]))
+    run = TrainRun(recipe=recipe)
+    if refused:
+        with pytest.raises(RunError, match=rf"allocation.expert_init='svd'.*{ds} is ZeRO stage 3.*orthogonal"):
+            deepspeed_config(run)
+    else:
+        deepspeed_config(run)
+        assert run.zero_stage == stage
+
+
 def _run_command(args, tmp_path, timeout=120):
     """Run the `molora` console entry point (molora_cli.main) in a fresh interpreter; report what it imported."""
     import os
