@@ -74,13 +74,8 @@ def svd(a: torch.Tensor, *, rank: int, base_weight: Callable[[], torch.Tensor], 
     a.copy_((directions[order] * ROW_NORM).to(a.dtype))
 
 
-_BUILTIN = {"kaiming": kaiming, "orthogonal": orthogonal, "svd": svd}
-
-
 def resolve(name: str) -> Callable[..., None]:
     """The function registered as ``name`` (ValueError naming the registered ones)."""
     target = get_expert_init(name).function
-    if ":" not in target:
-        return _BUILTIN[target] if target in _BUILTIN else getattr(importlib.import_module(__name__), target)
-    module, attr = target.split(":", 1)
+    module, attr = target.split(":", 1) if ":" in target else (__name__, target)
     return getattr(importlib.import_module(module), attr)
