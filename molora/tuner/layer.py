@@ -129,7 +129,8 @@ class MoLoRALayer(BaseTunerLayer):
 
         ``router_init="zeros"``: router weights 0 (uniform routing at the start). ``expert_init``: how A starts, a
         registered init (:mod:`.expert_init`: ``kaiming``, ``orthogonal`` -- orthogonal rows of kaiming-uniform's
-        expected norm sqrt(1/3) --, ``svd`` -- the base weight's top right singular vectors at that norm). The shared expert (if any) is initialised as one more expert: kaiming A, B = 0.
+        expected norm sqrt(1/3) --, ``svd`` -- the base weight's top right singular vectors at that norm). The
+        shared expert (if any) is initialised as one more expert: kaiming A, B = 0.
         ``init_weights=False`` draws B like A as well (non-zero experts, for tests).
         """
         a = self.molora_A[adapter_name]
