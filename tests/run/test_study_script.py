@@ -27,7 +27,8 @@ def _setup(tmp_path: Path, with_data: bool = True) -> tuple[Path, Path, Path]:
             (data / f).write_text('{"input": "q", "choices": ["a", "b"], "answer": "a"}\n')
     log = tmp_path / "calls.txt"
     fake = tmp_path / "fake_molora"
-    fake.write_text(f'#!/usr/bin/env bash\nprintf "%q " "$@" >> {shlex.quote(str(log))}\necho >> {shlex.quote(str(log))}\n')
+    q = shlex.quote(str(log))
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%q " "$@" >> {q}\necho >> {q}\n')
     fake.chmod(0o755)
     return root, data, fake
 
