@@ -30,9 +30,9 @@ def orthogonal(a: torch.Tensor, **_) -> None:
     nn.init.orthogonal_(a, gain=ROW_NORM)  # exact for rows <= d_in
 
 
-def _orthonormal_complement(basis: torch.Tensor, n: int, d: int, dtype: torch.dtype, device) -> torch.Tensor:
+def _orthonormal_complement(basis: torch.Tensor, n: int) -> torch.Tensor:
     """``n`` random orthonormal rows orthogonal to the orthonormal rows of ``basis`` ``[k, d]`` (needs k + n <= d)."""
-    g = torch.randn(n, d, dtype=dtype, device=device)
+    g = torch.randn(n, basis.shape[1], dtype=basis.dtype, device=basis.device)
     if basis.shape[0]:
         g = g - (g @ basis.T) @ basis
     q, _ = torch.linalg.qr(g.T)  # [d, n], orthonormal columns
@@ -48,6 +48,8 @@ def svd(a: torch.Tensor, *, rank: int, base_weight: Callable[[], torch.Tensor], 
     weight is not changed (unlike PiSSA, whose residual base needs every token to use the principal adapter; a
     routed token uses only its top-k experts). Cost: one SVD of W per module, in float32 on W's device."""
     rows, d_in = a.shape
+    if rows % rank:
+        raise ValueError(f"expert_init='svd': {module_name} has {rows} rows of A, not a multiple of r={rank}")
     w = base_weight()
     if w.device.type == "meta" or w.dim() != 2 or w.shape[1] != d_in or w.numel() == 0:
         raise ValueError(f"expert_init='svd' reads the base weight of {module_name or 'a module'}, but it has shape "
@@ -61,13 +63,11 @@ def svd(a: torch.Tensor, *, rank: int, base_weight: Callable[[], torch.Tensor], 
     directions = vh[:n]
     if rows > n:
         fill = min(rows, d_in) - n
-        extra = [_orthonormal_complement(directions, fill, d_in, w.dtype, w.device)] if fill > 0 else []
+        extra = [_orthonormal_complement(directions, fill)] if fill > 0 else []
         if rows > d_in:  # more rows than input dimensions: no longer orthogonal, random unit rows
             r = torch.randn(rows - d_in, d_in, dtype=w.dtype, device=w.device)
             extra.append(r / r.norm(dim=1, keepdim=True))
         directions = torch.cat([directions, *extra])
-    if rows % rank:
-        raise ValueError(f"expert_init='svd': {module_name} has {rows} rows of A, not a multiple of r={rank}")
     experts = rows // rank
     # direction j·E + e goes to row e·r + j
     order = torch.arange(rows, device=w.device).reshape(rank, experts).T.reshape(-1)
