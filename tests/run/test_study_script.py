@@ -27,8 +27,8 @@ def _setup(tmp_path: Path, with_data: bool = True) -> tuple[Path, Path, Path]:
             (data / f).write_text('{"input": "q", "choices": ["a", "b"], "answer": "a"}\n')
     log = tmp_path / "calls.txt"
     fake = tmp_path / "fake_molora"
-    q = shlex.quote(str(log))
-    fake.write_text(f'#!/usr/bin/env bash\nprintf "%q " "$@" >> {q}\necho >> {q}\n')
+    # one write per call: the two tasks run side by side, and two appends per call could interleave their lines
+    fake.write_text(f'#!/usr/bin/env bash\nline=$(printf "%q " "$@")\nprintf "%s\\n" "$line" >> {shlex.quote(str(log))}\n')
     fake.chmod(0o755)
     return root, data, fake
 
