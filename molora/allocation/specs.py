@@ -4,8 +4,9 @@ A per-layer value (``num_experts``, ``top_k`` or ``r``) is given as one of:
 
 * an int: the same value for every layer, e.g. ``8``;
 * a list with one entry per layer, e.g. ``[2, 2, 4, 4, 6, 6, 8, 8]``;
-* MoLA block notation: a comma-separated string (``"2,4,6,8"``) or, when every value is a single digit,
-  the digits run together (``"2468"``). The L layers are split into as many contiguous groups as there
+* MoLA block notation: a comma-separated string (``"2,4,6,8"``; ``"2|4|6|8"`` is the same, for places where a
+  comma separates something else, e.g. an arm of ``molora sweep --allocations``) or, when every value is a
+  single digit, the digits run together (``"2468"``). The L layers are split into as many contiguous groups as there
   are values; when L is not divisible by the number of groups, the first ``L mod G`` groups get one layer
   more (``numpy.array_split`` semantics; 30 layers in 4 groups: 8, 8, 7, 7);
 * a preset name (the shapes of the MoLA paper, four groups of layers, 20 experts per four layers):
@@ -138,8 +139,10 @@ def preset_name(spec: str) -> Optional[str]:
 
 
 def parse_blocks(spec: str, field: str = "value") -> list[int]:
-    """Parse MoLA block notation ``"2,4,6,8"`` / ``"2468"`` into group values (no layer count needed)."""
+    """Parse MoLA block notation ``"2,4,6,8"`` / ``"2|4|6|8"`` / ``"2468"`` into group values (no layer count needed)."""
     s = spec.strip()
+    if re.fullmatch(r"\d+(\s*\|\s*\d+)+", s):
+        s = s.replace("|", ",")
     if re.fullmatch(r"\d+(\s*,\s*\d+)+|\d+\s*,?", s):
         values = [int(v) for v in s.replace(" ", "").strip(",").split(",")] if "," in s else None
         if values is None:
@@ -149,8 +152,8 @@ def parse_blocks(spec: str, field: str = "value") -> list[int]:
         return values
     names = ", ".join(sorted(PRESETS)) + ", " + ", ".join(k for k in PRESET_ALIASES if not k.isascii())
     raise AllocationError(
-        f"{field}={spec!r} is neither block notation (comma-separated integers like '2,4,6,8' or single digits "
-        f"like '2468') nor a preset (allowed: {names})"
+        f"{field}={spec!r} is neither block notation (comma-separated integers like '2,4,6,8' or '2|4|6|8', or "
+        f"single digits like '2468') nor a preset (allowed: {names})"
     )
 
 
@@ -438,8 +441,13 @@ def resolve_allocation(num_experts: AllocationSpec, top_k: AllocationSpec, r: Al
         for field, count, all_counts in (("num_experts", e, experts), ("num_experts_mlp", em, mlp)):
             if bounded and count is not None and k > count:
                 where = f"layer {i}" if num_layers is not None else "the model"
+                hint = ""
+                if isinstance(top_k, int) and top_k >= 10:  # "--allocation.top_k 1222" arrives as the int 1222
+                    hint = (f"; top_k={top_k} is one int for every layer -- for one value per group of layers give "
+                            f"block notation as a string: '{','.join(str(top_k))}' or '{'|'.join(str(top_k))}'")
                 raise AllocationError(f"top_k={k} is larger than {field}={count} in {where}; top_k must be between 1 "
-                                      f"and the number of experts of that layer ({field} resolves to {all_counts})")
+                                      f"and the number of experts of that layer ({field} resolves to {all_counts})"
+                                      f"{hint}")
         k_eff = min(k, e) if em is None else min(k, e, em)
         out.append(LayerAllocation(layer=i if num_layers is not None else None, num_experts=e, top_k=k_eff, r=rank,
                                    num_experts_mlp=em, router=rname if per_layer else None))

@@ -33,7 +33,7 @@ def test_tuple_is_a_list():
     assert MoLoRAConfig(num_experts=(2, 4)).num_experts == [2, 4]
 
 
-@pytest.mark.parametrize("spec", ["2,4,6,8", "2468", " 2, 4 ,6,8 "])
+@pytest.mark.parametrize("spec", ["2,4,6,8", "2468", " 2, 4 ,6,8 ", "2|4|6|8", "2 | 4|6 |8"])
 def test_block_notation(spec):
     assert resolve(spec, 8, "num_experts") == [2, 2, 4, 4, 6, 6, 8, 8]
     assert resolve(spec, 4, "num_experts") == [2, 4, 6, 8]
@@ -44,6 +44,22 @@ def test_block_notation_multi_digit_values_need_commas():
     assert resolve("16,", 3, "num_experts") == [16, 16, 16]
     assert resolve("7", 3, "num_experts") == [7, 7, 7]
     assert resolve("24", 4, "num_experts") == [2, 2, 4, 4]  # run-together digits are groups
+
+
+def test_bar_block_notation_for_every_field_and_in_a_sweep_arm():
+    # "|" separates values where a comma separates something else (a sweep arm inside --allocations)
+    alloc = resolve_allocation("2|4|6|8", "1|2", "4|8|8|16", num_layers=4)
+    assert [(a.num_experts, a.top_k, a.r) for a in alloc] == [(2, 1, 4), (4, 1, 8), (6, 2, 8), (8, 2, 16)]
+    assert resolve("10|12", 4, "num_experts") == [10, 10, 12, 12]
+    from molora.run.recipe import load_recipe, parse_overrides
+    from molora.run.sweep_plan import parse_arm
+    from pathlib import Path
+
+    arm = parse_arm("▽@allocation.top_k=1|2|2|2@allocation.r=8|8|8|16")
+    recipe = load_recipe(Path(__file__).parents[2] / "recipes/quickstart_cpu.yaml",
+                         parse_overrides(arm.override_args()), check_files=False)
+    alloc = resolve_allocation("1,3,5,7", recipe.allocation.top_k, recipe.allocation.r, num_layers=8)
+    assert [(a.top_k, a.r) for a in alloc] == [(1, 8)] * 2 + [(2, 8)] * 4 + [(2, 16)] * 2
 
 
 def test_block_notation_for_top_k_and_rank():
@@ -218,6 +234,15 @@ def test_top_k_larger_than_experts_per_layer():
         resolve_allocation("1,2,4,8", 2, 4, num_layers=8)
     with pytest.raises(AllocationError, match=r"top_k=5.*num_experts=4.*layer 3"):
         resolve_allocation(4, [1, 2, 3, 5], 4, num_layers=4)
+
+
+def test_int_top_k_that_reads_like_blocks_gets_a_hint():
+    # "--allocation.top_k 1222" on the command line is YAML's int 1222, not four groups
+    with pytest.raises(AllocationError, match=r"top_k=1222 is one int for every layer.*'1,2,2,2' or '1\|2\|2\|2'"):
+        resolve_allocation("1,3,5,7", 1222, 4, num_layers=8)
+    with pytest.raises(AllocationError) as info:
+        resolve_allocation("1,3,5,7", 2, 4, num_layers=8)
+    assert "one int for every layer" not in str(info.value)  # a plain too-large top_k gets no block hint
 
 
 def test_top_k_larger_than_experts_at_injection(tiny_model):
