@@ -81,8 +81,10 @@ USAGE = """usage: molora sweep RECIPE.yaml [--allocations A,B,...] [--seeds 0,1,
   --report        only merge the results that exist into sweep/summary.{json,md,png}"""
 
 #: the arms of a sweep without --allocations: the study's winner (▽ with router lr × 10 and orthogonal experts,
-#: README "The study", issue 18), MoLA's plain ▽, LoRA matched in parameters and in active rank, the untuned model
-DEFAULT_ARMS = "▽@train.router_lr_multiplier=10@allocation.expert_init=orthogonal,▽,lora,lora-active,base"
+#: README "The study", issue 18), MoLA's plain ▽ (levers off explicitly, so a recipe that sets them still gets the
+#: MoLA reference), LoRA matched in parameters and in active rank, the untuned model
+DEFAULT_ARMS = ("▽@train.router_lr_multiplier=10@allocation.expert_init=orthogonal,"
+                "▽@train.router_lr_multiplier=1@allocation.expert_init=kaiming,lora,lora-active,base")
 #: the default search (without --allocations and --search): these multiples of the recipe's learning rate
 DEFAULT_LR_FACTORS = (0.5, 1.0, 2.0)
 
@@ -379,14 +381,20 @@ def _prepare(opts: dict[str, Any]) -> _Sweep:
             raise SweepError(f"--eval-file {ef}: no such file")
     overrides = opts["rest"]
     recipe = load_recipe(opts["recipe"], parse_overrides(overrides))
+    trained: dict[str, str] = {}  # what an arm trains (its allocation and resolved recipe) -> the first arm's spec
     for arm in {c.arm.slug: c.arm for c in cells if c.arm is not None}.values():  # every arm's overrides load
         for setting in grid or [{}]:
             try:
-                load_recipe(opts["recipe"], parse_overrides(overrides + arm.override_args()
-                                                            + list(_setting_args(setting))))
+                arm_recipe = load_recipe(opts["recipe"], parse_overrides(overrides + arm.override_args()
+                                                                         + list(_setting_args(setting))))
             except RecipeError as e:
                 raise SweepError(f"arm {arm.spec!r}{f' with search setting {setting}' if setting else ''}: "
                                  f"{e}") from None
+        what = json.dumps([arm.allocation, arm_recipe.model_dump(mode="json")], sort_keys=True, default=str)
+        if what in trained:
+            raise SweepError(f"arms {trained[what]!r} and {arm.spec!r} train the same settings (the recipe already "
+                             f"sets what {arm.spec!r} overrides): their cells would be the same runs twice; drop one")
+        trained[what] = arm.spec
     if grid and not recipe.data.eval_file:
         raise SweepError("--search selects on the recipe's validation rows: give data.eval_file (a split carved "
                          "from train, never the held-out one)")

@@ -249,10 +249,14 @@ def active_rank(recipe: Recipe) -> int:
 
 
 def _lora_overrides(rank: int) -> list[str]:
+    """Plain LoRA as PEFT builds it, whatever mixture levers the recipe sets: one expert, kaiming A, B = 0, the
+    plain top-k router (a no-op over one expert), no shared expert, no aux loss. An arm's own overrides (``lora@...``)
+    still apply after these."""
     return ["--allocation.num_experts", "1", "--allocation.top_k", "1", "--allocation.r", str(rank),
             "--allocation.lora_alpha", str(2 * rank), "--allocation.expert_budget", "null",
             "--allocation.num_experts_mlp", "null", "--allocation.aux_loss_coef", "0",
-            "--allocation.shared_expert_r", "0"]
+            "--allocation.shared_expert_r", "0", "--allocation.expert_init", "kaiming",
+            "--allocation.router", "topk", "--allocation.router_options", "null"]
 
 
 def _cell_overrides(cell: Cell, budget: int, lora_rank: int, out: Path, active: Optional[int] = None) -> list[str]:

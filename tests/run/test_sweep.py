@@ -11,6 +11,7 @@ import pytest
 from molora.run.sweep import (SweepError, parse_arm, parse_cells_spec, parse_search, plan_cells, plan_search_cells,
                               summary_markdown)
 
+from molora.run.recipe import load_recipe, parse_overrides
 from test_train import _isolated_env, assets, write_recipe  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -346,7 +347,8 @@ def test_without_allocations_the_sweep_runs_the_studys_winner_against_tuned_base
     sw = _prepare(_parse([str(recipe), "--seeds", "0,1"]))
     assert sw.allocations == DEFAULT_ARMS.split(",")
     assert {c.slug for c in sw.cells} == {"inverted_triangle-router_lr_multiplier10-expert_initorthogonal",
-                                          "inverted_triangle", "lora", "lora-active", "base"}
+                                          "inverted_triangle-router_lr_multiplier1-expert_initkaiming", "lora",
+                                          "lora-active", "base"}
     assert [float(g["train.learning_rate"]) for g in sw.grid] == pytest.approx([2e-4, 4e-4, 8e-4])
     assert len(sw.search_cells) == 4 * 3, "every trained arm, every point, on the first seed"
     sw = _prepare(_parse([str(recipe), "--search", "train.learning_rate=1e-3"]))
@@ -360,3 +362,34 @@ def test_without_allocations_the_sweep_runs_the_studys_winner_against_tuned_base
     err = capsys.readouterr().err
     assert "data.eval_file" in err and "--allocations" in err
     assert not (tmp_path / "run2").exists()
+
+
+def test_a_recipe_with_the_levers_keeps_distinct_default_arms_and_plain_lora(assets, tmp_path, capsys):
+    """A recipe that already sets the study's levers (as the shipped recipes do): the default sweep's MoLA arm
+    switches them off explicitly, LoRA stays plain LoRA (kaiming A, top-k router), and two arms that would train
+    the same settings are refused before any work."""
+    from molora.run.sweep import _parse, _prepare
+    from molora.run.sweep_plan import _cell_overrides
+
+    recipe = write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run",
+                          allocation={"expert_init": "orthogonal", "router": "noisy_topk"},
+                          train={"router_lr_multiplier": 10})
+    sw = _prepare(_parse([str(recipe), "--seeds", "0"]))
+    settings = {}
+    for c in sw.cells:
+        if c.allocation == "base":
+            continue
+        ov = _cell_overrides(c, 8, 4, tmp_path / "out", active=2)
+        r = load_recipe(recipe, parse_overrides(ov))
+        settings[c.slug] = (r.allocation.expert_init, r.allocation.router, r.train.router_lr_multiplier)
+    assert settings["inverted_triangle-router_lr_multiplier10-expert_initorthogonal"] == ("orthogonal", "noisy_topk", 10)
+    assert settings["inverted_triangle-router_lr_multiplier1-expert_initkaiming"] == ("kaiming", "noisy_topk", 1)
+    assert settings["lora"][:2] == settings["lora-active"][:2] == ("kaiming", "topk")
+    lora_orth = next(c for c in plan_cells(["lora@allocation.expert_init=orthogonal"], [0]))
+    r = load_recipe(recipe, parse_overrides(_cell_overrides(lora_orth, 8, 4, tmp_path / "out")))
+    assert r.allocation.expert_init == "orthogonal", "an arm's own override still wins over plain LoRA's"
+
+    assert _sweep([str(recipe), "--allocations", "▽,▽@allocation.expert_init=orthogonal,lora"]) == 2
+    err = capsys.readouterr().err
+    assert "'▽' and '▽@allocation.expert_init=orthogonal' train the same settings" in err
+    assert not (tmp_path / "run").exists()
