@@ -50,8 +50,8 @@ from typing import Any, Optional, Sequence
 
 from .recipe import RecipeError, load_recipe, parse_overrides
 from .sweep_plan import (BASE_ARM, LORA_ARMS, Arm, Cell, _cell_overrides, _setting_args,  # noqa: F401
-                         active_rank, budget_and_lora_rank, parse_arm, parse_cells_spec, parse_search, plan_cells,
-                         plan_search_cells)
+                         active_rank, budget_and_lora_rank, check_arms, parse_arm, parse_cells_spec, parse_search,
+                         plan_cells, plan_search_cells)
 from .sweep_report import SweepError, summarise, summary_markdown
 
 __all__ = ["main", "plan_cells", "plan_search_cells", "parse_arm", "parse_search", "summarise", "summary_markdown",
@@ -534,6 +534,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     budget, lora_rank, mix_params, lora_params = budget_and_lora_rank(sw.recipe)
     try:
+        for w in check_arms(opts["recipe"], sw.overrides, sw.search_cells if sw.grid else sw.cells, budget,
+                            lora_rank, mix_params, sw.out):
+            print(f"molora sweep: warning: {w}", file=sys.stderr, flush=True)
         _write_plan(sw, budget, lora_rank, mix_params, lora_params)
     except SweepError as e:
         return _error(e)

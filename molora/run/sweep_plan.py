@@ -3,6 +3,7 @@ the equal-budget arithmetic (experts of the mixture, the matched LoRA ranks) and
 Running the cells is :mod:`molora.run.sweep`."""
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -191,9 +192,13 @@ def plan_search_cells(allocations: Sequence[str], grid: Sequence[dict[str, str]]
 
 def _meta_model(recipe: Recipe):
     """The recipe's model with empty (meta) weights where it can be built from a config; shapes only."""
+    return _meta_model_named(recipe.model.name_or_path)
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model_named(name: str):
     from .recipe import PACKAGED_MODEL_NAMES
 
-    name = recipe.model.name_or_path
     if name in PACKAGED_MODEL_NAMES:
         from .assets import cache_dir, load_model_and_tokenizer
 
@@ -237,6 +242,58 @@ def budget_and_lora_rank(recipe: Recipe) -> tuple[int, int, int, int]:
     rank = max(1, round(mix / per_rank))
     lora = rank * per_rank
     return budget, rank, mix, lora
+
+
+#: an arm whose trainable parameters differ from the sweep's budget by more than this share is flagged
+PARAM_MISMATCH = 0.10
+
+
+def check_arms(recipe_path: str, overrides: Sequence[str], cells: Sequence[Cell], budget: int, lora_rank: int,
+               mix_params: int, out: Path) -> list[str]:
+    """Build every mixture arm's allocation on the model (shapes only) before any cell trains.
+
+    Raises SweepError naming the arm (and its search setting) when a cell could not be built -- e.g. an arm that
+    lowers ``expert_budget`` until some layers hold fewer experts than ``top_k``. Returns one warning per arm whose
+    trainable parameters (routed experts, routers and shared expert) differ from the sweep's budget
+    ``mix_params`` by more than :data:`PARAM_MISMATCH`: its rows are then not an equal-budget comparison.
+    ``auto:`` arms are left out (their allocation comes from the data when the cell starts; it holds the budget).
+    """
+    from ..allocation.auto import layer_params
+    from ..allocation.signals import blocks_of
+    from ..allocation.specs import AllocationError, is_auto, resolve_allocation
+    from .recipe import RecipeError, load_recipe, parse_overrides
+
+    warnings_: list[str] = []
+    seen: set[tuple] = set()
+    for cell in cells:
+        key = (cell.slug, tuple(cell.extra))
+        if cell.allocation in LORA_ARMS or cell.allocation == BASE_ARM or is_auto(cell.allocation) or key in seen:
+            continue
+        seen.add(key)
+        where = f"arm {cell.arm.spec if cell.arm is not None else cell.allocation!r}" + (
+            f" with {' '.join(cell.extra)}" if cell.extra else "")
+        try:
+            recipe = load_recipe(recipe_path, parse_overrides([*overrides, *_cell_overrides(cell, budget, lora_rank,
+                                                                                              out)]))
+            a = recipe.allocation
+            model = _meta_model(recipe)
+            n = len(blocks_of(model)[1])
+            layers = resolve_allocation(a.num_experts, a.top_k, a.r, n, expert_budget=a.expert_budget,
+                                        router=a.router, num_experts_mlp=a.num_experts_mlp)
+        except (AllocationError, RecipeError, ValueError) as e:
+            raise SweepError(f"{where}: its cells cannot be built on {recipe_path}'s model: {e}") from None
+        targets = a.target_modules if isinstance(a.target_modules, list) else None
+        mlp = [x.num_experts_mlp for x in layers] if a.num_experts_mlp is not None else None
+        params = sum(layer_params(model, [x.num_experts for x in layers], [x.r for x in layers], targets, mlp))
+        if a.shared_expert_r:
+            params += a.shared_expert_r * (sum(layer_params(model, [1] * n, 1, targets))
+                                           - sum(layer_params(model, [1] * n, 0, targets)))
+        if abs(params / mix_params - 1) > PARAM_MISMATCH:
+            warnings_.append(f"{where}: ~{params:,} trainable params, {params / mix_params - 1:+.0%} against the "
+                             f"sweep's budget (~{mix_params:,}, matched LoRA rank {lora_rank}): its rows are not an "
+                             f"equal-budget comparison (a shared expert or a larger r adds parameters; lower "
+                             f"allocation.expert_budget in the arm to pay for them)")
+    return warnings_
 
 
 def active_rank(recipe: Recipe) -> int:

@@ -393,3 +393,25 @@ def test_a_recipe_with_the_levers_keeps_distinct_default_arms_and_plain_lora(ass
     err = capsys.readouterr().err
     assert "'▽' and '▽@allocation.expert_init=orthogonal' train the same settings" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_arms_are_built_on_the_model_before_any_cell_and_unmatched_budgets_are_flagged(assets, tmp_path, capsys):
+    """An arm whose cells cannot be built (top_k above a layer's experts after the sweep's budget) is refused
+    before the first cell trains, naming the arm; an arm with more trainable parameters than the budget (a shared
+    expert on top of the same experts) is flagged, one that pays for it with a lower expert_budget is not."""
+    from molora.run.sweep import _parse, _prepare
+    from molora.run.sweep_plan import budget_and_lora_rank, check_arms
+
+    recipe = write_recipe(tmp_path / "r.yaml", assets, tmp_path / "run")
+    assert _sweep([str(recipe), "--allocations", "▽,1|2|4@allocation.top_k=2,lora", "--seeds", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "arm '1|2|4@allocation.top_k=2'" in err and "top_k=2 is larger than num_experts=1" in err
+    assert not any((tmp_path / "run" / "sweep").glob("*seed0*")), "no cell started"
+
+    sw = _prepare(_parse([str(recipe), "--allocations", "2|2|2|2,2|2|2|2@allocation.shared_expert_r=4,"
+                          "2|2|2|2@allocation.shared_expert_r=4@allocation.expert_budget=4,lora", "--seeds", "0"]))
+    budget, rank, mix, _ = budget_and_lora_rank(sw.recipe)
+    assert budget == 8
+    warns = check_arms(str(recipe), sw.overrides, sw.cells, budget, rank, mix, tmp_path / "out")
+    assert len(warns) == 1 and warns[0].startswith("arm '2|2|2|2@allocation.shared_expert_r=4':"), warns
+    assert "+4" in warns[0], "4 layers × one rank-4 shared expert on a budget of 8 rank-4 experts: about +45 %"
