@@ -288,7 +288,8 @@ def check_arms(recipe_path: str, overrides: Sequence[str], cells: Sequence[Cell]
         if a.shared_expert_r:
             params += a.shared_expert_r * (sum(layer_params(model, [1] * n, 1, targets))
                                            - sum(layer_params(model, [1] * n, 0, targets)))
-        if abs(params / mix_params - 1) > PARAM_MISMATCH:
+        if abs(params / mix_params - 1) > PARAM_MISMATCH and (cell.slug, params) not in seen:
+            seen.add((cell.slug, params))  # once per arm, unless a search setting changes its size
             warnings_.append(f"{where}: ~{params:,} trainable params, {params / mix_params - 1:+.0%} against the "
                              f"sweep's budget (~{mix_params:,}, matched LoRA rank {lora_rank}): its rows are not an "
                              f"equal-budget comparison (a shared expert or a larger r adds parameters; lower "
