@@ -148,12 +148,15 @@ def flat_router_scalars(router: dict[str, Any], prefix: str = "router") -> dict[
 
 
 def router_headline(router: dict[str, Any]) -> dict[str, float]:
-    """Numbers for the console/progress log: mean normalised entropy and worst imbalance over layers (and the
-    worst fraction of dropped tokens, when a capacity router drops any)."""
+    """Numbers for the console/progress log: mean normalised entropy over the routed layers (E > top_k; a layer
+    with one expert, or as many experts as top_k, has no choice to make and would read as uniform), worst imbalance
+    over layers (and the worst fraction of dropped tokens, when a capacity router drops any)."""
     if not router or not router["layers"]:
         return {}
-    out = {"router_entropy_norm": round(sum(router["entropy_norm"]) / len(router["entropy_norm"]), 4),
-           "router_max_imbalance": round(max(router["imbalance"]), 4)}
+    ents = [h for h, e, k in zip(router["entropy_norm"], router["num_experts"], router["top_k"], strict=True)
+            if e > k]
+    out = {"router_entropy_norm": round(sum(ents) / len(ents), 4)} if ents else {}
+    out["router_max_imbalance"] = round(max(router["imbalance"]), 4)
     if any(router.get("dropped") or []):  # only where a capacity router drops tokens
         out["router_max_dropped"] = round(max(router["dropped"]), 4)
     return out

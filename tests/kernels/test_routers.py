@@ -645,6 +645,28 @@ def test_no_dropped_tokens_no_capacity_lines(tiny_model):
     assert "router_max_dropped" not in router_headline(router)
 
 
+def test_headline_entropy_leaves_out_layers_without_a_choice(tiny_model):
+    """A layer with one expert (or E = top_k) routes every token to every expert: its entropy_norm reads 1.0
+    (uniform) and would inflate the logged mean; the headline averages the routed layers only."""
+    from molora.run.telemetry import RouterTelemetry, router_headline
+
+    model = get_peft_model(tiny_model("llama", num_layers=3), MoLoRAConfig(num_experts=[1, 2, 4], top_k=[1, 2, 1],
+                                                                            r=2, init_weights=False))
+    model.train()
+    tele = RouterTelemetry(model)
+    model(input_ids=torch.randint(0, 64, (2, 12)))
+    router = tele.collect()
+    tele.close()
+    assert router["num_experts"] == [1, 2, 4] and router["entropy_norm"][0] == pytest.approx(1.0)
+    assert router_headline(router)["router_entropy_norm"] == pytest.approx(router["entropy_norm"][2], abs=1e-4)
+    lora = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(num_experts=1, top_k=1, r=2))
+    tele = RouterTelemetry(lora)
+    lora(input_ids=torch.randint(0, 64, (2, 12)))
+    router = tele.collect()
+    tele.close()
+    assert "router_entropy_norm" not in router_headline(router), "plain LoRA has no routing to report"
+
+
 # ------------------------------------------------------------------------------------------ batch invariance
 CAPACITY_ROUTERS = [("switch", {"capacity_factor": 0.5}), ("expert_choice", {"capacity_factor": 0.75})]
 
