@@ -11,7 +11,8 @@ train``) except:
 * shapes (presets, block strings) and ``auto:METHOD`` get ``allocation.expert_budget`` = the sweep's budget (the
   recipe's ``expert_budget``, else the total of its own ``num_experts`` on this model), so every mixture has (about)
   the same number of experts;
-* ``lora`` is plain LoRA (one expert per layer) whose rank matches the mixtures' trainable parameters
+* ``lora`` is plain LoRA (one expert per layer, kaiming A, whatever mixture levers the recipe sets) whose rank
+  matches the mixtures' trainable parameters
   (``round(P_mix / sum(d_in + d_out))``); ``lora-active`` is plain LoRA whose rank equals the mixtures' active rank
   per token (``top_k x r``): the two ways to match a mixture;
 * ``base`` is the untuned model: scored once (no training, no seeds) on every split, a row in every table;
@@ -64,9 +65,11 @@ USAGE = """usage: molora sweep RECIPE.yaml [--allocations A,B,...] [--seeds 0,1,
   --allocations   presets (▽ □ △ ⋈ ◇ or their names), block strings ("2|4|6|8" with | between values, or
                   run-together digits 2468), auto:METHOD, lora (matched parameters), lora-active (matched
                   active rank top_k x r), base (the untuned model); ARM@section.key=value adds overrides to one
-                  arm. Default: the study's winner ▽ + levers (@train.router_lr_multiplier=10
-                  @allocation.expert_init=orthogonal), ▽, lora, lora-active and base, and then, unless --search
-                  is given, --search train.learning_rate at 0.5, 1 and 2 x the recipe's
+                  arm (per-group values with |: ▽@allocation.top_k=1|2|2|2). Every arm is built on the model
+                  before the first cell; one more than 10% off the parameter budget is flagged. Default: the
+                  study's winner ▽ + levers (@train.router_lr_multiplier=10@allocation.expert_init=orthogonal),
+                  MoLA's ▽ (levers off), lora, lora-active and base, and then, unless --search is given,
+                  --search train.learning_rate at 0.5, 1 and 2 x the recipe's
   --seeds         comma-separated seeds of the final cells (default: 0)
   --search K=V,.. tune every arm over these values of recipe key K (repeatable: the grid is the product), chosen
                   on the recipe's eval_file by eval.primary_metric, with the same budget for every arm
