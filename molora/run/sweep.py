@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .recipe import RecipeError, load_recipe, parse_overrides
-from .sweep_plan import (BASE_ARM, LORA_ARMS, Arm, Cell, _cell_overrides, _setting_args,  # noqa: F401
-                         active_rank, budget_and_lora_rank, check_arms, parse_arm, parse_cells_spec, parse_search,
-                         plan_cells, plan_search_cells)
+from .sweep_plan import (BASE_ARM, LORA_ARMS, Arm, Cell, _cell_overrides, _lora_overrides,  # noqa: F401
+                         _setting_args, active_rank, budget_and_lora_rank, check_arms, parse_arm, parse_cells_spec,
+                         parse_search, plan_cells, plan_search_cells)
 from .sweep_report import SweepError, summarise, summary_markdown
 
 __all__ = ["main", "plan_cells", "plan_search_cells", "parse_arm", "parse_search", "summarise", "summary_markdown",
@@ -393,6 +393,9 @@ def _prepare(opts: dict[str, Any]) -> _Sweep:
             except RecipeError as e:
                 raise SweepError(f"arm {arm.spec!r}{f' with search setting {setting}' if setting else ''}: "
                                  f"{e}") from None
+        if arm.allocation in LORA_ARMS:  # what a LoRA cell trains: plain LoRA's overrides, then the arm's own
+            arm_recipe = load_recipe(opts["recipe"], parse_overrides(overrides + _lora_overrides(1)
+                                                                     + arm.override_args()))
         what = json.dumps([arm.allocation, arm_recipe.model_dump(mode="json")], sort_keys=True, default=str)
         if what in trained:
             raise SweepError(f"arms {trained[what]!r} and {arm.spec!r} train the same settings (the recipe already "

@@ -392,6 +392,10 @@ def test_a_recipe_with_the_levers_keeps_distinct_default_arms_and_plain_lora(ass
     assert _sweep([str(recipe), "--allocations", "▽,▽@allocation.expert_init=orthogonal,lora"]) == 2
     err = capsys.readouterr().err
     assert "'▽' and '▽@allocation.expert_init=orthogonal' train the same settings" in err
+    # plain LoRA is kaiming whatever the recipe says, so an arm asking for orthogonal LoRA is a different run
+    _prepare(_parse([str(recipe), "--allocations", "lora,lora@allocation.expert_init=orthogonal", "--seeds", "0"]))
+    assert _sweep([str(recipe), "--allocations", "lora,lora@allocation.expert_init=kaiming"]) == 2
+    assert "train the same settings" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
