@@ -212,6 +212,14 @@ def _meta_model_named(name: str):
         return AutoModelForCausalLM.from_config(cfg)
 
 
+def _params_per_rank(model, num_layers: int, targets) -> int:
+    """Parameters of one rank of a plain LoRA over the targeted projections: sum(d_in + d_out)."""
+    from ..allocation.auto import layer_params
+
+    return sum(layer_params(model, [1] * num_layers, 1, targets)) - sum(layer_params(model, [1] * num_layers, 0,
+                                                                                    targets))
+
+
 def budget_and_lora_rank(recipe: Recipe) -> tuple[int, int, int, int]:
     """(expert budget, LoRA rank matching the mixtures' trainable parameters, mixture params, LoRA params)."""
     from ..allocation.auto import layer_params
@@ -235,8 +243,7 @@ def budget_and_lora_rank(recipe: Recipe) -> tuple[int, int, int, int]:
     ranks = a.r if isinstance(a.r, int) else [x.r for x in resolve_allocation(1, 1, a.r, n)]
     targets = a.target_modules if isinstance(a.target_modules, list) else None
     mix = sum(layer_params(model, experts, ranks, targets))
-    per_rank = sum(layer_params(model, [1] * n, 1, targets)) - sum(
-        layer_params(model, [1] * n, 0, targets))  # sum(d_in + d_out) over the targeted projections
+    per_rank = _params_per_rank(model, n, targets)
     shared = getattr(a, "shared_expert_r", 0) or 0
     mix += shared * per_rank  # an always-on shared expert of rank s is a rank-s LoRA beside the routed experts
     rank = max(1, round(mix / per_rank))
@@ -285,9 +292,7 @@ def check_arms(recipe_path: str, overrides: Sequence[str], cells: Sequence[Cell]
         targets = a.target_modules if isinstance(a.target_modules, list) else None
         mlp = [x.num_experts_mlp for x in layers] if a.num_experts_mlp is not None else None
         params = sum(layer_params(model, [x.num_experts for x in layers], [x.r for x in layers], targets, mlp))
-        if a.shared_expert_r:
-            params += a.shared_expert_r * (sum(layer_params(model, [1] * n, 1, targets))
-                                           - sum(layer_params(model, [1] * n, 0, targets)))
+        params += a.shared_expert_r * _params_per_rank(model, n, targets)  # the shared expert: a plain LoRA
         if abs(params / mix_params - 1) > PARAM_MISMATCH and (cell.slug, params) not in seen:
             seen.add((cell.slug, params))  # once per arm, unless a search setting changes its size
             warnings_.append(f"{where}: ~{params:,} trainable params, {params / mix_params - 1:+.0%} against the "
