@@ -25,7 +25,9 @@ scored on the recipe's evaluation rows (``data.eval_file``: the *validation* spl
 out), and keeps the grid point with the best ``eval.primary_metric`` (ties: the earlier point). The final cells
 then train each arm's selected setting over ``--seeds``; score them on held-out data with ``--eval-file``. A final
 cell whose seed is a search seed is the search cell of its selected setting (the same run): it is copied, not
-trained again. The selection is written to ``sweep/search.json``.
+trained again. The selection is written to ``sweep/search.json``; a choice on the smallest or largest value of a
+numeric axis is flagged there (``at_edge``), in the log and in the summary: the best value may lie outside the grid,
+so widen that axis for every arm (listing the new values after the old keeps the finished search cells).
 
 Cells run as ``python -m molora.run.train`` subprocesses, one at a time. Resumable: a cell with ``results.json`` is
 skipped; one that was killed is resumed (``--resume latest``). ``--cells i/N`` runs only the cells of the phase with
@@ -51,9 +53,9 @@ from typing import Any, Optional, Sequence
 
 from .recipe import RecipeError, load_recipe, parse_overrides
 from .sweep_plan import (BASE_ARM, LORA_ARMS, Arm, Cell, _cell_overrides, _lora_overrides,  # noqa: F401
-                         _setting_args, active_rank, budget_and_lora_rank, check_arms, parse_arm, parse_cells_spec,
-                         parse_search, plan_cells, plan_search_cells)
-from .sweep_report import SweepError, summarise, summary_markdown
+                         _setting_args, active_rank, budget_and_lora_rank, check_arms, grid_edges, parse_arm,
+                         parse_cells_spec, parse_search, plan_cells, plan_search_cells)
+from .sweep_report import SweepError, edge_note, summarise, summary_markdown
 
 __all__ = ["main", "plan_cells", "plan_search_cells", "parse_arm", "parse_search", "summarise", "summary_markdown",
            "parse_cells_spec", "SweepError", "Arm", "Cell"]
@@ -277,7 +279,8 @@ def select_settings(out: Path, search_cells: Sequence[Cell], grid: Sequence[dict
     for slug, per in scores.items():
         means = [sum(per[g]) / len(per[g]) if g in per else None for g in range(len(grid))]
         best = max((g for g in range(len(grid)) if means[g] is not None), key=lambda g: (means[g], -g))
-        arms[slug] = {"scores": means, "selected": best, "setting": grid[best]}
+        arms[slug] = {"scores": means, "selected": best, "setting": grid[best],
+                      "at_edge": [{"key": k, "value": v, "edge": e} for k, v, e in grid_edges(grid, best)]}
     return {"grid": list(grid), "primary": key, "arms": arms, "missing": missing}
 
 
@@ -506,7 +509,7 @@ def _select(sw: _Sweep, failed: list[str]) -> Optional[dict]:
         write_json_atomic(sw.out / "search.json", selection)
         for slug, s in selection["arms"].items():
             print(f"molora sweep: selected for {slug} on validation ({selection['primary']} "
-                  f"{s['scores'][s['selected']]:.3f}): {s['setting']}", flush=True)
+                  f"{s['scores'][s['selected']]:.3f}): {s['setting']}{edge_note(s)}", flush=True)
     return selection
 
 

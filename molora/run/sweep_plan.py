@@ -136,6 +136,27 @@ def parse_search(items: Sequence[str]) -> list[dict[str, str]]:
         if axes else []
 
 
+def grid_edges(grid: Sequence[dict[str, str]], selected: int) -> list[tuple[str, str, str]]:
+    """The numeric search axes on which grid point ``selected`` takes the smallest or largest value searched.
+
+    Returns ``[(key, value, "smallest" | "largest"), ...]``; axes with one value or a non-numeric value are left
+    out. A choice on the edge means the optimum may lie outside the grid: widen that axis for every arm."""
+    edges = []
+    for key, raw in grid[selected].items():
+        try:
+            values = sorted({float(p[key]) for p in grid})
+            v = float(raw)
+        except ValueError:
+            continue
+        if len(values) < 2:
+            continue
+        if v == values[0]:
+            edges.append((key, raw, "smallest"))
+        elif v == values[-1]:
+            edges.append((key, raw, "largest"))
+    return edges
+
+
 def _setting_args(setting: dict[str, str]) -> tuple[str, ...]:
     return tuple(a for k, v in setting.items() for a in (f"--{k}", v))
 

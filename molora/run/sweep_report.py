@@ -28,6 +28,16 @@ class SweepError(ValueError):
     """A sweep that cannot start or report (the message names the value or file and what is allowed)."""
 
 
+def edge_note(arm_selection: dict) -> str:
+    """For one arm of ``search.json``: ``"; on the grid's edge (KEY VALUE is the largest searched): ..."`` when the
+    selected value of a numeric axis is the smallest or largest searched (``at_edge``), else ``""``."""
+    edges = arm_selection.get("at_edge") or []
+    if not edges:
+        return ""
+    return ("; on the grid's edge (" + ", ".join(f"{e['key']} {e['value']} is the {e['edge']} searched" for e in edges)
+            + "): the best value may lie outside the grid, widen it for every arm")
+
+
 def _read(path: Path) -> Optional[dict]:
     """The JSON object in ``path``, or None when there is no such file; a file that is there but not a readable
     JSON object is a SweepError naming it (its numbers would silently drop out of the tables)."""
@@ -260,7 +270,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                   f"ones):", ""]
         for slug, s in sel["arms"].items():
             scores = ", ".join("-" if v is None else f"{v:.3f}" for v in s["scores"])
-            lines.append(f"- {slug}: {s['setting']} (grid scores {scores})")
+            lines.append(f"- {slug}: {s['setting']} (grid scores {scores}){edge_note(s)}")
     heldout = any(not m.startswith("val ") for m in metrics)
     why = summary.get("references") or {}
     for ref, items in summary["paired"].items():

@@ -144,6 +144,25 @@ def test_arms_and_search_grid_parse_and_refuse_bad_input():
             parse_search(bad)
 
 
+def test_grid_edges_flag_a_choice_on_the_smallest_or_largest_value_of_each_numeric_axis():
+    from molora.run.sweep_plan import grid_edges
+    from molora.run.sweep_report import edge_note
+
+    grid = parse_search(["train.learning_rate=5e-4,1e-3,2e-3,2.5e-4", "allocation.router=topk,soft"])
+    lr = {p["train.learning_rate"] for p in grid}
+    assert len(grid) == 8 and lr == {"5e-4", "1e-3", "2e-3", "2.5e-4"}
+    at = {(p["train.learning_rate"], p["allocation.router"]): i for i, p in enumerate(grid)}
+    # listed order is not numeric order: 2.5e-4 (listed last) is the smallest, 2e-3 the largest
+    assert grid_edges(grid, at[("2.5e-4", "soft")]) == [("train.learning_rate", "2.5e-4", "smallest")]
+    assert grid_edges(grid, at[("2e-3", "topk")]) == [("train.learning_rate", "2e-3", "largest")]
+    assert grid_edges(grid, at[("1e-3", "topk")]) == [] and grid_edges(grid, at[("5e-4", "soft")]) == []
+    two = parse_search(["train.learning_rate=1e-3", "train.max_steps=100,200"])  # one-value axis: never an edge
+    assert grid_edges(two, 0) == [("train.max_steps", "100", "smallest")]
+    assert edge_note({"at_edge": []}) == ""
+    note = edge_note({"at_edge": [{"key": "train.learning_rate", "value": "2e-3", "edge": "largest"}]})
+    assert "train.learning_rate 2e-3 is the largest searched" in note and "widen" in note
+
+
 def test_search_selects_on_validation_then_reruns_the_choice_over_seeds(assets, tmp_path, capsys):
     """Every arm gets the same grid; the selection is the best validation score; the final cells train the selected
     setting over the seeds and are scored on held-out data; the untuned model is a row; matched LoRAs both ways."""
@@ -165,10 +184,13 @@ def test_search_selects_on_validation_then_reruns_the_choice_over_seeds(assets, 
         assert s["scores"] == scores
         best = max(range(2), key=lambda g: (scores[g], -g))
         assert s["selected"] == best and s["setting"] == sel["grid"][best]
+        edge = "smallest" if best == 0 else "largest"  # a grid of two: every choice is on its edge, and said so
+        assert s["at_edge"] == [{"key": "train.learning_rate", "value": s["setting"]["train.learning_rate"],
+                                 "edge": edge}]
         lr = float(s["setting"]["train.learning_rate"])
         run = json.loads((sweep_dir / f"{slug}-seed1" / "metrics.jsonl").read_text().splitlines()[0])
         assert run["recipe"]["train"]["learning_rate"] == pytest.approx(lr), "final cells train the selection"
-    assert "selected for inverted_triangle on validation" in out
+    assert "selected for inverted_triangle on validation" in out and "on the grid's edge" in out
     assert out.count("reused ") == 3, "seed 0 of every arm is its selected search cell"
     for slug, s in sel["arms"].items():
         a = (sweep_dir / f"{slug}-seed0" / "adapter" / "adapter_model.safetensors").read_bytes()
@@ -192,6 +214,7 @@ def test_search_selects_on_validation_then_reruns_the_choice_over_seeds(assets, 
                                               - rows["base"]["validation loglik accuracy"]["mean"])
     md = (sweep_dir / "summary.md").read_text()
     assert "base (untuned)" in md and "Settings selected on validation" in md and "resolvable ≥" in md
+    assert "is the largest searched" in md or "is the smallest searched" in md
 
 
 def test_paired_bootstrap_matches_the_paired_difference_and_its_standard_error():
