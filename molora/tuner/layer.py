@@ -21,7 +21,8 @@ from molora_kernels import Router, get_layout, get_router, moe_lora
 from .base_layers import base_layer_type
 from .decode import decode_module
 from .expert_init import resolve as resolve_expert_init
-from .router_state import AuxLossGrad, RegularizerGrad, RouterCollector, in_backward, mean_entropy, mean_z
+from .router_state import (AuxLossGrad, RegularizerGrad, RouterCollector, in_backward, load_loss_applies,
+                           mean_entropy, mean_z)
 
 #: router options that weight a regulariser computed from the routing (option -> the term it weights)
 REGULARIZER_OPTIONS = {"entropy_coef": "entropy", "z_loss_coef": "z"}
@@ -277,7 +278,8 @@ class Linear(nn.Module, MoLoRALayer):
                 coef = self.aux_loss_coef[name]
                 # under torch.compile the aux term is an ordinary differentiable loss term (MoLoRAModel adds it
                 # from the record); eager mode injects its gradient in backward (works with checkpointing)
-                if (coef > 0 and router.aux_loss is not None and self.num_experts[name] > 1
+                if (coef > 0 and router.aux_loss is not None
+                        and load_loss_applies(self.num_experts[name], self.top_k[name], router.fixed_k)
                         and not torch.compiler.is_compiling()
                         and torch.is_grad_enabled() and out.stats.prob_sum.requires_grad):
                     delta = AuxLossGrad.apply(delta, out.stats.prob_sum, record, self.router_group[name], coef)

@@ -4,7 +4,7 @@ Each MoLoRA module records the :class:`molora_kernels.RouterStats` of its call i
 the current forward pass (a new record starts at every top-level model forward). The aux loss of a decoder
 layer takes all MoLoRA modules of that layer together (their tokens concatenated), as the original MoLA code:
 
-    aux = sum over layers l of  E_l * sum_e f_e * P̄_e
+    aux = sum over layers l with E_l > k_l of  E_l * sum_e f_e * P̄_e     (E_l <= k_l: a constant, left out)
     f_e = (top-k selections of e) / (k_l * tokens)      (no gradient)
     P̄_e = (sum of softmax probabilities of e) / tokens
 
@@ -45,6 +45,15 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def load_loss_applies(num_experts: int, top_k: int, fixed_k: bool = True) -> bool:
+    """Whether the load-balancing loss can move a group's routing: more than one expert and, for a router that gives
+    every token exactly ``top_k`` experts, more experts than ``top_k``. With E <= k every token takes every expert,
+    f_e = 1/k for all e and the group's term E * sum_e f_e * P̄_e is the constant E / k: it carries no gradient (the
+    P̄_e sum to 1) and would only add a per-allocation constant to the logged aux loss and to the loss (30 for a
+    30-layer LoRA-shaped adapter with E = 1)."""
+    return num_experts > 1 and (num_experts > top_k or not fixed_k)
+
+
 @dataclass
 class LayerEntry:
     num_experts: int
@@ -57,6 +66,11 @@ class LayerEntry:
     aux: bool = True
     #: the router selects top-k experts (False: it weights every expert; telemetry then reports the gate mass)
     selects_top_k: bool = True
+
+    @property
+    def balances(self) -> bool:
+        """The load-balancing loss can move this group's routing (:func:`load_loss_applies`)."""
+        return load_loss_applies(self.num_experts, self.top_k, self.fixed_k)
 
     def selection_fraction(self, m: RouterStats) -> torch.Tensor:
         """f_e: the fraction of the group's expert selections that went to e ([E], sums to 1; no gradient).
@@ -113,9 +127,12 @@ class ForwardRecord:
         return merge_stats(self.layers[layer].stats)
 
     def aux_loss(self, differentiable: bool = False) -> Optional[torch.Tensor]:
-        """Sum over layers of the MoLA aux loss (float32 scalar) or None when nothing was recorded. Groups whose
-        router has no load-balancing loss (``soft``) do not count; with only such groups the soft router's value
-        is reported (it is constant: 1 per layer at any routing) and never added to the loss by the tuner.
+        """Sum over layers of the MoLA aux loss (float32 scalar) or None when nothing was recorded. Only groups whose
+        router trains with the load-balancing loss and has a choice to balance count (:attr:`LayerEntry.balances`:
+        a layer with one expert, or with E <= top_k, adds nothing), so the value is comparable across allocations;
+        with none such it is 0 (a LoRA-shaped adapter). With only routers that have no load-balancing loss
+        (``soft``) the soft router's value is reported (it is constant: 1 per layer at any routing) and never
+        added to the loss by the tuner.
 
         ``differentiable=True`` keeps the graph through ``prob_sum`` (for direct use as a loss term when no
         gradient checkpointing is involved); the default returns a detached value.
@@ -123,9 +140,9 @@ class ForwardRecord:
         if not self.layers:
             return None
         total = None
-        trained = self.has_aux()
+        with_load_loss = any(entry.aux for entry in self.layers.values())
         for entry in self.layers.values():
-            if trained and not entry.aux:
+            if with_load_loss and not (entry.aux and entry.balances):
                 continue
             m = merge_stats(entry.stats)
             n = m.n_tokens.clamp_min(1.0)
@@ -133,11 +150,15 @@ class ForwardRecord:
             p = m.prob_sum if differentiable else m.prob_sum.detach()
             term = entry.num_experts * (f * (p / n)).sum()
             total = term if total is None else total + term
+        if total is None:  # routers with a load loss, none with a choice to balance
+            device = next(iter(self.layers.values())).stats[0].prob_sum.device
+            total = torch.zeros((), dtype=torch.float32, device=device)
         return total
 
     def has_aux(self) -> bool:
-        """Some group's router trains with the load-balancing loss (it is then added to the loss)."""
-        return any(entry.aux for entry in self.layers.values())
+        """Some group's router trains with the load-balancing loss and has a choice to balance (the loss is then
+        added to the model's loss)."""
+        return any(entry.aux and entry.balances for entry in self.layers.values())
 
     def aux_grad(self, layer: Any) -> torch.Tensor:
         """d aux / d prob_sum of any module of ``layer``: ``E * f_e / n`` ([E] float32)."""

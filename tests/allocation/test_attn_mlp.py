@@ -165,7 +165,8 @@ def test_attention_and_mlp_projections_get_their_own_counts(tiny_model):
 
 
 def _direct_aux_by_group(calls, token_mask, adapter="default"):
-    """The MoLA aux loss with each (layer, kind) its own group: concatenated router logits per group."""
+    """The MoLA aux loss with each (layer, kind) its own group: concatenated router logits per group; a group with
+    E <= k (every token takes every expert) has nothing to balance and is left out."""
     groups = defaultdict(list)
     for mod, x in calls:
         groups[mod.router_group[adapter]].append((mod, x))
@@ -173,6 +174,8 @@ def _direct_aux_by_group(calls, token_mask, adapter="default"):
     for _, items in sorted(groups.items()):
         mod0 = items[0][0]
         E, k = mod0.num_experts[adapter], mod0.top_k[adapter]
+        if E <= k:
+            continue
         logits = torch.cat([x.reshape(-1, x.shape[-1]) @ mod.molora_router[adapter].t() for mod, x in items])
         logits = logits[token_mask.reshape(-1).bool().repeat(len(items))]
         probs = torch.softmax(logits.float(), dim=-1)

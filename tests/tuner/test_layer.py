@@ -26,7 +26,8 @@ def reference(x, weight, bias, a_all, b_all, w_router, *, num_experts, top_k, r,
     """Naive MoLoRA of docs/design.md §2, token by token and expert by expert, in float32.
 
     Returns (y, aux): y = base + alpha/r * sum_j g_j * B_j (A_j x) per token, and the MoLA aux loss of this single
-    module, E * sum_e f_e * mean_t P[t, e], over the tokens where ``mask`` is true.
+    module, E * sum_e f_e * mean_t P[t, e], over the tokens where ``mask`` is true; 0 when E <= top_k (every token
+    takes every expert: nothing to balance, the term would be the constant E / k).
     """
     xs = x.reshape(-1, x.shape[-1])
     scaling = alpha / r
@@ -57,7 +58,7 @@ def reference(x, weight, bias, a_all, b_all, w_router, *, num_experts, top_k, r,
     n = int(keep.sum())
     f = counts / (top_k * n)
     p_mean = probs[keep].sum(0) / n
-    aux = num_experts * (f * p_mean).sum()
+    aux = num_experts * (f * p_mean).sum() if num_experts > top_k else torch.zeros(())
     return out, aux
 
 
@@ -279,7 +280,8 @@ def capture_inputs(model):
 
 def direct_aux(calls, token_mask, adapter="default"):
     """MoLA aux loss from the formula: per decoder layer, concatenate the router logits of all its MoLoRA modules
-    along tokens, P = softmax, f_e = fraction of top-k selections (no gradient), P̄_e = mean P; sum E * Σ f·P̄."""
+    along tokens, P = softmax, f_e = fraction of top-k selections (no gradient), P̄_e = mean P; sum E * Σ f·P̄ over
+    the layers with a choice to balance (E > k; a layer with E <= k adds the constant E / k, left out)."""
     by_layer = defaultdict(list)
     for mod, x in calls:
         by_layer[mod.layer_index].append((mod, x))
@@ -287,6 +289,8 @@ def direct_aux(calls, token_mask, adapter="default"):
     for layer, items in sorted(by_layer.items()):
         mod0 = items[0][0]
         E, k = mod0.num_experts[adapter], mod0.top_k[adapter]
+        if E <= k:
+            continue
         logits = torch.cat([x.reshape(-1, x.shape[-1]) @ mod.molora_router[adapter].t() for mod, x in items])
         keep = None if token_mask is None else token_mask.reshape(-1).bool().repeat(len(items))
         if keep is not None:
@@ -357,7 +361,35 @@ def test_aux_loss_uniform_router_is_one_per_layer(tiny_model):
             nn.init.zeros_(m.molora_router["default"])  # uniform softmax: E * sum_e f_e / E = 1 per layer
     ids, mask, labels = batch()
     model(input_ids=ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(model.base_model.last_aux_loss, torch.tensor(4.0))
+    # layers 1-3 (E > k); layer 0 (E = k = 2: every token takes both experts) has nothing to balance
+    torch.testing.assert_close(model.base_model.last_aux_loss, torch.tensor(3.0))
+
+
+@pytest.mark.parametrize("experts,top_k", [("1", "1"), ("2,2,1,1", "2,2,1,1"), ("1,4,1,4", "1,2,1,2")])
+def test_aux_loss_leaves_out_layers_without_a_choice(tiny_model, experts, top_k):
+    """A layer with one expert, or with E <= k, has nothing to balance: its constant E / k term is left out of the
+    aux loss and of the model's loss, so a LoRA-shaped adapter (E = 1 everywhere) reports 0 and its loss is the
+    task loss (it added 1 per layer before), and allocations compare by the layers that route."""
+    base = tiny_model("llama", num_layers=4)
+    model = get_peft_model(base, MoLoRAConfig(num_experts=experts, top_k=top_k, r=2, lora_alpha=4,
+                                              aux_loss_coef=0.5, init_weights=False))
+    model.train()
+    ids, mask, labels = batch()
+    calls, hooks = capture_inputs(model)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    for h in hooks:
+        h.remove()
+    expected = direct_aux(calls, mask)
+    routed = "4" in experts
+    assert (expected.item() > 1.0) == routed  # the two E = 4, k = 2 layers: about 1 each
+    torch.testing.assert_close(out["aux_loss"], expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, labels) + 0.5 * expected.detach(),
+                               rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    per_layer = (experts.split(",") * 4)[:4]
+    for n, p in router_params(model).items():  # a one-expert router gets no gradient, from either loss
+        if per_layer[int(n.split(".layers.")[1].split(".")[0])] == "1":
+            assert p.grad is None or not p.grad.any(), n
 
 
 def reference_router_grads(tiny_model, model_with_aux, coef, mode, ids, mask, labels):
