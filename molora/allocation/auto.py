@@ -80,8 +80,9 @@ def allocate(model, method: str, budget: int, *, batches: Optional[Sequence[dict
 def layer_params(model, experts: Sequence[int], r: Sequence[int] | int,
                  target_modules: Optional[Sequence[str]] = None,
                  experts_mlp: Optional[Sequence[int]] = None) -> list[int]:
-    """Trainable parameters per layer for these expert counts: per targeted projection E·r·(d_in + d_out) + E·d_in
-    (``experts_mlp``: the count of the layer's MLP projections, when they have their own)."""
+    """Trainable parameters per layer for these expert counts: per targeted projection E·r·(d_in + d_out) + E·d_in,
+    the router's E·d_in left out where E = 1 (a one-expert router is frozen: it learns nothing) (``experts_mlp``:
+    the count of the layer's MLP projections, when they have their own)."""
     from ..tuner.injection import block_position, module_kind
     from .signals import blocks_of, targeted_linears
 
@@ -94,7 +95,7 @@ def layer_params(model, experts: Sequence[int], r: Sequence[int] | int,
         e, rk = experts[index], ranks[index]
         if experts_mlp is not None and module_kind(block_position(model, name).rest) == "mlp":
             e = experts_mlp[index]
-        out[index] += e * rk * (d_in + d_out) + e * d_in
+        out[index] += e * rk * (d_in + d_out) + (e * d_in if e > 1 else 0)
     return out
 
 

@@ -243,8 +243,11 @@ def resolve_resume(value: Optional[str], run_dir: Union[str, os.PathLike]) -> Op
 # --------------------------------------------------------------------------------------------- adapter
 
 
-def _trainable_params(model) -> list:
-    return [p for p in model.parameters() if p.requires_grad]
+def _adapter_state(model) -> dict:
+    """The parameters the saved adapter holds, by full name: the trainable ones and the adapter weights molora
+    declares frozen (a one-expert router: see ``MoLoRALayer.declare_frozen_router``), which the saved layout
+    keeps."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad or ".molora_" in n}
 
 
 def save_adapter(model, out_dir: Union[str, os.PathLike], *, is_main: bool, zero3: bool = False,
@@ -259,11 +262,11 @@ def save_adapter(model, out_dir: Union[str, os.PathLike], *, is_main: bool, zero
     if zero3:
         import deepspeed
 
-        ctx = deepspeed.zero.GatheredParameters(_trainable_params(model), modifier_rank=None)
+        ctx = deepspeed.zero.GatheredParameters(list(_adapter_state(model).values()), modifier_rank=None)
     with ctx:
         if not is_main:
             return None
-        state = {n: p.detach().to("cpu").clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        state = {n: p.detach().to("cpu").clone().contiguous() for n, p in _adapter_state(model).items()}
         if not state:
             raise CheckpointError("the model has no trainable parameters: no adapter to save")
         empty = [k for k, v in state.items() if v.numel() == 0]
@@ -392,7 +395,7 @@ def load_adapter_weights(model, checkpoint: Union[str, os.PathLike], zero3: bool
     if zero3:
         import deepspeed
 
-        ctx = deepspeed.zero.GatheredParameters(_trainable_params(model), modifier_rank=0)
+        ctx = deepspeed.zero.GatheredParameters(list(_adapter_state(model).values()), modifier_rank=0)
     with ctx:
         result = set_peft_model_state_dict(model, state, adapter_name=_adapter_name(model))
     missing = [k for k in getattr(result, "missing_keys", []) if "molora_" in k]

@@ -122,7 +122,26 @@ class MoLoRALayer(BaseTunerLayer):
             self.molora_shared_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, shared_expert_r))
         self.reset_parameters(adapter_name, init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.declare_frozen_router(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def declare_frozen_router(self, adapter_name: str) -> None:
+        """With one expert the router learns nothing: every router's gate is a softmax over the chosen experts (1
+        for a single expert; tested for each registered router), and the load loss and the router regularisers
+        skip E = 1. Its [1, d_in] weight stays in the adapter (the saved layout does not change) but is declared
+        frozen through PEFT's ``frozen_peft_weight_names``, which ``set_adapter`` / ``set_requires_grad`` re-apply,
+        so it is neither counted as trainable nor given optimizer state (a 30-layer LoRA-shaped adapter on
+        SmolLM2-135M carried 0.15 M such weights). Called again when a layer is re-created or merged."""
+        frozen = dict(self.frozen_peft_weight_names)  # the instance's own copy, never the class default
+        names = tuple(n for n in frozen.get(adapter_name, ()) if n != "molora_router")
+        if self.num_experts.get(adapter_name, 0) == 1:
+            names += ("molora_router",)
+        if names:
+            frozen[adapter_name] = names
+        else:
+            frozen.pop(adapter_name, None)
+        self.frozen_peft_weight_names = frozen
+        self._freeze_non_trainable_peft_weights(adapter_name)
 
     @torch.no_grad()
     def reset_parameters(self, adapter_name: str, init_weights: bool = True) -> None:

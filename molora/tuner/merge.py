@@ -162,6 +162,7 @@ def _merge_module(m: MoLoRALayer, adapter: str, groups: list[list[int]], load: l
     m.molora_router[adapter] = nn.Parameter(w.detach()[[g[0] for g in groups]].clone(), requires_grad=w.requires_grad)
     m.num_experts[adapter] = len(groups)
     m.top_k[adapter] = top_k
+    m.declare_frozen_router(adapter)  # merged down to one expert: its router learns nothing
 
 
 def _update_config(model: nn.Module, adapter: str, modules: list[MoLoRALayer]) -> None:

@@ -76,7 +76,9 @@ def allocation_table(model: nn.Module, adapter_name: Optional[str] = None) -> Al
         name = adapter_name or m.active_adapters[0]
         if name not in m.molora_A:
             continue
-        n = sum(p.numel() for p in (m.molora_A[name], m.molora_B[name], m.molora_router[name]))
+        n = m.molora_A[name].numel() + m.molora_B[name].numel()
+        if m.molora_router[name].requires_grad or m.num_experts[name] > 1:  # a one-expert router is frozen
+            n += m.molora_router[name].numel()
         if name in m.molora_shared_A:  # the always-on shared expert
             n += m.molora_shared_A[name].numel() + m.molora_shared_B[name].numel()
         group = m.router_group.get(name, m.layer_index)

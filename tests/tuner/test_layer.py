@@ -82,8 +82,8 @@ def make_case(num_experts, top_k, r, shape, *, bias=True, router="topk", dtype=t
                              top_k=top_k, r=r, lora_alpha=ALPHA, lora_dropout=dropout, router=router,
                              aux_loss_coef=COEF, aux_loss_mode="masked", backend=backend, init_weights=False)
         layer.base_layer.to(dtype)
-        for p in layer.parameters():
-            if p.requires_grad:
+        for n, p in layer.named_parameters():
+            if p.requires_grad or "molora_router" in n:  # the adapter's weights (a one-expert router is frozen)
                 p.data = p.data.to(adapter_dtype)
         x = torch.randn(*shape, D_IN).to(dtype)
         logits = x.float().reshape(-1, D_IN) @ layer.molora_router["default"].float().t()
@@ -109,7 +109,8 @@ def run_layer(layer, x, mask, upstream, coef_in_loss):
     loss = (y.float() * upstream).sum() + (coef_in_loss * aux if coef_in_loss else 0.0)
     loss.backward()
     stats = collector.current.layers[0].stats[0]
-    return y, aux, [x.grad] + [p.grad for p in params(layer)], stats
+    # a one-expert router is frozen (molora declares it so: it gets no gradient); the reference must agree: 0
+    return y, aux, [x.grad] + [p.grad if p.requires_grad else torch.zeros_like(p) for p in params(layer)], stats
 
 
 def run_reference(layer, x, mask, upstream, router, with_aux):

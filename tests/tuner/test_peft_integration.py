@@ -112,8 +112,10 @@ def test_save_and_load_bit_identical(tiny_model, tmp_path, arch):
     assert saved["allocation"] == [{"layer": i, "num_experts": experts[i], "top_k": ks[i], "r": ranks[i]}
                                    for i in range(num_layers)]
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    own = {n: p for n, p in model.named_parameters() if ".molora_" in n}  # one-expert routers too (frozen)
     assert len(tensors) == len(own) and all(k.endswith(("molora_A", "molora_B", "molora_router")) for k in tensors)
+    frozen = {n for n, p in own.items() if not p.requires_grad}
+    assert frozen == {n for n, p in own.items() if "molora_router" in n and p.shape[0] == 1}
 
     fresh = tiny_model(arch, num_layers=num_layers)  # same seed: the same base weights
     loaded = PeftModel.from_pretrained(fresh, tmp_path).eval()
@@ -285,7 +287,7 @@ def test_allocation_table_matches_parameters(tiny_model, arch):
     assert [row.layer for row in table] == list(range(num_layers))
     params = [0] * num_layers
     for name, p in model.named_parameters():
-        if ".molora_" in name:
+        if ".molora_" in name and p.requires_grad:  # a one-expert router is frozen: not counted
             params[int(re.search(rf"\.{block}\.(\d+)\.", name).group(1))] += p.numel()
     for i, row in enumerate(table):
         assert (row.num_experts, row.top_k, row.r, row.modules) == (experts[i], ks[i], ranks[i], per_block)
@@ -407,3 +409,82 @@ def test_router_stats_are_recorded_unless_pure_inference_or_asked(tiny_model):
     main_output(model(**batch)).sum().backward()  # nothing to lose: trains
     assert any(p.grad is not None for n, p in model.named_parameters() if "molora_B" in n)
     tuner.record_router_stats = None
+
+
+# --------------------------------------------------------------------------- one-expert routers
+def _router_weights(model):
+    return {n: p for n, p in model.named_parameters() if "molora_router" in n}
+
+
+def _registered_routers():
+    from molora_kernels.routers import router_names
+
+    return sorted(router_names())
+
+
+@pytest.mark.parametrize("router", _registered_routers())
+def test_a_one_expert_router_gets_no_gradient_from_any_router(tiny_model, router):
+    """Why molora freezes a one-expert router: for every registered router the gate of a single expert is 1 and
+    the load loss and router regularisers skip E = 1, so even when made trainable it gets an exactly zero gradient
+    (with the aux loss and, where the router has one, the z-loss on)."""
+    from molora_kernels import get_router
+
+    spec = get_router(router)
+    opts = {"z_loss_coef": 0.5} if any(o.name == "z_loss_coef" for o in spec.options) else None
+    model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(
+        num_experts=1, top_k=1, r=2, router=router, router_options=opts, aux_loss_coef=0.5, init_weights=False))
+    model.train()
+    routers = _router_weights(model)
+    assert routers and not any(p.requires_grad for p in routers.values())
+    for p in routers.values():
+        p.requires_grad_(True)
+    ids = inputs()
+    out = model(**ids, labels=ids["input_ids"])
+    out.loss.backward()
+    for n, p in routers.items():
+        assert p.grad is None or not p.grad.any(), (router, n)
+
+
+def test_one_expert_routers_are_frozen_saved_and_stay_frozen(tiny_model, tmp_path):
+    """A one-expert router is declared frozen: not trainable, not counted, not optimised; set_adapter and
+    set_requires_grad keep it so; it is still saved (the layout is unchanged) and loads back frozen."""
+    model = get_peft_model(tiny_model("llama", num_layers=4), MoLoRAConfig(
+        num_experts=[1, 4, 1, 4], top_k=[1, 2, 1, 2], r=2, init_weights=False))
+    routers = _router_weights(model)
+    one = {n for n in routers if ".layers.0." in n or ".layers.2." in n}
+    assert {n for n, p in routers.items() if not p.requires_grad} == one and len(one) == 14
+    model.set_adapter("default")
+    model.base_model.set_requires_grad("default", True)
+    assert {n for n, p in routers.items() if not p.requires_grad} == one
+    trainable = model.get_nb_trainable_parameters()[0]
+    assert trainable == molora.allocation_table(model).total_params
+    assert trainable == sum(p.numel() for n, p in model.named_parameters() if ".molora_" in n and n not in one)
+
+    before = {n: p.detach().clone() for n, p in routers.items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    ids = inputs()
+    model(**ids, labels=ids["input_ids"]).loss.backward()
+    opt.step()
+    for n, p in routers.items():
+        assert torch.equal(p, before[n]) == (n in one), n
+
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sum("molora_router" in k for k in saved) == len(routers)
+    loaded = PeftModel.from_pretrained(tiny_model("llama", num_layers=4), tmp_path, is_trainable=True)
+    got = _router_weights(loaded)
+    assert {n for n, p in got.items() if not p.requires_grad} == one
+    assert all(torch.equal(got[n], routers[n]) for n in routers)
+
+
+def test_merging_down_to_one_expert_freezes_the_router(tiny_model):
+    from molora.tuner.merge import merge_experts
+
+    model = get_peft_model(tiny_model("llama", num_layers=2), MoLoRAConfig(num_experts=3, top_k=1, r=2,
+                                                                          init_weights=False))
+    loads = {i: [0.5, 0.3, 0.2] for i in range(2)}
+    merge_experts(model, 1, loads)
+    routers = _router_weights(model)
+    assert all(p.shape[0] == 1 and not p.requires_grad for p in routers.values())
+    assert model.get_nb_trainable_parameters()[0] == molora.allocation_table(model).total_params
