@@ -47,6 +47,25 @@ class MoLoRATrainer(Trainer):
         split_router_groups(opt, self.model, self.molora.recipe.train.router_lr_multiplier)
         return opt
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """The Trainer's resume of the optimizer state; a state written for another set of trainable tensors (torch:
+        "a parameter group that doesn't match the size") is a ResumeError naming the checkpoint and the counts,
+        not a traceback (DeepSpeed loads its own state elsewhere and reports its own error)."""
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except ValueError as e:
+            if "parameter group" not in str(e):
+                raise
+            from .resume import ResumeError
+
+            n = sum(1 for p in self.model.parameters() if p.requires_grad)
+            raise ResumeError(
+                f"{checkpoint}: its optimizer state was written for another set of trainable tensors than this "
+                f"run's {n} ({e}). The trainable parameters changed since it was written (another target_modules, "
+                f"modules_to_save or allocation, or a molora older than 2026-12-06, which still trained the "
+                f"one-expert routers that are frozen now): resume it with the setup and molora that wrote it, or "
+                f"start a new output_dir.") from None
+
     # ---------------------------------------------------------------- non-finite guard (molora.run.nonfinite)
     def _trainable(self):
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]

@@ -277,6 +277,34 @@ def test_run_that_never_trained_does_not_block_the_next(assets, tmp_path, capsys
     assert _train([recipe]) == 0, capsys.readouterr().err
 
 
+def test_resume_refuses_an_optimizer_state_of_other_trainable_tensors(assets, tmp_path, capsys, monkeypatch):
+    """An optimizer state written for another set of trainable tensors (e.g. by a molora that still trained the
+    one-expert routers, which the default test allocation 1,2,4 has) is a one-line ResumeError naming the
+    checkpoint, not torch's traceback."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", assets, out, eval={"before": False, "after": False},
+                          train={"max_steps": 4, "save_steps": 2})
+    _crash_after(monkeypatch, recipe, 2)
+    opt_path = out / "checkpoint-2" / "optimizer.pt"
+    state = torch.load(opt_path, weights_only=True)
+    group = state["param_groups"][0]
+    group["params"] = list(group["params"]) + [max(p for g in state["param_groups"] for p in g["params"]) + 1]
+    torch.save(state, opt_path)
+    from molora.run.checkpoint import MARKER, sha256_file
+
+    marker_path = out / "checkpoint-2" / MARKER  # a well-formed checkpoint, not a corrupted one
+    marker = json.loads(marker_path.read_text())
+    for f in marker["files"]:
+        if f["path"] == "optimizer.pt":
+            f.update(size=opt_path.stat().st_size, sha256=sha256_file(opt_path))
+    marker_path.write_text(json.dumps(marker))
+    capsys.readouterr()
+    assert _train([recipe, "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-2: its optimizer state was written for another set of trainable tensors" in err, err
+    assert "Traceback" not in err and "start a new output_dir" in err
+
+
 def test_resume_latest_before_the_first_checkpoint_starts_cleanly(assets, tmp_path, capsys, monkeypatch):
     _nan_loss_at(monkeypatch, {3})
     out = tmp_path / "run"
