@@ -241,12 +241,8 @@ def resolve_resume(value: Optional[str], run_dir: Union[str, os.PathLike]) -> Op
 
 
 # --------------------------------------------------------------------------------------------- adapter
-
-
 def _adapter_state(model) -> dict:
-    """The parameters the saved adapter holds, by full name: the trainable ones and the adapter weights molora
-    declares frozen (a one-expert router: see ``MoLoRALayer.declare_frozen_router``), which the saved layout
-    keeps."""
+    """The saved adapter's parameters by full name: the trainable ones and frozen one-expert routers."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad or ".molora_" in n}
 
 
