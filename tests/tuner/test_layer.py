@@ -279,6 +279,16 @@ def capture_inputs(model):
     return calls, hooks
 
 
+def forward_capturing(model, ids, mask, labels):
+    """``model``'s output on the batch and the (module, input) of every MoLoRA call it made."""
+    calls, hooks = capture_inputs(model)
+    try:
+        return model(input_ids=ids, attention_mask=mask, labels=labels), calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def direct_aux(calls, token_mask, adapter="default"):
     """MoLA aux loss from the formula: per decoder layer, concatenate the router logits of all its MoLoRA modules
     along tokens, P = softmax, f_e = fraction of top-k selections (no gradient), P̄_e = mean P; sum E * Σ f·P̄ over
@@ -339,10 +349,7 @@ def adapter_params(model):
 def test_aux_loss_value_matches_formula(tiny_model, mode, task_type):
     model = aux_model(tiny_model, coef=0.01, mode=mode, task_type=task_type)
     ids, mask, labels = batch()
-    calls, hooks = capture_inputs(model)
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    for h in hooks:
-        h.remove()
+    out, calls = forward_capturing(model, ids, mask, labels)
     assert len(calls) == 4 * len(LLAMA_TARGETS)
     expected = direct_aux(calls, mask if mode == "masked" else None)
     torch.testing.assert_close(model.base_model.last_aux_loss, expected.detach(), rtol=1e-5, atol=1e-6)
@@ -376,10 +383,7 @@ def test_aux_loss_leaves_out_layers_without_a_choice(tiny_model, experts, top_k)
                                               aux_loss_coef=0.5, init_weights=False))
     model.train()
     ids, mask, labels = batch()
-    calls, hooks = capture_inputs(model)
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    for h in hooks:
-        h.remove()
+    out, calls = forward_capturing(model, ids, mask, labels)
     expected = direct_aux(calls, mask)
     routed = "4" in experts
     assert (expected.item() > 1.0) == routed  # the two E = 4, k = 2 layers: about 1 each
