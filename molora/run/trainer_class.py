@@ -49,8 +49,8 @@ class MoLoRATrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """The Trainer's resume of the optimizer state; a state written for another set of trainable tensors (torch:
-        "a parameter group that doesn't match the size") is a ResumeError naming the checkpoint and the counts,
-        not a traceback (DeepSpeed loads its own state elsewhere and reports its own error)."""
+        "a parameter group that doesn't match the size") is a ResumeError naming the checkpoint and this run's
+        count of trainable tensors, not a traceback (DeepSpeed loads its own state elsewhere and reports its own error)."""
         try:
             super()._load_optimizer_and_scheduler(checkpoint)
         except ValueError as e:

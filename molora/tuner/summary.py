@@ -77,7 +77,7 @@ def allocation_table(model: nn.Module, adapter_name: Optional[str] = None) -> Al
         if name not in m.molora_A:
             continue
         n = m.molora_A[name].numel() + m.molora_B[name].numel()
-        if m.molora_router[name].requires_grad or m.num_experts[name] > 1:  # a one-expert router is frozen
+        if m.num_experts[name] > 1:  # a one-expert router is frozen (MoLoRALayer.declare_frozen_router)
             n += m.molora_router[name].numel()
         if name in m.molora_shared_A:  # the always-on shared expert
             n += m.molora_shared_A[name].numel() + m.molora_shared_B[name].numel()
